@@ -1,0 +1,230 @@
+"""Tokenizers: an event's fields -> token ids that never change between processes or runs.
+
+Every tokenizer reserves the same special ids, so models and batching need not know which one
+made a sequence. State is plain JSON-able data (saved inside checkpoints, loaded with
+``weights_only=True``); nothing depends on Python's per-process ``hash()`` seed.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from typing import Iterable, Sequence
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
+N_SPECIAL = len(SPECIAL_TOKENS)
+
+Fields = Sequence[tuple[str, str]]  # (field name, value) pairs, in model order
+
+
+def join_fields(fields: Fields) -> str:
+    return ",".join(value for _, value in fields)
+
+
+class CharTokenizer:
+    """UTF-8 bytes, offset past the specials: a fixed vocabulary that needs no fitting."""
+
+    kind = "char"
+    vocab_size = N_SPECIAL + 256
+
+    def fit(self, samples: Iterable[Fields]) -> None:
+        pass
+
+    def encode(self, fields: Fields) -> list[int]:
+        return [N_SPECIAL + b for b in join_fields(fields).encode("utf-8")]
+
+    def decode(self, ids: Sequence[int]) -> list[str]:
+        """One display string per id (a byte may be part of a multi-byte character)."""
+        return [
+            SPECIAL_TOKENS[i] if i < N_SPECIAL else bytes([i - N_SPECIAL]).decode("latin-1")
+            for i in ids
+        ]
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind}
+
+    @classmethod
+    def from_state(cls, state: dict) -> CharTokenizer:
+        return cls()
+
+
+def stable_bucket(value: str, buckets: int) -> int:
+    """A hash that is the same in every process (unlike ``hash()`` under PYTHONHASHSEED)."""
+    return zlib.crc32(value.encode("utf-8")) % buckets
+
+
+class WordTokenizer:
+    """Field-aware words: a vocabulary per field, learned once and frozen, plus OOV buckets.
+
+    Field f owns the id range [offset_f, offset_f + len(vocab_f) + oov_buckets); an unseen value
+    hashes into one of its field's buckets, so "new user" and "new host" stay distinguishable.
+    """
+
+    kind = "word"
+
+    def __init__(
+        self,
+        split: str = "field",
+        max_vocab_per_field: int = 5000,
+        min_count: int = 1,
+        oov_buckets: int = 8,
+    ):
+        self.split = split
+        self.max_vocab_per_field = max_vocab_per_field
+        self.min_count = min_count
+        self.oov_buckets = oov_buckets
+        self.vocabs: dict[str, list[str]] = {}
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self.offsets: dict[str, int] = {}
+        self.index: dict[str, dict[str, int]] = {}
+        next_id = N_SPECIAL
+        for name, words in self.vocabs.items():
+            self.offsets[name] = next_id
+            self.index[name] = {w: next_id + i for i, w in enumerate(words)}
+            next_id += len(words) + self.oov_buckets
+        self.vocab_size = next_id
+
+    def _words(self, value: str) -> list[str]:
+        return value.split() if self.split == "whitespace" else [value]
+
+    def fit(self, samples: Iterable[Fields]) -> None:
+        if self.vocabs:
+            raise RuntimeError("word vocabulary is frozen once learned")
+        counts: dict[str, Counter] = {}
+        for fields in samples:
+            for name, value in fields:
+                counts.setdefault(name, Counter()).update(self._words(value))
+        for name, counter in counts.items():
+            # Sort by count then text so ties break the same way in every process.
+            ranked = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+            self.vocabs[name] = [
+                w for w, c in ranked[: self.max_vocab_per_field] if c >= self.min_count
+            ]
+        self._rebuild()
+
+    def encode(self, fields: Fields) -> list[int]:
+        ids = []
+        for name, value in fields:
+            if name not in self.index:
+                ids.extend(UNK for _ in self._words(value))
+                continue
+            vocab, oov_start = self.index[name], self.offsets[name] + len(self.vocabs[name])
+            for word in self._words(value):
+                token = vocab.get(word)
+                ids.append(token if token is not None else oov_start + stable_bucket(word, self.oov_buckets))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> list[str]:
+        names = {}
+        for name, words in self.vocabs.items():
+            start = self.offsets[name]
+            names.update({start + i: w for i, w in enumerate(words)})
+            names.update({start + len(words) + b: f"<{name}:oov{b}>" for b in range(self.oov_buckets)})
+        return [SPECIAL_TOKENS[i] if i < N_SPECIAL else names.get(i, "[?]") for i in ids]
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "split": self.split,
+            "max_vocab_per_field": self.max_vocab_per_field,
+            "min_count": self.min_count,
+            "oov_buckets": self.oov_buckets,
+            "vocabs": {name: list(words) for name, words in self.vocabs.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> WordTokenizer:
+        tok = cls(state["split"], state["max_vocab_per_field"], state["min_count"], state["oov_buckets"])
+        tok.vocabs = {name: list(words) for name, words in state["vocabs"].items()}
+        tok._rebuild()
+        return tok
+
+
+class BpeTokenizer:
+    """Byte-level BPE (Hugging Face ``tokenizers``), merges learned once from the first window."""
+
+    kind = "bpe"
+
+    def __init__(self, vocab_size: int = 1000, min_frequency: int = 2):
+        self.target_vocab_size = vocab_size
+        self.min_frequency = min_frequency
+        self._tok = None
+
+    @property
+    def vocab_size(self) -> int:
+        if self._tok is None:
+            raise RuntimeError("BPE tokenizer used before fit()")
+        return self._tok.get_vocab_size()
+
+    def fit(self, samples: Iterable[Fields]) -> None:
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        if self._tok is not None:
+            raise RuntimeError("BPE merges are frozen once learned")
+        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=self.target_vocab_size,
+            min_frequency=self.min_frequency,
+            special_tokens=SPECIAL_TOKENS,  # first, so they get ids 0..3 like every tokenizer
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator((join_fields(f) for f in samples), trainer)
+        self._tok = tok
+
+    def encode(self, fields: Fields) -> list[int]:
+        if self._tok is None:
+            raise RuntimeError("BPE tokenizer used before fit()")
+        return self._tok.encode(join_fields(fields), add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> list[str]:
+        return [self._tok.decode([i], skip_special_tokens=False) for i in ids]
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "vocab_size": self.target_vocab_size,
+            "min_frequency": self.min_frequency,
+            "tokenizer_json": self._tok.to_str() if self._tok is not None else None,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> BpeTokenizer:
+        from tokenizers import Tokenizer
+
+        tok = cls(state["vocab_size"], state["min_frequency"])
+        if state["tokenizer_json"] is not None:
+            tok._tok = Tokenizer.from_str(state["tokenizer_json"])
+        return tok
+
+
+TOKENIZERS = {cls.kind: cls for cls in (CharTokenizer, WordTokenizer, BpeTokenizer)}
+AnyTokenizer = CharTokenizer | WordTokenizer | BpeTokenizer
+
+
+def build_tokenizer(kind: str, **options) -> AnyTokenizer:
+    return TOKENIZERS[kind](**options)
+
+
+def tokenizer_from_state(state: dict) -> AnyTokenizer:
+    kind = state.get("kind")
+    if kind not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer kind {kind!r} in saved state")
+    return TOKENIZERS[kind].from_state(state)
+
+
+def needs_fit(tokenizer: AnyTokenizer) -> bool:
+    if isinstance(tokenizer, WordTokenizer):
+        return not tokenizer.vocabs
+    if isinstance(tokenizer, BpeTokenizer):
+        return tokenizer._tok is None
+    return False
+
+
+def encode_event(tokenizer: AnyTokenizer, fields: Fields, max_tokens: int) -> list[int]:
+    """BOS + at most ``max_tokens`` ids + EOS: the sequence every model reads."""
+    return [BOS, *tokenizer.encode(fields)[:max_tokens], EOS]

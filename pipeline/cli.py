@@ -1,0 +1,119 @@
+"""The ``pipeline`` command: one subcommand per verb, wiring only."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from pipeline.config import Config, ConfigError, load_config
+
+log = logging.getLogger("pipeline")
+
+
+class ConfigProblem(click.ClickException):
+    """A config error, shown as ``Error: <key path>: <problem>`` with exit code 2."""
+
+    exit_code = 2
+
+
+def with_config(command):
+    """Add ``--config`` and ``--set`` and pass the validated Config as ``config``."""
+
+    @click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                  help="YAML config (default: built-in defaults, the same as config.yaml).")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                  help="Override one config key, e.g. --set model.kind=gpt (repeatable).")
+    @functools.wraps(command)
+    def wrapper(config_path, overrides, **kwargs):
+        try:
+            config = load_config(config_path, overrides)
+        except ConfigError as exc:
+            raise ConfigProblem(str(exc)) from exc
+        return command(config=config, **kwargs)
+
+    return wrapper
+
+
+@click.group(context_settings={"auto_envvar_prefix": "SALKA", "help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def cli(verbose: int, quiet: bool) -> None:
+    """salka: score every log event by how surprised a language model is by it."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@cli.command("generate", short_help="Write a synthetic LANL-style auth log with planted red-team events.")
+@click.option("--output", "output", type=click.Path(dir_okay=False), required=True, help="Log file to write.")
+@click.option("--labels", "labels", type=click.Path(dir_okay=False), required=True,
+              help="Labels CSV (line,label) to write.")
+@click.option("--users", default=60, show_default=True, type=click.IntRange(min=3))
+@click.option("--computers", default=120, show_default=True, type=click.IntRange(min=16))
+@click.option("--days", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--events-per-day", default=6000, show_default=True, type=click.IntRange(min=100))
+@click.option("--redteam-events", default=60, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=7, show_default=True, type=int)
+@click.option("--no-header", is_flag=True, help="Do not write a header row.")
+def generate_command(output, labels, users, computers, days, events_per_day, redteam_events,
+                     seed, no_header) -> None:
+    """Write a synthetic authentication log (LANL format) and its labels file."""
+    from pipeline.generate import GenerateSpec, write_log
+
+    spec = GenerateSpec(users=users, computers=computers, days=days,
+                        events_per_day=events_per_day, redteam_events=redteam_events, seed=seed)
+    summary = write_log(spec, Path(output), Path(labels), header=not no_header)
+    click.echo(f"wrote {summary['events']} events ({summary['redteam']} red-team) to {output}; "
+               f"labels in {labels}")
+
+
+@cli.command("replay", short_help="Score a log file offline, window by window.")
+@with_config
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--output", "output_path", type=click.Path(dir_okay=False), required=True,
+              help="Scores file (gzip CSV).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar (default: only on a terminal).")
+def replay_command(config: Config, input_path, output_path, progress) -> None:
+    """Score each event-time window with the model trained on the windows before it, then
+    train on it; write one row per event to a gzip CSV."""
+    from pipeline.replay import replay
+
+    count, report = replay(input_path, output_path, config, progress=progress)
+    click.echo(f"scored {count} events into {output_path} "
+               f"({len(report.errors)} malformed lines skipped)", err=True)
+
+
+@cli.command("eval", short_help="ROC AUC, average precision, precision@k of a scores file.")
+@click.option("--scores", "scores_path", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="line,label CSV with the same line numbering as the scores.")
+@click.option("-k", "ks", multiple=True, type=click.IntRange(min=1), default=(10, 50, 100),
+              show_default=True, help="k for precision@k (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def eval_command(scores_path, labels_path, ks, as_json) -> None:
+    """Evaluate a scores file against labels."""
+    from pipeline.evaluate import evaluate, format_report
+
+    result = evaluate(scores_path, labels_path, tuple(ks))
+    click.echo(json.dumps(result, indent=2) if as_json else format_report(result))
+
+
+@cli.command("top", short_help="The most anomalous events of a scores file.")
+@click.option("--scores", "scores_path", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
+              help="The scored log file, to show each event's raw line.")
+def top_command(scores_path, limit, input_path) -> None:
+    """Print the highest-loss events, most anomalous first."""
+    from pipeline.evaluate import read_scores
+    from pipeline.report import format_top_events
+
+    click.echo(format_top_events(read_scores(scores_path), limit, input_path))
+
+
+def main() -> None:
+    cli()

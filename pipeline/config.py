@@ -1,0 +1,322 @@
+"""YAML configuration -> frozen dataclasses, validated up front.
+
+Every error names the key path (``model.rnn.hidden_size: expected a positive integer, got "abc"``)
+so a typo fails at start-up instead of hours into a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key path in the message."""
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "a positive number"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "a non-negative number"
+
+
+def _probability(value: Any) -> str | None:
+    return None if 0 <= value < 1 else "a number in [0, 1)"
+
+
+def _check(fn):
+    """Field metadata: an extra value check returning what was expected, or None when fine."""
+    return {"check": fn}
+
+
+@dataclass(frozen=True)
+class CsvConfig:
+    # Column names in file order; also the header row's names when the file has one.
+    columns: list[str] = field(
+        default_factory=lambda: [
+            "time", "src_user", "dst_user", "src_computer", "dst_computer",
+            "auth_type", "logon_type", "auth_orientation", "success",
+        ]
+    )
+    delimiter: str = ","
+    # "auto": the first line is a header when it equals the column names; true / false force it.
+    header: Literal["auto", True, False] = "auto"
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    # Regex for free-text lines. A named group ``time`` is the event time; every other named
+    # group becomes a field (usable as an entity). Empty: the whole line is the event, no time.
+    pattern: str = ""
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    format: Literal["csv", "text"] = "csv"
+    csv: CsvConfig = field(default_factory=CsvConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # Field holding the event time; empty string: no event time, windows count lines instead.
+    time_field: str = "time"
+    # "epoch" (seconds, may be fractional), "iso8601", or a strptime format like "%d/%b/%Y:%H:%M:%S %z".
+    time_format: str = "epoch"
+    # Entity name -> field; entities are carried to the scores for ranking by user / host.
+    entities: dict[str, str] = field(
+        default_factory=lambda: {
+            "user": "src_user", "src_host": "src_computer", "dst_host": "dst_computer",
+        }
+    )
+    # Fields the model reads, in order. Empty: every field except the time field.
+    model_fields: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    # Event-time window length in seconds (when events have a time).
+    size_seconds: float = field(default=86400.0, metadata=_check(_positive))
+    # Events per window when the input has no time field.
+    size_lines: int = field(default=10000, metadata=_check(_positive))
+    # Streaming only: how far behind the newest event a window may still receive events.
+    allowed_lateness_seconds: float = field(default=0.0, metadata=_check(_non_negative))
+
+
+@dataclass(frozen=True)
+class WordTokenizerConfig:
+    # "field": each field value is one token (LANL style); "whitespace": split values into words.
+    split: Literal["field", "whitespace"] = "field"
+    max_vocab_per_field: int = field(default=5000, metadata=_check(_positive))
+    min_count: int = field(default=1, metadata=_check(_positive))
+    # Unseen values hash (stably) into this many per-field buckets instead of one shared UNK.
+    oov_buckets: int = field(default=8, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class BpeTokenizerConfig:
+    vocab_size: int = field(default=1000, metadata=_check(_positive))
+    min_frequency: int = field(default=2, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    kind: Literal["char", "word", "bpe"] = "char"
+    # Longest event in tokens (without BOS/EOS); longer events are truncated.
+    max_tokens: int = field(default=120, metadata=_check(_positive))
+    word: WordTokenizerConfig = field(default_factory=WordTokenizerConfig)
+    bpe: BpeTokenizerConfig = field(default_factory=BpeTokenizerConfig)
+
+
+@dataclass(frozen=True)
+class RnnConfig:
+    cell: Literal["lstm", "gru", "rnn"] = "lstm"
+    hidden_size: int = field(default=128, metadata=_check(_positive))
+    layers: int = field(default=1, metadata=_check(_positive))
+    # Forward state at t-1 and backward state at t+1 predict token t.
+    bidirectional: bool = False
+    dropout: float = field(default=0.0, metadata=_check(_probability))
+
+
+@dataclass(frozen=True)
+class GptConfigSection:
+    n_layer: int = field(default=2, metadata=_check(_positive))
+    n_head: int = field(default=4, metadata=_check(_positive))
+    n_embd: int = field(default=128, metadata=_check(_positive))
+    dropout: float = field(default=0.0, metadata=_check(_probability))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: Literal["rnn", "gpt"] = "rnn"
+    rnn: RnnConfig = field(default_factory=RnnConfig)
+    gpt: GptConfigSection = field(default_factory=GptConfigSection)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    epochs: int = field(default=1, metadata=_check(_positive))
+    batch_size: int = field(default=64, metadata=_check(_positive))
+    learning_rate: float = field(default=3e-3, metadata=_check(_positive))
+    weight_decay: float = field(default=0.0, metadata=_check(_non_negative))
+    grad_clip: float = field(default=1.0, metadata=_check(_non_negative))
+    # Events scored per forward pass (no gradients, so larger than the training batch).
+    score_batch_size: int = field(default=256, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 1234
+    input: InputConfig = field(default_factory=InputConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.kind == "gpt" and self.model.gpt.n_embd % self.model.gpt.n_head:
+            raise ConfigError(
+                f"model.gpt.n_embd: expected a multiple of model.gpt.n_head "
+                f"({self.model.gpt.n_head}), got {self.model.gpt.n_embd}"
+            )
+        if self.input.format == "csv":
+            known = set(self.input.csv.columns)
+            for key, name in self._field_refs():
+                if name and name not in known:
+                    raise ConfigError(
+                        f"{key}: expected one of input.csv.columns {sorted(known)}, got {name!r}"
+                    )
+
+    def _field_refs(self) -> list[tuple[str, str]]:
+        refs = [("input.time_field", self.input.time_field)]
+        refs += [(f"input.entities.{k}", v) for k, v in self.input.entities.items()]
+        refs += [(f"input.model_fields[{i}]", v) for i, v in enumerate(self.input.model_fields)]
+        return refs
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _describe(value: Any) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against the type hint ``tp``; return it (nested dataclasses built)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {_describe(value)}")
+        return _build(tp, value, path)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        # bool is an int subclass: compare by type too, so 1 never passes for True.
+        if not any(value == c and type(value) is type(c) for c in choices):
+            shown = ", ".join(_describe(c) for c in choices)
+            raise ConfigError(f"{path}: expected one of {shown}, got {_describe(value)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _convert(option, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_describe(value)}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_describe(value)}")
+        key_tp, val_tp = typing.get_args(tp)
+        return {
+            _convert(key_tp, k, f"{path}"): _convert(val_tp, v, f"{path}.{k}")
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {_describe(value)}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug in this module
+
+
+def _build(cls: type, data: dict, path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{path}.{name}" if path else name
+        check = fields[name].metadata.get("check")
+        try:
+            converted = _convert(hints[name], value, key)
+            expected = check(converted) if check else None
+        except ConfigError:
+            if not check:
+                raise
+            expected = check(1) or check(0) or check(-1)  # the phrase for this kind of check
+        if expected:
+            if hints[name] is int:
+                expected = expected.replace("number", "integer")
+            raise ConfigError(f"{key}: expected {expected}, got {_describe(value)}")
+        kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty key in path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value is not valid YAML: {exc}") from exc
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(parts[: depth + 1])}: is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data = apply_overrides(data or {}, list(overrides))
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML (safe_load only) and validate; ``path=None`` means built-in defaults."""
+    data: Any = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,151 @@
+"""The train-then-score core shared by ``pipeline replay`` and the streaming trainer.
+
+For each complete window, in order: score its events with the model trained on the earlier
+windows, then train on them. Everything that decides a number (event order, batching, seeds) is
+a function of the config and the window's events alone, so offline and online runs agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from nn.scoring import score_sequences
+from nn.tokenizers import AnyTokenizer, build_tokenizer, encode_event, needs_fit, tokenizer_from_state
+from nn.training import (
+    build_model,
+    load_checkpoint,
+    make_optimizer,
+    model_args_of,
+    save_checkpoint,
+    train_sequences,
+)
+from pipeline.config import Config, config_to_dict
+from pipeline.parsing import Event
+from pipeline.windowing import event_order
+
+
+@dataclass(frozen=True)
+class Score:
+    event: Event
+    window: int
+    loss: float | None  # mean per-token cross-entropy (nats); None before any training
+    loss_total: float | None
+    token_losses: tuple[float, ...] = ()
+
+
+def make_tokenizer(config: Config) -> AnyTokenizer:
+    tc = config.tokenizer
+    if tc.kind == "word":
+        return build_tokenizer("word", **vars(tc.word))
+    if tc.kind == "bpe":
+        return build_tokenizer("bpe", **vars(tc.bpe))
+    return build_tokenizer("char")
+
+
+def model_args_for(config: Config, vocab_size: int) -> dict:
+    mc = config.model
+    block_size = config.tokenizer.max_tokens + 2  # BOS + tokens + EOS
+    if mc.kind == "gpt":
+        g = mc.gpt
+        return {
+            "kind": "gpt", "vocab_size": vocab_size, "block_size": block_size,
+            "n_layer": g.n_layer, "n_head": g.n_head, "n_embd": g.n_embd, "dropout": g.dropout,
+        }
+    r = mc.rnn
+    return {
+        "kind": "rnn", "vocab_size": vocab_size, "cell": r.cell, "hidden_size": r.hidden_size,
+        "n_layer": r.layers, "bidirectional": r.bidirectional, "dropout": r.dropout,
+    }
+
+
+class WindowLearner:
+    """Tokenizer + model + optimizer, advanced one complete window at a time."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.tokenizer = make_tokenizer(config)
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.last_window: int | None = None  # last window trained on
+
+    @property
+    def ready(self) -> bool:
+        """True once a model has been trained on at least one window."""
+        return self.model is not None and self.last_window is not None
+
+    def _ensure_model(self, events: Sequence[Event]) -> None:
+        if self.model is not None:
+            return
+        if needs_fit(self.tokenizer):  # vocabulary / merges learned from the first window only
+            self.tokenizer.fit([e.text_fields for e in events])
+        torch.manual_seed(self.config.seed)
+        self.model = build_model(model_args_for(self.config, self.tokenizer.vocab_size))
+        tc = self.config.training
+        self.optimizer = make_optimizer(self.model, tc.learning_rate, tc.weight_decay)
+
+    def encode(self, events: Sequence[Event]) -> list[list[int]]:
+        max_tokens = self.config.tokenizer.max_tokens
+        return [encode_event(self.tokenizer, e.text_fields, max_tokens) for e in events]
+
+    def score(self, window: int, events: Sequence[Event], with_tokens: bool = False) -> list[Score]:
+        """Scores in deterministic event order; empty losses until a model exists."""
+        events = sorted(events, key=event_order)
+        if not self.ready:
+            return [Score(e, window, None, None) for e in events]
+        results = score_sequences(
+            self.model, self.encode(events), self.config.training.score_batch_size
+        )
+        return [
+            Score(e, window, mean, total, tuple(tokens) if with_tokens else ())
+            for e, (mean, total, tokens) in zip(events, results)
+        ]
+
+    def train(self, window: int, events: Sequence[Event]) -> float:
+        events = sorted(events, key=event_order)
+        self._ensure_model(events)
+        tc = self.config.training
+        # Seeds depend on (seed, window) only, so a resumed run repeats an uninterrupted one.
+        seed = self.config.seed * 1_000_003 + window
+        torch.manual_seed(seed)  # dropout
+        loss = train_sequences(
+            self.model, self.optimizer, self.encode(events),
+            epochs=tc.epochs, batch_size=tc.batch_size, grad_clip=tc.grad_clip, seed=seed,
+        )
+        self.last_window = window
+        return loss
+
+    def process_window(self, window: int, events: Sequence[Event]) -> list[Score]:
+        scores = self.score(window, events)
+        self.train(window, events)
+        return scores
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, path: str | Path) -> None:
+        save_checkpoint(
+            path,
+            config=config_to_dict(self.config),
+            model_args=model_args_of(self.model) if self.model is not None else None,
+            model=self.model.state_dict() if self.model is not None else None,
+            optimizer=self.optimizer.state_dict() if self.optimizer is not None else None,
+            tokenizer=self.tokenizer.state_dict(),
+            last_window=self.last_window,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, config: Config) -> WindowLearner:
+        data = load_checkpoint(path)
+        learner = cls(config)
+        learner.tokenizer = tokenizer_from_state(data["tokenizer"])
+        if data["model_args"] is not None:
+            learner.model = build_model(data["model_args"])
+            learner.model.load_state_dict(data["model"])
+            tc = config.training
+            learner.optimizer = make_optimizer(learner.model, tc.learning_rate, tc.weight_decay)
+            learner.optimizer.load_state_dict(data["optimizer"])
+        learner.last_window = data["last_window"]
+        return learner
