@@ -269,7 +269,7 @@ def _build(cls: type, data: dict, path: str) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar)."""
+    """``a.b.c=value`` -> (["a", "b", "c"], value read as YAML, else as a plain string)."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key.path=value")
     key, _, raw = text.partition("=")
@@ -278,8 +278,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {text!r}: empty key in path")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value is not valid YAML: {exc}") from exc
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. a strptime format starting with %): take it as a string
     return parts, value
 
 

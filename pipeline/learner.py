@@ -7,14 +7,20 @@ a function of the config and the window's events alone, so offline and online ru
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from nn.scoring import score_sequences
-from nn.tokenizers import AnyTokenizer, build_tokenizer, encode_event, needs_fit, tokenizer_from_state
+from nn.tokenizers import (
+    AnyTokenizer,
+    build_tokenizer,
+    encode_event,
+    needs_fit,
+    tokenizer_from_state,
+)
 from nn.training import (
     build_model,
     load_checkpoint,

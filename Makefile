@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets everything up first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO   := demo
+
+.PHONY: install demo test lint bench clean
+
+# constraints.txt pins torch to the CPU wheel that lies on disk here (no multi-GB CUDA download).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Offline demo: synthetic auth log with planted red-team events -> replay -> evaluation -> top events.
+demo: install
+	mkdir -p $(DEMO)
+	$(BIN)/pipeline generate --output $(DEMO)/auth.csv --labels $(DEMO)/labels.csv
+	$(BIN)/pipeline replay --config config.yaml --input $(DEMO)/auth.csv --output $(DEMO)/scores.csv.gz
+	$(BIN)/pipeline eval --scores $(DEMO)/scores.csv.gz --labels $(DEMO)/labels.csv
+	$(BIN)/pipeline top --scores $(DEMO)/scores.csv.gz --input $(DEMO)/auth.csv -n 10
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python benchmarks/replay.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache
