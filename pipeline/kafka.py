@@ -1,0 +1,158 @@
+"""confluent-kafka clients built in one place: salka's defaults, then the user's librdkafka
+settings from ``kafka:`` (TLS/SASL included, passed through unchanged), then what a stage must
+set itself (group id, offset handling). Secrets are never logged."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    "auto.offset.reset": "earliest",
+    # The embedded broker holds a group join for session.timeout.ms / 2: keep it short.
+    "session.timeout.ms": 6000,
+    "heartbeat.interval.ms": 1000,
+    # A waiting fetch is not woken by new data on the embedded broker; poll often.
+    "fetch.wait.max.ms": 20,
+    # A trainer may spend minutes on one window between polls.
+    "max.poll.interval.ms": 1_800_000,
+}
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "linger.ms": 5,
+    "compression.type": "lz4",
+    "message.max.bytes": 8_388_608,
+}
+# Settings a stage relies on for at-least-once: never overridable from the config.
+CONSUMER_FORCED: dict[str, Any] = {"enable.auto.commit": False, "enable.auto.offset.store": False}
+SECRET_WORDS = ("password", "secret", "sasl.oauthbearer.config", "ssl.key")
+
+
+def user_settings(config: Config) -> dict[str, Any]:
+    settings = dict(config.kafka)
+    env = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if env:
+        settings["bootstrap.servers"] = env
+    return settings
+
+
+def redacted(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: ("***" if any(w in k for w in SECRET_WORDS) else v) for k, v in settings.items()}
+
+
+def consumer_config(config: Config, group: str, **explicit: Any) -> dict[str, Any]:
+    return {
+        **CONSUMER_DEFAULTS,
+        **user_settings(config),
+        "group.id": f"{config.streaming.group_prefix}.{group}",
+        **explicit,
+        **CONSUMER_FORCED,
+    }
+
+
+def producer_config(config: Config, **explicit: Any) -> dict[str, Any]:
+    return {**PRODUCER_DEFAULTS, **user_settings(config), **explicit}
+
+
+def make_consumer(config: Config, group: str, **explicit: Any) -> Consumer:
+    settings = consumer_config(config, group, **explicit)
+    log.debug("consumer settings: %s", redacted(settings))
+    return Consumer(settings, logger=logging.getLogger("librdkafka"))
+
+
+def make_producer(config: Config, **explicit: Any) -> Producer:
+    settings = producer_config(config, **explicit)
+    log.debug("producer settings: %s", redacted(settings))
+    return Producer(settings, logger=logging.getLogger("librdkafka"))
+
+
+def make_admin(config: Config) -> AdminClient:
+    return AdminClient(user_settings(config))
+
+
+def topic_plan(config: Config) -> dict[str, int]:
+    """Topic -> partitions. Windows and scores keep one partition: their order carries meaning."""
+    t = config.topics
+    return {
+        t.raw: t.partitions,
+        t.tokens: t.partitions,
+        t.windows: 1,
+        t.scores: 1,
+        t.dead_letters: 1,
+        t.late: 1,
+    }
+
+
+def create_topics(config: Config, timeout: float = 30.0) -> list[str]:
+    """Create salka's topics that do not exist yet; returns the names created."""
+    admin = make_admin(config)
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = [
+        NewTopic(name, num_partitions=parts, replication_factor=config.topics.replication_factor)
+        for name, parts in topic_plan(config).items()
+        if name not in existing
+    ]
+    created = []
+    if not wanted:
+        return created
+    for name, future in admin.create_topics(wanted, operation_timeout=timeout).items():
+        try:
+            future.result()
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    wait_for_topics(admin, [t.topic for t in wanted], timeout)
+    return created
+
+
+def wait_for_topics(admin: AdminClient, names: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        topics = admin.list_topics(timeout=timeout).topics
+        if all(n in topics and topics[n].partitions and not topics[n].error for n in names):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"topics {names} not visible after {timeout}s")
+
+
+def partition_count(client: Consumer | Producer | AdminClient, topic: str, timeout: float = 30.0) -> int:
+    metadata = client.list_topics(topic, timeout=timeout).topics[topic]
+    if metadata.error is not None:
+        raise KafkaException(metadata.error)
+    return len(metadata.partitions)
+
+
+class DeliveryTracker:
+    """Counts produce acknowledgements; a stage commits input offsets only when nothing failed."""
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.failures: list[str] = []
+
+    def __call__(self, err: KafkaError | None, msg) -> None:
+        if err is not None:
+            self.failures.append(f"{msg.topic()} [{msg.partition()}]: {err.str()}")
+            log.error("delivery failed to %s [%s]: %s", msg.topic(), msg.partition(), err.str())
+        else:
+            self.delivered += 1
+
+
+def produce(producer: Producer, topic: str, value: bytes | None, *, on_delivery, **kwargs) -> None:
+    """Produce, waiting (serving delivery reports) while the local queue is full: never drop."""
+    while True:
+        try:
+            producer.produce(topic, value, on_delivery=on_delivery, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.1)

@@ -1,0 +1,161 @@
+"""The one consume -> process -> produce -> flush -> commit loop every stage runs.
+
+A stage is a plain object (see ``Stage``); this module owns the Kafka clients, signals and
+commits. Input offsets are committed only after every output produced so far is acknowledged
+(flush, then check for delivery failures), and only up to what the stage says is safe, so a crash
+at any instant means redelivery, never loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Protocol
+
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+
+from pipeline.config import Config
+from pipeline.kafka import DeliveryTracker, make_consumer, make_producer, produce
+from pipeline.serde import codec
+
+log = logging.getLogger(__name__)
+
+
+class Output:
+    """What a stage may do with its results: produce records (Avro-encoded or raw bytes)."""
+
+    def __init__(self, producer, tracker: DeliveryTracker):
+        self.producer = producer
+        self.tracker = tracker
+        self.sent = 0
+
+    def send(self, topic: str, value: bytes | None, *, key: bytes | None = None,
+             partition: int | None = None, headers: list | None = None) -> None:
+        kwargs = {"key": key, "headers": headers}
+        if partition is not None:
+            kwargs["partition"] = partition
+        produce(self.producer, topic, value, on_delivery=self.tracker, **kwargs)
+        self.sent += 1
+
+    def send_record(self, topic: str, schema: str, record: dict, **kwargs) -> None:
+        self.send(topic, codec().encode(schema, record), **kwargs)
+
+
+class Stage(Protocol):
+    name: str
+
+    def topics(self) -> list[str]: ...
+
+    def handle(self, msg: Message, out: Output) -> None:
+        """Process one input record (never raises for bad input: dead-letter it)."""
+
+    def tick(self, out: Output) -> bool:
+        """Called after each batch; do timed work. True asks for a commit now."""
+
+    def safe_offsets(self) -> list[TopicPartition]:
+        """Offsets to commit once all output so far is delivered."""
+
+    def on_assign(self, consumer, partitions: list[TopicPartition]) -> None: ...
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None: ...
+
+    def close(self, out: Output) -> None: ...
+
+
+class StopFlag:
+    """SIGTERM / SIGINT ask the loop to stop after the current batch; a second Ctrl-C kills."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        log.info("signal %s: finishing the current batch, then committing and exiting", signum)
+        self.stopped = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class DeliveryFailed(RuntimeError):
+    pass
+
+
+class StageRunner:
+    def __init__(self, config: Config, stage: Stage, stop: StopFlag | None = None):
+        self.config = config
+        self.stage = stage
+        self.stop = stop or StopFlag()
+        self.tracker = DeliveryTracker()
+        self.producer = make_producer(config, **{"client.id": f"salka-{stage.name}"})
+        self.out = Output(self.producer, self.tracker)
+        self.consumer = make_consumer(config, stage.name, **{"client.id": f"salka-{stage.name}"})
+        self.processed = 0
+        self._last_commit = time.monotonic()
+
+    def commit(self) -> None:
+        """Flush outputs, refuse to commit past anything undelivered, then commit."""
+        remaining = self.producer.flush(30)
+        if remaining:
+            raise DeliveryFailed(f"{remaining} output records still undelivered after 30s")
+        if self.tracker.failures:
+            raise DeliveryFailed(f"output delivery failed: {self.tracker.failures[0]}")
+        offsets = self.stage.safe_offsets()
+        if offsets:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+            log.debug("%s committed %s", self.stage.name, [(tp.partition, tp.offset) for tp in offsets])
+        self._last_commit = time.monotonic()
+
+    def _on_assign(self, consumer, partitions) -> None:
+        log.info("%s assigned %s", self.stage.name, [f"{p.topic}[{p.partition}]" for p in partitions])
+        self.stage.on_assign(consumer, partitions)
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        log.info("%s revoked %s", self.stage.name, [f"{p.topic}[{p.partition}]" for p in partitions])
+        try:
+            self.commit()
+        except KafkaException as exc:  # losing the group: redelivery covers it
+            log.warning("%s: commit on revoke failed: %s", self.stage.name, exc)
+        self.stage.on_revoke(partitions)
+
+    def run(self) -> int:
+        self.stop.install()
+        self.consumer.subscribe(self.stage.topics(), on_assign=self._on_assign,
+                                on_revoke=self._on_revoke)
+        interval = self.config.streaming.commit_interval_seconds
+        batch = self.config.streaming.poll_batch
+        log.info("%s started, reading %s", self.stage.name, ", ".join(self.stage.topics()))
+        try:
+            while not self.stop.stopped:
+                for msg in self.consumer.consume(batch, timeout=0.2):
+                    if msg.error():
+                        self._consumer_error(msg.error())
+                        continue
+                    self.stage.handle(msg, self.out)
+                    self.processed += 1
+                self.producer.poll(0)
+                wants_commit = self.stage.tick(self.out)
+                if wants_commit or time.monotonic() - self._last_commit >= interval:
+                    self.commit()
+            self.stage.close(self.out)
+            self.commit()
+        finally:
+            self.consumer.close()
+        log.info("%s stopped cleanly after %d records", self.stage.name, self.processed)
+        return 0
+
+    def _consumer_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.fatal():
+            raise KafkaException(err)
+        log.warning("%s: consumer error (retrying): %s", self.stage.name, err.str())
+
+
+def header(msg: Message, name: str) -> str | None:
+    for key, value in msg.headers() or []:
+        if key == name and value is not None:
+            return value.decode("utf-8", errors="replace")
+    return None

@@ -1,0 +1,94 @@
+"""Avro records on Kafka, framed with Avro single-object encoding.
+
+Each value is ``C3 01`` + the writer schema's 8-byte CRC-64-AVRO fingerprint (little-endian) +
+the Avro binary body, so a reader can tell which schema wrote a record (a topic may carry several,
+e.g. events and completion records) and refuse bytes that are not salka's. Codec errors of any
+kind become one ``DecodeError`` whose message says what was wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import fingerprint, load_schema, to_parsing_canonical_form
+
+from schemas import SCHEMA_DIR
+
+MAGIC = b"\xc3\x01"
+HEADER_LEN = len(MAGIC) + 8
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a record of a known salka schema."""
+
+
+class EncodeError(ValueError):
+    """A record that does not fit its schema (a bug in the writing stage)."""
+
+
+class AvroCodec:
+    """All schemas of ``schemas/``, parsed once, addressable by name and by fingerprint."""
+
+    def __init__(self) -> None:
+        self.schemas: dict[str, Any] = {}
+        self.fingerprints: dict[str, bytes] = {}
+        self.by_fingerprint: dict[bytes, str] = {}
+        named: dict = {}
+        for path in sorted(SCHEMA_DIR.glob("*.avsc")):
+            name = path.stem  # "salka.TokenizedEvent"
+            schema = load_schema(str(path), named_schemas=named)
+            canonical = to_parsing_canonical_form(schema)
+            fp = int(fingerprint(canonical, "CRC-64-AVRO"), 16).to_bytes(8, "little")
+            self.schemas[name] = schema
+            self.fingerprints[name] = fp
+            self.by_fingerprint[fp] = name
+
+    def encode(self, name: str, record: dict) -> bytes:
+        out = io.BytesIO()
+        out.write(MAGIC + self.fingerprints[name])
+        try:
+            schemaless_writer(out, self.schemas[name], record)
+        except Exception as exc:  # fastavro raises ValueError / TypeError / KeyError variously
+            raise EncodeError(f"record does not fit {name}: {exc}") from exc
+        return out.getvalue()
+
+    def decode(self, data: bytes | None, expected: tuple[str, ...] = ()) -> tuple[str, dict]:
+        """(schema name, record); ``expected`` limits which schemas are acceptable here."""
+        if data is None:
+            raise DecodeError("empty record value (null)")
+        if len(data) < HEADER_LEN or data[:2] != MAGIC:
+            raise DecodeError(
+                f"not an Avro single-object record (starts with {bytes(data[:4])!r}, "
+                f"{len(data)} bytes)"
+            )
+        name = self.by_fingerprint.get(bytes(data[2:HEADER_LEN]))
+        if name is None:
+            raise DecodeError(f"unknown writer schema fingerprint {data[2:HEADER_LEN].hex()}")
+        if expected and name not in expected:
+            raise DecodeError(f"record of schema {name} where {', '.join(expected)} was expected")
+        body = io.BytesIO(data[HEADER_LEN:])
+        try:
+            record = schemaless_reader(body, self.schemas[name], None)
+        except Exception as exc:
+            raise DecodeError(f"corrupt {name} record: {exc.__class__.__name__}: {exc}") from exc
+        if body.tell() != len(data) - HEADER_LEN:
+            raise DecodeError(f"{len(data) - HEADER_LEN - body.tell()} trailing bytes after a {name} record")
+        return name, record
+
+
+_codec: AvroCodec | None = None
+
+
+def codec() -> AvroCodec:
+    """The process-wide codec (schemas parsed once)."""
+    global _codec
+    if _codec is None:
+        _codec = AvroCodec()
+    return _codec
+
+
+def schema_json(name: str) -> str:
+    return json.dumps(parse_schema(codec().schemas[name]))
