@@ -115,5 +115,102 @@ def top_command(scores_path, limit, input_path) -> None:
     click.echo(format_top_events(read_scores(scores_path), limit, input_path))
 
 
+STAGES = ("tokenizer", "windower", "trainer", "archiver")
+
+
+def make_stage(name: str, config: Config):
+    if name == "tokenizer":
+        from pipeline.stages.tokenizer import TokenizerStage as stage
+    elif name == "windower":
+        from pipeline.stages.windower import WindowerStage as stage
+    elif name == "trainer":
+        from pipeline.stages.trainer import TrainerStage as stage
+    else:
+        from pipeline.stages.archiver import ArchiverStage as stage
+    return stage(config)
+
+
+@cli.command("run", short_help="Run one streaming stage until SIGTERM / Ctrl-C.")
+@with_config
+@click.argument("stage", type=click.Choice(STAGES))
+def run_command(config: Config, stage: str) -> None:
+    """Run STAGE as a consumer-group member: consume, process, produce, flush, commit.
+
+    SIGTERM or Ctrl-C finishes the current batch, flushes, commits and exits 0."""
+    from pipeline.runner import StageRunner
+
+    raise SystemExit(StageRunner(config, make_stage(stage, config)).run())
+
+
+@cli.command("produce", short_help="Publish a log file to the raw topic, one record per line.")
+@with_config
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True),
+              help="Records per second (default: as fast as possible).")
+@click.option("--end-marker/--no-end-marker", default=True, show_default=True,
+              help="Send an end-of-input control record to every partition at the end, so the "
+                   "last windows close.")
+def produce_command(config: Config, input_path, rate, end_marker) -> None:
+    """Publish LOG to topics.raw: value = raw line, key and header salka.line = line number,
+    timestamp = event time."""
+    from pipeline.produce import produce_file
+
+    report = produce_file(config, input_path, rate=rate, end_marker=end_marker)
+    click.echo(f"produced {report.records} records to {config.topics.raw} in {report.seconds:.1f}s",
+               err=True)
+
+
+@cli.command("create-topics", short_help="Create salka's topics if they do not exist.")
+@with_config
+def create_topics_command(config: Config) -> None:
+    """Create the raw, tokens, windows, scores, dead-letter and late topics."""
+    from pipeline.kafka import create_topics
+
+    created = create_topics(config)
+    click.echo(f"created: {', '.join(created) if created else 'nothing (all exist)'}", err=True)
+
+
+@cli.command("broker", short_help="Run the embedded Kafka-protocol broker (Tansu) on 127.0.0.1.")
+@click.option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--storage", default="memory://tansu/", show_default=True,
+              help="Tansu storage engine URL (memory:// is not durable; s3://bucket/ is).")
+def broker_command(port: int, storage: str) -> None:
+    """Run an embedded broker until Ctrl-C / SIGTERM (for demos and tests; not for production)."""
+    import signal
+    import threading
+
+    from pipeline.broker import EmbeddedBroker
+
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    with EmbeddedBroker(port=port, storage=storage) as broker:
+        click.echo(f"broker listening on {broker.bootstrap} (Ctrl-C to stop)", err=True)
+        try:
+            while not stopped.wait(0.5):
+                if broker.process.poll() is not None:
+                    raise click.ClickException(f"broker exited with code {broker.process.returncode}")
+        except KeyboardInterrupt:
+            pass
+
+
+@cli.command("demo", short_help="The whole streaming pipeline end to end on an embedded broker.")
+@with_config
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
+              help="Log to stream (default: generate a synthetic auth log with labels).")
+@click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False),
+              help="line,label CSV for --input, to report AUC.")
+@click.option("--workdir", type=click.Path(file_okay=False), default="demo", show_default=True,
+              help="Where data, state, logs and the score archive go.")
+@click.option("--tokenizers", default=2, show_default=True, type=click.IntRange(1, 16),
+              help="Tokenizer processes to run.")
+def demo_command(config: Config, input_path, labels_path, workdir, tokenizers) -> None:
+    """Start a broker, every stage as its own process, stream the log through, wait until every
+    event is archived, print a summary, and stop everything."""
+    from pipeline.demo import run_demo
+
+    raise SystemExit(run_demo(config, Path(workdir), input_path and Path(input_path),
+                              labels_path and Path(labels_path), tokenizers=tokenizers))
+
+
 def main() -> None:
     cli()

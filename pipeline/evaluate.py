@@ -11,7 +11,11 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 
 def read_scores(path: str | Path) -> list[dict[str, str]]:
-    opener = gzip.open if str(path).endswith(".gz") else open
+    """Rows of a scores file, or of every window file of an archive directory."""
+    path = Path(path)
+    if path.is_dir():
+        return [row for part in sorted(path.glob("window-*.csv.gz")) for row in read_scores(part)]
+    opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
@@ -28,6 +32,10 @@ def read_labels(path: str | Path) -> dict[int, int]:
             label = row[1].strip()
             labels[int(row[0])] = 0 if label in ("0", "", "normal", "-") else 1
     return labels
+
+
+def _line(row: dict[str, str]) -> int:
+    return int(row["line"]) if row["line"] else -1  # Kafka input without line numbers
 
 
 def percentile_ranks(losses: np.ndarray) -> np.ndarray:
@@ -53,13 +61,13 @@ def evaluate(scores_path: str | Path, labels_path: str | Path, ks: tuple[int, ..
     rows = read_scores(scores_path)
     scored = [r for r in rows if r["loss"] != ""]
     losses = np.array([float(r["loss"]) for r in scored])
-    truth = np.array([labels.get(int(r["line"]), 0) for r in scored])
+    truth = np.array([labels.get(_line(r), 0) for r in scored])
     result: dict = {
         "events": len(rows),
         "scored": len(scored),
         "unscored": len(rows) - len(scored),
         "positives": int(truth.sum()),
-        "positives_unscored": sum(labels.get(int(r["line"]), 0) for r in rows if r["loss"] == ""),
+        "positives_unscored": sum(labels.get(_line(r), 0) for r in rows if r["loss"] == ""),
     }
     if len(scored) == 0 or truth.sum() == 0 or truth.sum() == len(truth):
         result["error"] = "need both labelled and normal scored events"

@@ -95,7 +95,11 @@ class WindowLearner:
 
     def encode(self, events: Sequence[Event]) -> list[list[int]]:
         max_tokens = self.config.tokenizer.max_tokens
-        return [encode_event(self.tokenizer, e.text_fields, max_tokens) for e in events]
+        return [
+            list(e.token_ids) if e.token_ids is not None
+            else encode_event(self.tokenizer, e.text_fields, max_tokens)
+            for e in events
+        ]
 
     def score(self, window: int, events: Sequence[Event], with_tokens: bool = False) -> list[Score]:
         """Scores in deterministic event order; empty losses until a model exists."""

@@ -23,10 +23,13 @@ MAX_EPOCH_SECONDS = 7_258_118_400.0
 
 @dataclass(frozen=True)
 class Event:
-    line: int  # physical 1-based line number in the source (or the record's identity)
+    line: int  # physical 1-based line number in the source file; 0 when unknown
     time: float | None  # event time, epoch seconds; None when the input has no time
     fields: dict[str, str]  # every parsed field by name
     text_fields: tuple[tuple[str, str], ...]  # (name, value) pairs the model reads, in order
+    token_ids: tuple[int, ...] | None = None  # BOS..EOS ids, when a fixed tokenizer made them early
+    source: tuple[str, int, int] | None = None  # Kafka (topic, partition, offset) of the raw record
+    raw: str = ""  # the raw line, carried on the streaming path for analysts
 
     def entity(self, name: str, config: InputConfig) -> str:
         return self.fields.get(config.entities[name], "")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import gzip
 import logging
 import sys
 import time
@@ -17,6 +15,7 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.learner import Score, WindowLearner
 from pipeline.parsing import Event, HeaderRow, LineParser, ParseError, read_lines
+from pipeline.scorefile import format_loss, format_number, score_columns, write_rows
 from pipeline.windowing import window_of
 
 log = logging.getLogger(__name__)
@@ -57,44 +56,17 @@ def parse_file(path: str | Path, config: Config) -> tuple[dict[int, list[Event]]
     return dict(windows), report
 
 
-def score_columns(config: Config) -> list[str]:
-    return ["line", "event_time", "window", *config.input.entities, "loss", "loss_total"]
-
-
-def _number(value: float | None) -> str:
-    if value is None:
-        return ""
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
-
-def _loss(value: float | None) -> str:
-    return "" if value is None else f"{value:.6f}"
-
-
 def score_row(score: Score, config: Config) -> list[str]:
     event = score.event
     entities = [event.entity(name, config.input) for name in config.input.entities]
     return [
-        str(event.line), _number(event.time), str(score.window), *entities,
-        _loss(score.loss), _loss(score.loss_total),
+        str(event.line), format_number(event.time), str(score.window), *entities,
+        format_loss(score.loss), format_loss(score.loss_total),
     ]
 
 
 def write_scores(path: str | Path, config: Config, scores: Iterable[Score]) -> int:
-    """Gzip CSV with a header row; written to a temp name and renamed, so never half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    count = 0
-    with gzip.open(tmp, "wt", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(score_columns(config))
-        for score in scores:
-            writer.writerow(score_row(score, config))
-            count += 1
-    tmp.replace(path)
-    return count
+    return write_rows(path, score_columns(config), (score_row(s, config) for s in scores))
 
 
 def replay_scores(

@@ -26,7 +26,8 @@ def format_top_events(rows: list[dict[str, str]], limit: int, input_path: str | 
     if not top:
         return "no scored events"
     raw = raw_lines(input_path, {int(r["line"]) for r in top}) if input_path else {}
-    fixed = {"line", "event_time", "window", "loss", "loss_total"}
+    fixed = {"line", "event_time", "window", "loss", "loss_total",
+             "source_topic", "source_partition", "source_offset"}
     entity_columns = [c for c in top[0] if c not in fixed]
     header = ["rank", "loss", "line", "window", *entity_columns] + (["raw line"] if raw else [])
     table = [header]

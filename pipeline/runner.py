@@ -53,6 +53,9 @@ class Stage(Protocol):
     def tick(self, out: Output) -> bool:
         """Called after each batch; do timed work. True asks for a commit now."""
 
+    def after_flush(self) -> None:
+        """Everything produced so far is acknowledged: save local state (before the commit)."""
+
     def safe_offsets(self) -> list[TopicPartition]:
         """Offsets to commit once all output so far is delivered."""
 
@@ -102,6 +105,7 @@ class StageRunner:
             raise DeliveryFailed(f"{remaining} output records still undelivered after 30s")
         if self.tracker.failures:
             raise DeliveryFailed(f"output delivery failed: {self.tracker.failures[0]}")
+        self.stage.after_flush()  # outputs are durable: stage state may now move forward
         offsets = self.stage.safe_offsets()
         if offsets:
             self.consumer.commit(offsets=offsets, asynchronous=False)

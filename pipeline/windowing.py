@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.config import InputConfig, WindowConfig
+from pipeline.config import WindowConfig
 from pipeline.parsing import Event
 
 
@@ -19,12 +19,42 @@ def window_of(event: Event, window: WindowConfig) -> int:
     return math.floor(event.time / window.size_seconds)
 
 
-def event_order(event: Event) -> tuple[float, int]:
-    """Deterministic order inside a window: event time, then source identity."""
-    return (event.time if event.time is not None else 0.0, event.line)
+def event_order(event: Event) -> tuple:
+    """Deterministic order inside a window: event time, then source identity (file line, then
+    Kafka coordinates), whatever order the events arrived in."""
+    return (event.time if event.time is not None else 0.0, event.line, event.source or ("", 0, 0))
 
 
-def window_start(index: int, window: WindowConfig, input_config: InputConfig) -> float | None:
-    if not input_config.time_field:
-        return None
-    return index * window.size_seconds
+def event_clock(event: Event) -> float:
+    """The value windows are cut on: event time, or the line number when events have no time."""
+    return event.time if event.time is not None else float(event.line)
+
+
+def window_end(index: int, window: WindowConfig, timed: bool) -> float:
+    """Exclusive end of a window on the event clock."""
+    if timed:
+        return (index + 1) * window.size_seconds
+    return float((index + 1) * window.size_lines + 1)
+
+
+class Watermark:
+    """Event-clock watermark: the minimum over input partitions of the newest clock seen there,
+    minus the allowed lateness. A partition with no data yet holds it back (-inf); one that
+    reported end of input no longer does (+inf)."""
+
+    def __init__(self, partitions: int, lateness: float = 0.0):
+        self.newest = {p: -math.inf for p in range(partitions)}
+        self.lateness = lateness
+
+    def observe(self, partition: int, clock: float) -> None:
+        newest = self.newest.get(partition, -math.inf)
+        # After an end of input, new data means the partition is live again.
+        if clock > newest or newest == math.inf:
+            self.newest[partition] = clock
+
+    def end_of_input(self, partition: int) -> None:
+        self.newest[partition] = math.inf
+
+    @property
+    def value(self) -> float:
+        return min(self.newest.values()) - self.lateness if self.newest else -math.inf

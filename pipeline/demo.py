@@ -1,0 +1,225 @@
+"""``pipeline demo``: the streaming pipeline end to end on one machine.
+
+Embedded broker -> topics -> every stage as its own OS process -> produce the log -> wait until
+every event is archived, dead-lettered or late -> summary -> stop everything, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gzip
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import click
+import yaml
+
+from pipeline.broker import EmbeddedBroker
+from pipeline.config import Config, StreamingConfig, config_to_dict
+from pipeline.kafka import create_topics, make_consumer
+from pipeline.records import identity
+from pipeline.serde import DecodeError, codec
+
+log = logging.getLogger(__name__)
+
+STAGE_ORDER = ("archiver", "trainer", "windower", "tokenizer")
+
+
+def _die_with_parent() -> None:
+    """Linux: a stage gets SIGTERM if the demo process dies, so nothing is left running."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class StageProcesses:
+    """The stage processes, started with one effective config file, stopped in pipeline order."""
+
+    def __init__(self, config_path: Path, log_dir: Path):
+        self.config_path = config_path
+        self.log_dir = log_dir
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, stage: str, instance: int = 0) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{stage}-{instance}"
+        with open(self.log_dir / f"{name}.log", "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline", "run", stage, "--config", str(self.config_path)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        self.processes.append((name, process))
+
+    def dead(self) -> list[str]:
+        return [f"{name} (exit {p.returncode})" for name, p in self.processes if p.poll() is not None]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for stage in STAGE_ORDER[::-1]:  # upstream first, so nothing new flows downstream
+            for name, process in self.processes:
+                if name.startswith(stage) and process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name, process in self.processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time: killing it", name)
+                process.kill()
+                process.wait()
+
+
+class ArchiveCounter:
+    """Rows in the archive's window files (each file appears whole, by rename)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.rows: dict[Path, tuple[float, int]] = {}
+
+    def count(self) -> tuple[int, int]:
+        for path in self.directory.glob("window-*.csv.gz"):
+            mtime = path.stat().st_mtime
+            if path not in self.rows or self.rows[path][0] != mtime:
+                with gzip.open(path, "rt") as handle:
+                    self.rows[path] = (mtime, sum(1 for _ in handle) - 1)
+        return sum(r for _, r in self.rows.values()), len(self.rows)
+
+
+class SideTopicCounter:
+    """Distinct raw records that ended as dead letters or late events."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.consumer = make_consumer(config, f"demo-counter-{os.getpid()}-{time.time_ns()}")
+        self.consumer.subscribe([config.topics.dead_letters, config.topics.late])
+        self.dead: set = set()
+        self.late: set = set()
+        self.reasons: dict[str, int] = {}
+
+    def poll(self) -> None:
+        for msg in self.consumer.consume(1000, timeout=0.2):
+            if msg.error():
+                continue
+            try:
+                name, record = codec().decode(msg.value())
+            except DecodeError:
+                continue
+            if name == "salka.DeadLetter":
+                self.dead.add(identity(record))
+                reason = record["reason"].split(":")[0]
+                self.reasons[reason] = self.reasons.get(reason, 0) + 1
+            elif name == "salka.LateEvent":
+                self.late.add(identity(record["event"]))
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def effective_config(config: Config, workdir: Path, bootstrap: str) -> tuple[Config, Path]:
+    kafka = {**config.kafka, "bootstrap.servers": bootstrap}
+    streaming = replace(config.streaming, state_dir=str(workdir / "state"),
+                        archive_dir=str(workdir / "archive"))
+    config = replace(config, kafka=kafka, streaming=streaming)
+    path = workdir / "effective-config.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return config, path
+
+
+def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path: Path | None,
+             tokenizers: int = 2, timeout: float = 1800.0) -> int:
+    from pipeline.evaluate import evaluate, format_report, read_scores
+    from pipeline.generate import GenerateSpec, write_log
+    from pipeline.produce import produce_file
+    from pipeline.report import format_top_events
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    for old in ("state", "archive"):  # a demo always starts from scratch
+        _clear(workdir / old)
+    if input_path is None:
+        input_path, labels_path = workdir / "auth.csv", workdir / "labels.csv"
+        summary = write_log(GenerateSpec(), input_path, labels_path)
+        click.echo(f"generated {summary['events']} events ({summary['redteam']} red-team) "
+                   f"-> {input_path}")
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    broker = None if external else EmbeddedBroker(log_file=workdir / "broker.log")
+    stages = None
+    try:
+        if broker is not None:
+            broker.start()
+        bootstrap = external or broker.bootstrap
+        click.echo(f"broker: {bootstrap}{' (embedded tansu)' if broker else ''}")
+        config, config_path = effective_config(config, workdir, bootstrap)
+        create_topics(config)
+        stages = StageProcesses(config_path, workdir / "logs")
+        for i in range(tokenizers):
+            stages.start("tokenizer", i)
+        for stage in ("windower", "trainer", "archiver"):
+            stages.start(stage)
+        click.echo(f"started {tokenizers} tokenizer(s), windower, trainer, archiver; logs in "
+                   f"{workdir / 'logs'}")
+        started = time.monotonic()
+        produced = produce_file(config, input_path)
+        click.echo(f"produced {produced.records} records in {produced.seconds:.1f}s")
+        archive = Path(config.streaming.archive_dir)
+        counts = _wait_until_accounted(config, stages, archive, produced.records, started, timeout)
+        elapsed = time.monotonic() - started
+    finally:
+        if stages is not None:
+            stages.stop()
+        if broker is not None:
+            broker.stop()
+    archived, windows, dead, late, reasons = counts
+    rows = read_scores(archive)
+    scored = sum(1 for r in rows if r["loss"])
+    click.echo("")
+    click.echo(f"events produced: {produced.records}   windows: {windows}   archived: {archived} "
+               f"(scored {scored}, first window unscored {archived - scored})")
+    click.echo(f"dead letters: {dead} {reasons if reasons else ''}   late: {late}")
+    click.echo(f"end to end: {elapsed:.1f}s, {produced.records / elapsed:.0f} events/s")
+    click.echo(f"\ntop 10 events by loss (archive: {archive}):")
+    click.echo(format_top_events(rows, 10, input_path))
+    if labels_path is not None:
+        click.echo("")
+        click.echo(format_report(evaluate(archive, labels_path)))
+    return 0
+
+
+def _wait_until_accounted(config, stages, archive, expected, started, timeout):
+    side = SideTopicCounter(config)
+    counter = ArchiveCounter(archive)
+    last_print = 0.0
+    try:
+        while True:
+            side.poll()
+            archived, windows = counter.count()
+            now = time.monotonic()
+            accounted = archived + len(side.dead) + len(side.late)
+            if now - last_print > 2 or accounted >= expected:
+                click.echo(f"  [{now - started:5.1f}s] archived {archived}/{expected} in {windows} "
+                           f"windows, dead letters {len(side.dead)}, late {len(side.late)}")
+                last_print = now
+            if accounted >= expected:
+                return archived, windows, len(side.dead), len(side.late), side.reasons
+            dead = stages.dead()
+            if dead:
+                raise click.ClickException(f"stage process died: {', '.join(dead)} (see logs)")
+            if now - started > timeout:
+                raise click.ClickException(f"not every event accounted for after {timeout:.0f}s")
+            time.sleep(0.3)
+    finally:
+        side.close()
+
+
+def _clear(path: Path) -> None:
+    if not path.exists():
+        return
+    for child in sorted(path.rglob("*"), reverse=True):
+        child.rmdir() if child.is_dir() else child.unlink()
+    path.rmdir()

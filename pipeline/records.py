@@ -1,0 +1,77 @@
+"""Pure conversions between in-memory Events / Scores and the Avro records on the topics."""
+
+from __future__ import annotations
+
+import time
+
+from pipeline.config import Config
+from pipeline.learner import Score
+from pipeline.parsing import Event
+
+LINE_HEADER = "salka.line"  # raw record header: physical line number in the produced file
+CONTROL_HEADER = "salka.control"  # raw/tokens record header marking a control record
+END_OF_INPUT = "end-of-input"  # control: this partition will receive no more events
+
+
+def source_ref(topic: str, partition: int, offset: int) -> dict:
+    return {"topic": topic, "partition": partition, "offset": offset}
+
+
+def event_to_record(event: Event) -> dict:
+    topic, partition, offset = event.source
+    return {
+        "source": source_ref(topic, partition, offset),
+        "line": event.line or None,
+        "event_time": event.time,
+        "fields": [{"name": k, "value": v} for k, v in event.fields.items()],
+        "token_ids": list(event.token_ids) if event.token_ids is not None else None,
+        "raw": event.raw,
+    }
+
+
+def record_to_event(record: dict, model_fields: list[str]) -> Event:
+    fields = {f["name"]: f["value"] for f in record["fields"]}
+    source = record["source"]
+    ids = record["token_ids"]
+    return Event(
+        line=record["line"] or 0,
+        time=record["event_time"],
+        fields=fields,
+        text_fields=tuple((name, fields.get(name, "")) for name in model_fields),
+        token_ids=tuple(ids) if ids is not None else None,
+        source=(source["topic"], source["partition"], source["offset"]),
+        raw=record["raw"],
+    )
+
+
+def identity(record: dict) -> tuple[str, int, int]:
+    """An event's identity everywhere downstream: its raw record's Kafka coordinates."""
+    source = record["source"]
+    return (source["topic"], source["partition"], source["offset"])
+
+
+def score_to_record(score: Score, config: Config) -> dict:
+    event = score.event
+    topic, partition, offset = event.source
+    return {
+        "source": source_ref(topic, partition, offset),
+        "line": event.line or None,
+        "event_time": event.time,
+        "window": score.window,
+        "entities": {name: event.entity(name, config.input) for name in config.input.entities},
+        "loss": score.loss,
+        "loss_total": score.loss_total,
+        "raw": event.raw,
+    }
+
+
+def dead_letter(stage: str, topic: str, partition: int, offset: int, reason: str,
+                payload: bytes | None, line: int | None = None) -> dict:
+    return {
+        "stage": stage,
+        "source": source_ref(topic, partition, offset),
+        "line": line,
+        "reason": reason,
+        "payload": payload,
+        "time_ms": int(time.time() * 1000),
+    }

@@ -1,0 +1,53 @@
+"""The scores file format (replay output and archive files): gzip CSV, header row, one row per
+event, written to a temporary name and renamed so a reader never sees half a file."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+from pathlib import Path
+from typing import Iterable
+
+from pipeline.config import Config
+
+SOURCE_COLUMNS = ["source_topic", "source_partition", "source_offset"]
+
+
+def score_columns(config: Config, with_source: bool = False) -> list[str]:
+    columns = ["line", "event_time", "window", *config.input.entities, "loss", "loss_total"]
+    return columns + SOURCE_COLUMNS if with_source else columns
+
+
+def format_number(value: float | None) -> str:
+    """Event times as written in the input when they are whole seconds (3600, not 3600.0)."""
+    if value is None:
+        return ""
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def format_loss(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
+
+
+def write_rows(path: str | Path, columns: list[str], rows: Iterable[list[str]]) -> int:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    count = 0
+    # mtime=0: the same rows always give the same bytes, so rewriting a file after a redelivery
+    # is indistinguishable from the first write.
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+        with io.TextIOWrapper(gz, encoding="utf-8", newline="") as text:
+            writer = csv.writer(text)
+            writer.writerow(columns)
+            for row in rows:
+                writer.writerow(row)
+                count += 1
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, path)
+    return count

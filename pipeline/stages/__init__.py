@@ -1,0 +1,1 @@
+"""One module per stage; each is a small object driven by ``pipeline.runner.StageRunner``."""

@@ -1,0 +1,107 @@
+"""Tokenizer stage: raw log records -> parsed, tokenized events (or dead letters).
+
+Stateless, so several instances share the raw partitions in one consumer group. Each event goes
+to the tokens partition with the number of its raw partition, which keeps per-partition event
+order and so lets the windower's watermark be taken per partition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from confluent_kafka import Message, TopicPartition
+
+from nn.tokenizers import encode_event
+from pipeline.config import Config
+from pipeline.kafka import partition_count
+from pipeline.learner import make_tokenizer
+from pipeline.parsing import Event, LineParser, ParseError
+from pipeline.records import CONTROL_HEADER, LINE_HEADER, dead_letter, event_to_record
+from pipeline.runner import Output, header
+
+log = logging.getLogger(__name__)
+
+
+class TokenizerStage:
+    name = "tokenizer"
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.parser = LineParser(config.input)
+        # Only a fixed tokenizer can encode before the first window is seen; word and BPE
+        # vocabularies are learned by the trainer, which encodes those events itself.
+        self.fixed_tokenizer = make_tokenizer(config) if config.tokenizer.kind == "char" else None
+        self.next_offsets: dict[tuple[str, int], int] = {}
+        self.tokens_partitions: int | None = None
+        self.counts = {"events": 0, "dead_letters": 0, "control": 0}
+
+    def topics(self) -> list[str]:
+        return [self.config.topics.raw]
+
+    def on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
+        if self.tokens_partitions is None:
+            self.tokens_partitions = partition_count(consumer, self.config.topics.tokens)
+            raw = partition_count(consumer, self.config.topics.raw)
+            if self.tokens_partitions < raw:
+                log.warning("topic %s has %d partitions, fewer than %s (%d): partitions will be "
+                            "shared and event order within them mixed", self.config.topics.tokens,
+                            self.tokens_partitions, self.config.topics.raw, raw)
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.next_offsets.pop((tp.topic, tp.partition), None)
+
+    def handle(self, msg: Message, out: Output) -> None:
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        self.next_offsets[(topic, partition)] = offset + 1
+        tokens_partition = partition % (self.tokens_partitions or 1)
+        if header(msg, CONTROL_HEADER) is not None:
+            out.send(self.config.topics.tokens, None, partition=tokens_partition, headers=msg.headers())
+            self.counts["control"] += 1
+            return
+        line = _line_number(header(msg, LINE_HEADER))
+        value = msg.value()
+        result = self.parser.parse(value, line) if value is not None else ParseError(line, "null value")
+        if isinstance(result, ParseError):  # header rows too: every raw record is accounted for
+            self._dead_letter(out, msg, result.reason, line)
+            return
+        event = self._complete(result, (topic, partition, offset), value)
+        out.send_record(self.config.topics.tokens, "salka.TokenizedEvent", event_to_record(event),
+                        key=msg.key(), partition=tokens_partition)
+        self.counts["events"] += 1
+
+    def _complete(self, event: Event, source: tuple[str, int, int], value: bytes) -> Event:
+        token_ids = None
+        if self.fixed_tokenizer is not None:
+            token_ids = tuple(encode_event(self.fixed_tokenizer, event.text_fields,
+                                           self.config.tokenizer.max_tokens))
+        raw = value.decode("utf-8").rstrip("\r\n")  # parse() already proved it is UTF-8
+        return dataclasses.replace(event, token_ids=token_ids, source=source, raw=raw)
+
+    def _dead_letter(self, out: Output, msg: Message, reason: str, line: int) -> None:
+        log.warning("%s[%d]@%d%s: %s", msg.topic(), msg.partition(), msg.offset(),
+                    f" (line {line})" if line else "", reason)
+        record = dead_letter(self.name, msg.topic(), msg.partition(), msg.offset(), reason,
+                             msg.value(), line or None)
+        out.send_record(self.config.topics.dead_letters, "salka.DeadLetter", record, key=msg.key())
+        self.counts["dead_letters"] += 1
+
+    def tick(self, out: Output) -> bool:
+        return False
+
+    def after_flush(self) -> None:
+        pass
+
+    def safe_offsets(self) -> list[TopicPartition]:
+        return [TopicPartition(t, p, o) for (t, p), o in self.next_offsets.items()]
+
+    def close(self, out: Output) -> None:
+        log.info("tokenizer totals: %s", self.counts)
+
+
+def _line_number(text: str | None) -> int:
+    try:
+        return int(text) if text is not None else 0
+    except ValueError:
+        return 0

@@ -1,0 +1,127 @@
+"""Trainer stage: complete windows, in order -> one score per event, then train on the window.
+
+Per window: score with the model trained through the previous window, publish the scores and a
+completion record, train, then (once the scores are acknowledged) checkpoint model + optimizer +
+tokenizer + last window atomically, and only then commit the input offsets. A crash anywhere
+replays the window from the last checkpoint, which gives the same scores again; the archiver
+deduplicates them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from confluent_kafka import Message, TopicPartition
+
+from pipeline.config import Config
+from pipeline.learner import WindowLearner
+from pipeline.parsing import Event, LineParser
+from pipeline.records import dead_letter, identity, record_to_event, score_to_record
+from pipeline.runner import Output
+from pipeline.serde import DecodeError, codec
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def checkpoint_path(config: Config) -> Path:
+    return Path(config.streaming.state_dir) / "trainer" / CHECKPOINT_NAME
+
+
+class TrainerStage:
+    name = "trainer"
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.model_fields = LineParser(config.input).model_fields
+        self.checkpoint = checkpoint_path(config)
+        if self.checkpoint.exists():
+            self.learner = WindowLearner.load(self.checkpoint, config)
+            log.info("resumed from %s: trained through window %s", self.checkpoint,
+                     self.learner.last_window)
+        else:
+            self.learner = WindowLearner(config)
+        self.pending: dict[int, dict[tuple, Event]] = {}
+        self.safe_offset: int | None = None  # windows topic (one partition)
+        self.unsaved = False
+        self.counts = {"windows": 0, "scored": 0, "dead_letters": 0, "skipped": 0}
+
+    def topics(self) -> list[str]:
+        return [self.config.topics.windows]
+
+    def on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
+        pass
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        self.pending.clear()
+        self.safe_offset = None
+
+    def _done(self, window: int) -> bool:
+        last = self.learner.last_window
+        return last is not None and window <= last
+
+    def handle(self, msg: Message, out: Output) -> None:
+        try:
+            name, record = codec().decode(
+                msg.value(), expected=("salka.WindowedEvent", "salka.WindowComplete"))
+        except DecodeError as exc:
+            log.warning("%s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
+            out.send_record(self.config.topics.dead_letters, "salka.DeadLetter", dead_letter(
+                self.name, msg.topic(), msg.partition(), msg.offset(), str(exc), msg.value()))
+            self.counts["dead_letters"] += 1
+            return
+        window = record["window"]
+        if self._done(window):  # a re-emitted or redelivered window: trained already
+            self.counts["skipped"] += 1
+            if name == "salka.WindowComplete":
+                self.safe_offset = msg.offset() + 1
+            return
+        if name == "salka.WindowedEvent":
+            event = record_to_event(record["event"], self.model_fields)
+            self.pending.setdefault(window, {})[identity(record["event"])] = event
+            return
+        events = self.pending.get(window, {})
+        if len(events) < record["count"]:
+            log.warning("window %d completion says %d events, %d received: waiting for a "
+                        "re-emission", window, record["count"], len(events))
+            return
+        self._process(out, window, list(events.values()), record["watermark"])
+        for w in [w for w in self.pending if w <= window]:
+            del self.pending[w]
+        self.safe_offset = msg.offset() + 1
+
+    def _process(self, out: Output, window: int, events: list[Event], watermark) -> None:
+        started = time.monotonic()
+        scores = self.learner.score(window, events)
+        for score in scores:
+            out.send_record(self.config.topics.scores, "salka.ScoredEvent",
+                            score_to_record(score, self.config), partition=0)
+        out.send_record(self.config.topics.scores, "salka.WindowComplete",
+                        {"window": window, "count": len(scores), "watermark": watermark,
+                         "stage": self.name}, partition=0)
+        scored = time.monotonic()
+        loss = self.learner.train(window, events)
+        self.unsaved = True
+        self.counts["windows"] += 1
+        self.counts["scored"] += len(scores)
+        log.info("window %d: scored %d events in %.1fs, trained in %.1fs (loss %.4f)", window,
+                 len(scores), scored - started, time.monotonic() - scored, loss)
+
+    def tick(self, out: Output) -> bool:
+        return self.unsaved  # commit (and so checkpoint) right after each window
+
+    def after_flush(self) -> None:
+        if self.unsaved:
+            self.learner.save(self.checkpoint)
+            self.unsaved = False
+
+    def safe_offsets(self) -> list[TopicPartition]:
+        if self.safe_offset is None:
+            return []
+        return [TopicPartition(self.config.topics.windows, 0, self.safe_offset)]
+
+    def close(self, out: Output) -> None:
+        log.info("trainer totals: %s", self.counts)
