@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo demo-offline test lint bench clean
 
 # constraints.txt pins torch to the CPU wheel that lies on disk here (no multi-GB CUDA download).
 $(STAMP): pyproject.toml constraints.txt
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Offline demo: synthetic auth log with planted red-team events -> replay -> evaluation -> top events.
+# Streaming demo: embedded broker, every stage as its own process, generated auth log with
+# planted red-team events, scores archived per window, summary with the top events and AUC.
 demo: install
+	$(BIN)/pipeline demo --config config.yaml --workdir $(DEMO)
+
+# The same job offline, without Kafka: generate -> replay -> eval -> top.
+demo-offline: install
 	mkdir -p $(DEMO)
 	$(BIN)/pipeline generate --output $(DEMO)/auth.csv --labels $(DEMO)/labels.csv
 	$(BIN)/pipeline replay --config config.yaml --input $(DEMO)/auth.csv --output $(DEMO)/scores.csv.gz

@@ -31,7 +31,8 @@ class ProduceReport:
 
 
 def produce_file(config: Config, path: str | Path, rate: float | None = None,
-                 end_marker: bool = True) -> ProduceReport:
+                 end_marker: bool = True, lines: range | None = None) -> ProduceReport:
+    """Publish the file (only the physical ``lines`` in the given range, when set)."""
     parser = LineParser(config.input)
     producer = make_producer(config, **{"client.id": "salka-produce"})
     tracker = DeliveryTracker()
@@ -39,6 +40,8 @@ def produce_file(config: Config, path: str | Path, rate: float | None = None,
     report = ProduceReport()
     started = time.monotonic()
     for number, raw in read_lines(path):
+        if lines is not None and number not in lines:
+            continue
         value = raw.rstrip(b"\r\n")
         parsed = parser.parse(value, number)
         if isinstance(parsed, HeaderRow):

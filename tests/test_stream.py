@@ -1,0 +1,190 @@
+"""The streaming pipeline over a real broker: every stage its own OS process, talking only
+through topics. Runs against KAFKA_BOOTSTRAP_SERVERS when set, else an embedded Tansu broker."""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+
+import pytest
+from kafka_helpers import delete_topics, read_records, stream_config, wait_for
+
+from pipeline.demo import ArchiveCounter, StageProcesses
+from pipeline.evaluate import read_scores
+from pipeline.generate import GenerateSpec, write_log
+from pipeline.learner import WindowLearner
+from pipeline.produce import produce_file
+from pipeline.replay import replay
+from pipeline.stages.trainer import checkpoint_path
+
+BAD_LINES = {
+    "not,enough,columns": "expected 9 CSV columns, got 3",
+    "": "empty line",
+    "notatime,U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success": "bad time",
+}
+
+
+def tokenizers_assigned(log_dir: Path, count: int) -> bool:
+    """Every tokenizer process holds at least one raw partition."""
+    for i in range(count):
+        path = log_dir / f"tokenizer-{i}.log"
+        text = path.read_text() if path.exists() else ""
+        assigned = re.findall(r"tokenizer assigned \[(.*)\]", text)
+        if not assigned or not assigned[-1].strip():
+            return False
+    return True
+
+
+def archived_rows(archive: Path) -> int:
+    return ArchiveCounter(archive).count()[0] if archive.exists() else 0
+
+
+def losses_by_line(rows: list[dict]) -> dict[int, tuple[str, str, str]]:
+    return {int(r["line"]): (r["window"], r["event_time"], r["loss"]) for r in rows}
+
+
+def assert_same_scores(streamed: list[dict], replayed: list[dict]) -> None:
+    a, b = losses_by_line(streamed), losses_by_line(replayed)
+    assert len(streamed) == len(a), "an event appears twice in the archive"
+    assert a.keys() == b.keys()
+    for line, (window, time, loss) in b.items():
+        assert a[line][:2] == (window, time), line
+        if loss == "":
+            assert a[line][2] == "", line
+        else:
+            assert abs(float(a[line][2]) - float(loss)) <= 1e-5, (line, a[line][2], loss)
+
+
+@pytest.fixture(scope="module")
+def streamed_run(kafka_bootstrap, tmp_path_factory):
+    """One run of the whole pipeline: 3 raw partitions, 2 tokenizer processes, a log with a few
+    malformed lines mixed in; and the replay of the same file for comparison."""
+    tmp = tmp_path_factory.mktemp("stream")
+    log, labels = tmp / "auth.csv", tmp / "labels.csv"
+    write_log(GenerateSpec(users=12, computers=30, days=3, events_per_day=600,
+                           redteam_events=8, seed=11), log, labels)
+    lines = log.read_text().splitlines()
+    positions = [len(lines) // 3, len(lines) // 2, 2 * len(lines) // 3]
+    for index, text in sorted(zip(positions, BAD_LINES), reverse=True):
+        lines.insert(index, text)
+    log.write_text("\n".join(lines) + "\n")
+    bad_line_numbers = {i + 1: text for i, text in enumerate(lines) if text in BAD_LINES}
+
+    config, config_path = stream_config(tmp, kafka_bootstrap, {"topics": {"partitions": 3}})
+    replay_out = tmp / "replay.csv.gz"
+    replay(log, replay_out, config, progress=False)
+
+    stages = StageProcesses(config_path, tmp / "logs")
+    try:
+        for i in range(2):
+            stages.start("tokenizer", i)
+        for stage in ("windower", "trainer", "archiver"):
+            stages.start(stage)
+        wait_for(lambda: tokenizers_assigned(tmp / "logs", 2), 60, what="both tokenizers assigned")
+        report = produce_file(config, log)
+        archive = Path(config.streaming.archive_dir)
+        expected_rows = report.records - len(bad_line_numbers)
+        wait_for(lambda: archived_rows(archive) >= expected_rows or stages.dead(), 180,
+                 what="every event archived")
+        assert not stages.dead(), stages.dead()
+    finally:
+        stages.stop()
+    dead = read_records(config, config.topics.dead_letters, expected=len(bad_line_numbers))
+    yield {
+        "config": config, "tmp": tmp, "log": log, "bad": bad_line_numbers, "dead": dead,
+        "archive": read_scores(Path(config.streaming.archive_dir)),
+        "replay": read_scores(replay_out), "produced": report.records,
+    }
+    delete_topics(config)
+
+
+def test_stream_archive_equals_replay(streamed_run):
+    """The key invariant: same events, same windows, same losses (1e-5) as pipeline replay,
+    although Kafka delivered them over 3 partitions through 2 tokenizer processes."""
+    assert_same_scores(streamed_run["archive"], streamed_run["replay"])
+    assert any(r["loss"] for r in streamed_run["archive"])
+
+
+def test_both_tokenizers_did_work(streamed_run):
+    logs = streamed_run["tmp"] / "logs"
+    for i in range(2):
+        assert re.search(r"tokenizer totals: \{'events': [1-9]", (logs / f"tokenizer-{i}.log").read_text())
+
+
+def test_malformed_raw_lines_reach_the_dead_letter_topic(streamed_run):
+    dead = [record for name, record in streamed_run["dead"] if name == "salka.DeadLetter"]
+    by_line = {record["line"]: record for record in dead}
+    assert set(by_line) == set(streamed_run["bad"])
+    for line, text in streamed_run["bad"].items():
+        record = by_line[line]
+        assert record["stage"] == "tokenizer"
+        assert BAD_LINES[text] in record["reason"]
+        assert record["payload"] == text.encode()
+    # and every other event was scored
+    archived = {int(r["line"]) for r in streamed_run["archive"]}
+    assert len(archived) == streamed_run["produced"] - len(streamed_run["bad"])
+    assert archived.isdisjoint(streamed_run["bad"])
+
+
+def test_late_event_goes_to_the_late_topic(kafka_bootstrap, tmp_path):
+    config, config_path = stream_config(
+        tmp_path, kafka_bootstrap,
+        {"topics": {"partitions": 1}, "window": {"size_seconds": 3600}})
+    log = tmp_path / "late.csv"
+    row = "{},U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success"
+    # line 4 (t=100) arrives after t=7300 moved the watermark past window 0's end (3600)
+    log.write_text("\n".join(row.format(t) for t in (10, 20, 7300, 100, 7400)) + "\n")
+    stages = StageProcesses(config_path, tmp_path / "logs")
+    try:
+        stages.start("tokenizer")
+        stages.start("windower")
+        produce_file(config, log)
+        late = read_records(config, config.topics.late, expected=1)
+        windows = read_records(config, config.topics.windows, expected=6)
+    finally:
+        stages.stop()
+        delete_topics(config)
+    assert len(late) == 1
+    name, record = late[0]
+    assert name == "salka.LateEvent"
+    assert record["event"]["line"] == 4 and record["window"] == 0
+    assert record["lateness_seconds"] == pytest.approx(7300 - 3600)
+    completions = [r for n, r in windows if n == "salka.WindowComplete"]
+    assert [(c["window"], c["count"]) for c in completions] == [(0, 2), (2, 2)]
+    events = [r["event"]["line"] for n, r in windows if n == "salka.WindowedEvent"]
+    assert sorted(events) == [1, 2, 3, 5]
+
+
+def test_trainer_restart_resumes_from_its_checkpoint(kafka_bootstrap, tmp_path):
+    log, labels = tmp_path / "auth.csv", tmp_path / "labels.csv"
+    write_log(GenerateSpec(users=10, computers=30, days=4, events_per_day=400,
+                           redteam_events=0, seed=2), log, labels)
+    times = [int(line.split(",")[0]) for line in log.read_text().splitlines()[1:]]
+    # lines 2.. of day 0 and day 1, plus the first few of day 2 (which close window 1)
+    first_part = range(1, 2 + sum(1 for t in times if t < 2 * 86400) + 5)
+    config, config_path = stream_config(tmp_path, kafka_bootstrap, {"topics": {"partitions": 1}})
+    stages = StageProcesses(config_path, tmp_path / "logs")
+    archive = Path(config.streaming.archive_dir)
+    try:
+        for stage in ("tokenizer", "windower", "trainer", "archiver"):
+            stages.start(stage)
+        produce_file(config, log, lines=first_part, end_marker=False)
+        wait_for(lambda: (archive / "window-000001.csv.gz").exists(), 120, what="window 1 archived")
+        trainer = next(p for name, p in stages.processes if name == "trainer-0")
+        trainer.send_signal(signal.SIGTERM)
+        assert trainer.wait(30) == 0  # clean exit on SIGTERM
+        assert WindowLearner.load(checkpoint_path(config), config).last_window == 1
+        stages.start("trainer", 1)
+        produce_file(config, log, lines=range(first_part.stop, len(times) + 2))
+        wait_for(lambda: archived_rows(archive) >= len(times), 120, what="all windows archived")
+    finally:
+        stages.stop()
+        delete_topics(config)
+    restarted = (tmp_path / "logs" / "trainer-1.log").read_text()
+    assert "trained through window 1" in restarted
+    assert not re.search(r"window [01]: scored", restarted)  # nothing retrained
+    assert re.search(r"window 2: scored", restarted)
+    replay_out = tmp_path / "replay.csv.gz"
+    replay(log, replay_out, config, progress=False)
+    assert_same_scores(read_scores(archive), read_scores(replay_out))
