@@ -1,0 +1,155 @@
+"""Streaming throughput: each stage alone, the whole pipeline, and replay on the same data.
+
+Run: python benchmarks/stream.py [--days 3 --events-per-day 4000]
+Uses the embedded broker (or KAFKA_BOOTSTRAP_SERVERS). Every stage runs as its own process, as
+in production. "Alone" means the stage drains a topic that was filled beforehand, timed from its
+partition assignment (after start-up and group join) to its last output. Compare ratios measured
+in this one run; absolute numbers on a shared 2-core machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.broker import EmbeddedBroker  # noqa: E402
+from pipeline.config import config_from_dict, config_to_dict, load_config  # noqa: E402
+from pipeline.demo import ArchiveCounter, StageProcesses  # noqa: E402
+from pipeline.generate import GenerateSpec, write_log  # noqa: E402
+from pipeline.kafka import create_topics, make_consumer  # noqa: E402
+from pipeline.produce import produce_file  # noqa: E402
+from pipeline.replay import replay  # noqa: E402
+
+
+class TopicCounter:
+    def __init__(self, config, topic: str):
+        self.consumer = make_consumer(config, f"bench-{uuid.uuid4().hex[:8]}")
+        self.consumer.subscribe([topic])
+        self.count = 0
+
+    def poll(self) -> int:
+        self.count += sum(1 for m in self.consumer.consume(5000, timeout=0.1) if not m.error())
+        return self.count
+
+
+def assigned_at(log: Path, stage: str, timeout: float = 60) -> float:
+    """Wall time at which the stage logged its (non-empty) partition assignment."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists() and re.search(rf"{stage} assigned \[.+\]", log.read_text()):
+            return time.time()
+        time.sleep(0.05)
+    raise TimeoutError(f"{stage} never got partitions")
+
+
+def wait_until(predicate, timeout: float = 1800) -> float:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return time.time()
+        time.sleep(0.05)
+    raise TimeoutError("benchmark step did not finish")
+
+
+def fresh_config(base, workdir: Path, bootstrap: str):
+    run = f"bench{uuid.uuid4().hex[:8]}"
+    data = config_to_dict(base)
+    data["kafka"] = {**data["kafka"], "bootstrap.servers": bootstrap}
+    data["topics"] = {**data["topics"], **{k: f"{run}.{k}" for k in
+                      ("raw", "tokens", "windows", "scores", "dead_letters", "late")}}
+    data["streaming"] = {**data["streaming"], "group_prefix": run,
+                         "state_dir": str(workdir / run / "state"),
+                         "archive_dir": str(workdir / run / "archive")}
+    config = config_from_dict(data)
+    path = workdir / f"{run}.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    create_topics(config)
+    return config, path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--days", type=int, default=3)
+    parser.add_argument("--events-per-day", type=int, default=4000)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config override, e.g. --set tokenizer.kind=char")
+    args = parser.parse_args()
+    base = load_config(ROOT / "config.yaml", args.overrides)
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        log = work / "auth.csv"
+        summary = write_log(GenerateSpec(days=args.days, events_per_day=args.events_per_day),
+                            log, work / "labels.csv")
+        n = summary["events"]
+        windows = args.days
+        print(f"{n} events, {windows} windows; tokenizer={base.tokenizer.kind} model={base.model.kind}")
+
+        started = time.time()
+        replay(log, work / "replay.csv.gz", base, progress=False)
+        replay_s = time.time() - started
+
+        broker = None if external else EmbeddedBroker().start()
+        try:
+            bootstrap = external or broker.bootstrap
+            results = {}
+            # ---- each stage alone, draining a pre-filled topic
+            config, path = fresh_config(base, work, bootstrap)
+            produce_file(config, log)
+            stages = StageProcesses(path, work / "logs-alone")
+            try:
+                steps = [
+                    ("tokenizer", lambda c: c.poll() >= n + config.topics.partitions, config.topics.tokens),
+                    ("windower", lambda c: c.poll() >= n + windows, config.topics.windows),
+                    ("trainer", lambda c: c.poll() >= n + windows, config.topics.scores),
+                ]
+                for stage, done, topic in steps:
+                    counter = TopicCounter(config, topic)
+                    stages.start(stage)
+                    t0 = assigned_at(work / "logs-alone" / f"{stage}-0.log", stage)
+                    results[stage] = n / (wait_until(lambda: done(counter)) - t0)
+                archive = ArchiveCounter(Path(config.streaming.archive_dir))
+                stages.start("archiver")
+                t0 = assigned_at(work / "logs-alone" / "archiver-0.log", "archiver")
+                results["archiver"] = n / (wait_until(lambda: archive.count()[0] >= n) - t0)
+            finally:
+                stages.stop()
+            # ---- the whole pipeline, stages running before the data arrives
+            config, path = fresh_config(base, work, bootstrap)
+            stages = StageProcesses(path, work / "logs-whole")
+            try:
+                for stage in ("tokenizer", "windower", "trainer", "archiver"):
+                    stages.start(stage)
+                for stage in ("tokenizer", "windower", "trainer", "archiver"):
+                    assigned_at(work / "logs-whole" / f"{stage}-0.log", stage)
+                archive = ArchiveCounter(Path(config.streaming.archive_dir))
+                t0 = time.time()
+                produce_file(config, log)
+                whole_s = wait_until(lambda: archive.count()[0] >= n) - t0
+            finally:
+                stages.stop()
+        finally:
+            if broker is not None:
+                broker.stop()
+
+        print(f"{'what':<28} {'events/s':>10}")
+        print(f"{'replay (offline)':<28} {n / replay_s:>10.0f}")
+        for stage, rate in results.items():
+            print(f"{stage + ' alone':<28} {rate:>10.0f}")
+        print(f"{'whole pipeline':<28} {n / whole_s:>10.0f}")
+        print(f"streaming/replay ratio: {replay_s / whole_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()
