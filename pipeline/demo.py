@@ -21,7 +21,7 @@ import click
 import yaml
 
 from pipeline.broker import EmbeddedBroker
-from pipeline.config import Config, StreamingConfig, config_to_dict
+from pipeline.config import Config, config_to_dict
 from pipeline.kafka import create_topics, make_consumer
 from pipeline.records import identity
 from pipeline.serde import DecodeError, codec

@@ -7,8 +7,8 @@ import csv
 import gzip
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from pipeline.config import Config
 

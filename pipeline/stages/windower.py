@@ -5,10 +5,14 @@ seen there, minus the allowed lateness) passes its end. An event whose window ha
 the late topic with how late it was. Exactly one windower runs (the watermark is global).
 
 Crash safety without a transaction: input offsets are committed only up to the oldest event still
-buffered in an open window, and a small state file (last closed window + how far each partition
-was read when it closed) lets a restarted windower skip re-read events it already emitted or
-routed as late. A crash between emitting and saving state re-emits the window; the trainer
-deduplicates by event identity.
+buffered in an open window. Redelivered events (a restarted tokenizer or windower reads again) are
+recognised by their raw record's offset: a tokenizer writes each raw partition's events in offset
+order, so an event at or below the highest raw offset already seen from its raw partition is a
+repeat. A repeat of an open window's event replaces itself (same identity); a repeat of a closed
+window's event was emitted or routed as late already and is dropped, so it is never mistaken for
+a late event. A small state file (last closed window, highest raw offset seen per raw partition)
+carries this across restarts. A crash between emitting and saving state re-emits the window; the
+trainer deduplicates by event identity.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ from pipeline.windowing import Watermark, event_clock, event_order, window_end, 
 log = logging.getLogger(__name__)
 
 
+class StateError(RuntimeError):
+    """The windower's state file cannot be read."""
+
+
 class WindowerStage:
     name = "windower"
 
@@ -43,32 +51,38 @@ class WindowerStage:
         self.watermark: Watermark | None = None
         self.open: dict[int, dict[tuple, tuple]] = {}  # window -> identity -> (event, record, p, offset)
         self.next_offsets: dict[int, int] = {}
-        self.counts = {"events": 0, "late": 0, "dead_letters": 0, "windows": 0}
-        self._dirty = False  # a window closed since the state file was written
+        self.counts = {"events": 0, "late": 0, "dead_letters": 0, "windows": 0, "repeats": 0}
         self._load_state()
 
     # ------------------------------------------------------------------ state
 
     def _load_state(self) -> None:
-        self.last_closed: int | None = None
-        self.handled_below: dict[int, int] = {}
+        # Every window ending at or before closed_through is closed (emitted, or passed empty).
+        self.closed_through = -math.inf
+        self.seen: dict[tuple[str, int], int] = {}  # raw (topic, partition) -> highest raw offset
         if self.state_path.exists():
-            state = json.loads(self.state_path.read_text())
-            self.last_closed = state["last_closed"]
-            self.handled_below = {int(p): o for p, o in state["handled_below"].items()}
-            log.info("windower resumes after window %s", self.last_closed)
+            try:
+                state = json.loads(self.state_path.read_text())
+                closed = state["closed_through"]
+                self.closed_through = -math.inf if closed is None else float(closed)
+                self.seen = {(t, int(p)): int(o) for t, p, o in state["seen"]}
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StateError(f"{self.state_path}: unreadable windower state ({exc}); "
+                                 "move it away to rebuild from the committed offsets") from exc
+            log.info("windower resumes: windows ending by %s are closed", self.closed_through)
+        self.saved = (self.closed_through, dict(self.seen))
 
     def after_flush(self) -> None:
-        handled = {**self.handled_below, **self.next_offsets}
-        if handled == self.handled_below and not self._dirty:
+        if (self.closed_through, self.seen) == self.saved:
             return
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"last_closed": self.last_closed,
-                                   "handled_below": {str(p): o for p, o in handled.items()}}))
+        closed = None if self.closed_through == -math.inf else self.closed_through
+        state = {"closed_through": closed,
+                 "seen": [[t, p, o] for (t, p), o in sorted(self.seen.items())]}
+        tmp.write_text(json.dumps(state))
         os.replace(tmp, self.state_path)
-        self.handled_below = handled
-        self._dirty = False
+        self.saved = (self.closed_through, dict(self.seen))
 
     # ------------------------------------------------------------------ stage protocol
 
@@ -83,7 +97,7 @@ class WindowerStage:
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         # Another windower joined (unsupported) or the group rebalanced: start over from the
-        # committed offsets and the saved state; re-read events are deduplicated.
+        # committed offsets and the saved state; re-read events are recognised as repeats.
         self.open.clear()
         self.next_offsets.clear()
         self.watermark = None
@@ -101,24 +115,31 @@ class WindowerStage:
             self._dead_letter(out, msg, str(exc))
             return
         event = record_to_event(record, self.model_fields)
+        self.watermark.observe(partition, event_clock(event))
         window = window_of(event, self.config.window)
-        closed = self.last_closed is not None and window <= self.last_closed
-        if closed and offset < self.handled_below.get(partition, 0):
-            self.watermark.observe(partition, event_clock(event))
-            return  # emitted or routed before a restart
         end = window_end(window, self.config.window, self.timed)
-        if closed or end <= self.watermark.value:
+        raw = event.source[:2]
+        repeat = event.source[2] <= self.seen.get(raw, -1)
+        self.seen[raw] = max(event.source[2], self.seen.get(raw, -1))
+        member = (event, record, partition, offset)
+        if repeat and window in self.open:  # buffered already: replaces itself
+            self.open[window][identity(record)] = member
+        elif repeat and end <= self.closed_through:
+            self.counts["repeats"] += 1  # emitted or routed as late the first time
+        elif end <= max(self.closed_through, self.watermark.value):
+            # The watermark passed the window's end before this event came: late, even if the
+            # window is still waiting to be emitted at the end of this batch, so that batch
+            # boundaries never decide what is late.
             self._late(out, record, window, end)
         else:
-            self.open.setdefault(window, {})[identity(record)] = (event, record, partition, offset)
+            self.open.setdefault(window, {})[identity(record)] = member
+        if not repeat:
             self.counts["events"] += 1
-        self.watermark.observe(partition, event_clock(event))
 
     def _late(self, out: Output, record: dict, window: int, end: float) -> None:
-        mark = self.watermark.value
-        if not math.isfinite(mark):  # just restarted, or end of input: measure from the close
-            mark = window_end(self.last_closed if self.last_closed is not None else window,
-                              self.config.window, self.timed)
+        mark = max(self.closed_through, self.watermark.value)
+        if not math.isfinite(mark):  # end of input: measure from the last window closed
+            mark = self.closed_through if math.isfinite(self.closed_through) else end
         late = {"window": window, "watermark": mark, "lateness_seconds": max(0.0, mark - end),
                 "event": record}
         out.send_record(self.config.topics.late, "salka.LateEvent", late)
@@ -138,6 +159,11 @@ class WindowerStage:
                        if window_end(w, self.config.window, self.timed) <= mark)
         for window in ready:
             self._emit(out, window, mark)
+        if math.isfinite(mark):
+            self.closed_through = max(self.closed_through, mark)
+        elif ready:  # end of input: closed up to the last window, and live again on new data
+            last = window_end(ready[-1], self.config.window, self.timed)
+            self.closed_through = max(self.closed_through, last)
         return bool(ready)
 
     def _emit(self, out: Output, window: int, mark: float) -> None:
@@ -149,8 +175,6 @@ class WindowerStage:
         done = {"window": window, "count": len(members),
                 "watermark": mark if math.isfinite(mark) else None, "stage": self.name}
         out.send_record(topic, "salka.WindowComplete", done, partition=0)
-        self.last_closed = window if self.last_closed is None else max(self.last_closed, window)
-        self._dirty = True
         self.counts["windows"] += 1
         log.info("window %d closed: %d events (watermark %s)", window, len(members), mark)
 
