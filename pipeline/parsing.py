@@ -148,5 +148,4 @@ def event_text(event: Event) -> str:
 def read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
     """(physical 1-based line number as ``grep -n`` counts it, raw bytes) for every line."""
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            yield number, raw
+        yield from enumerate(handle, start=1)

@@ -39,7 +39,8 @@ def stream_config(tmp_path: Path, bootstrap: str, data: dict | None = None,
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for key, value in b.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if nested else value
     return out
 
 

@@ -68,7 +68,8 @@ def test_gpt_heads_must_divide_width():
 
 
 def test_overrides_apply_with_yaml_types():
-    config = config_from_dict({}, ["model.kind=gpt", "window.size_seconds=3600", "model.rnn.bidirectional=true"])
+    config = config_from_dict(
+        {}, ["model.kind=gpt", "window.size_seconds=3600", "model.rnn.bidirectional=true"])
     assert config.model.kind == "gpt"
     assert config.window.size_seconds == 3600.0
     assert config.model.rnn.bidirectional is True
