@@ -32,6 +32,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "linger.ms": 5,
     "compression.type": "lz4",
     "message.max.bytes": 8_388_608,
+    # Never give up on a record while the broker is away: a stage waits (flush blocks, with log
+    # lines) rather than dropping output or committing input whose output was lost.
+    "message.timeout.ms": 0,
 }
 # Settings a stage relies on for at-least-once: never overridable from the config.
 CONSUMER_FORCED: dict[str, Any] = {"enable.auto.commit": False, "enable.auto.offset.store": False}

@@ -97,20 +97,38 @@ class StageRunner:
         self.consumer = make_consumer(config, stage.name, **{"client.id": f"salka-{stage.name}"})
         self.processed = 0
         self._last_commit = time.monotonic()
+        self._warned: dict[str, float] = {}
+
+    def flush(self) -> None:
+        """Wait until every output so far is acknowledged, however long the broker is away."""
+        waited = 0.0
+        while (remaining := self.producer.flush(5.0)) > 0:
+            waited += 5.0
+            log.warning("%s: %d output records not yet acknowledged after %.0fs; waiting for the "
+                        "broker", self.stage.name, remaining, waited)
+        if self.tracker.failures:  # permanent errors only (message.timeout.ms is infinite)
+            raise DeliveryFailed(f"output delivery failed: {self.tracker.failures[0]}")
 
     def commit(self) -> None:
         """Flush outputs, refuse to commit past anything undelivered, then commit."""
-        remaining = self.producer.flush(30)
-        if remaining:
-            raise DeliveryFailed(f"{remaining} output records still undelivered after 30s")
-        if self.tracker.failures:
-            raise DeliveryFailed(f"output delivery failed: {self.tracker.failures[0]}")
+        self.flush()
         self.stage.after_flush()  # outputs are durable: stage state may now move forward
         offsets = self.stage.safe_offsets()
         if offsets:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:  # broker away or group rebalancing: retried next time
+                self._warn("commit", f"offset commit failed, will retry: {exc.args[0].str()}")
+                return
             log.debug("%s committed %s", self.stage.name, [(tp.partition, tp.offset) for tp in offsets])
         self._last_commit = time.monotonic()
+
+    def _warn(self, key: str, text: str, every: float = 10.0) -> None:
+        """Log a recurring problem once per ``every`` seconds, not once per poll."""
+        now = time.monotonic()
+        if now - self._warned.get(key, -every) >= every:
+            self._warned[key] = now
+            log.warning("%s: %s", self.stage.name, text)
 
     def _on_assign(self, consumer, partitions) -> None:
         log.info("%s assigned %s", self.stage.name, [f"{p.topic}[{p.partition}]" for p in partitions])
@@ -155,7 +173,7 @@ class StageRunner:
             return
         if err.fatal():
             raise KafkaException(err)
-        log.warning("%s: consumer error (retrying): %s", self.stage.name, err.str())
+        self._warn(f"consume-{err.code()}", f"consumer error (librdkafka retries): {err.str()}")
 
 
 def header(msg: Message, name: str) -> str | None:

@@ -9,11 +9,11 @@ kind become one ``DecodeError`` whose message says what was wrong.
 from __future__ import annotations
 
 import io
-import json
 from typing import Any
 
-from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro import schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, load_schema, to_parsing_canonical_form
+from fastavro.validation import ValidationError, validate
 
 from schemas import SCHEMA_DIR
 
@@ -36,12 +36,15 @@ class AvroCodec:
         self.schemas: dict[str, Any] = {}
         self.fingerprints: dict[str, bytes] = {}
         self.by_fingerprint: dict[bytes, str] = {}
-        named: dict = {}
         for path in sorted(SCHEMA_DIR.glob("*.avsc")):
             name = path.stem  # "salka.TokenizedEvent"
-            schema = load_schema(str(path), named_schemas=named)
+            # A fresh lookup per file, so referenced types are inlined in full: the canonical
+            # form (and so the fingerprint) is the whole schema, whatever order files load in.
+            schema = load_schema(str(path), named_schemas={})
             canonical = to_parsing_canonical_form(schema)
-            fp = int(fingerprint(canonical, "CRC-64-AVRO"), 16).to_bytes(8, "little")
+            # fastavro gives the hex of the fingerprint's bytes in little-endian order, as the
+            # single-object encoding spec writes them.
+            fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
             self.schemas[name] = schema
             self.fingerprints[name] = fp
             self.by_fingerprint[fp] = name
@@ -50,6 +53,8 @@ class AvroCodec:
         out = io.BytesIO()
         out.write(MAGIC + self.fingerprints[name])
         try:
+            # The writer alone truncates 2.5 to 2 and writes 2**40 into an Avro int: validate.
+            validate(record, self.schemas[name], raise_errors=True)
             schemaless_writer(out, self.schemas[name], record)
         except Exception as exc:  # fastavro raises ValueError / TypeError / KeyError variously
             raise EncodeError(f"record does not fit {name}: {exc}") from exc
@@ -59,6 +64,8 @@ class AvroCodec:
         """(schema name, record); ``expected`` limits which schemas are acceptable here."""
         if data is None:
             raise DecodeError("empty record value (null)")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise DecodeError(f"expected bytes, got {type(data).__name__}")
         if len(data) < HEADER_LEN or data[:2] != MAGIC:
             raise DecodeError(
                 f"not an Avro single-object record (starts with {bytes(data[:4])!r}, "
@@ -76,6 +83,10 @@ class AvroCodec:
             raise DecodeError(f"corrupt {name} record: {exc.__class__.__name__}: {exc}") from exc
         if body.tell() != len(data) - HEADER_LEN:
             raise DecodeError(f"{len(data) - HEADER_LEN - body.tell()} trailing bytes after a {name} record")
+        try:  # hostile varints can hold values no spec-following writer could have written
+            validate(record, self.schemas[name], raise_errors=True)
+        except ValidationError as exc:
+            raise DecodeError(f"{name} record out of range: {exc}") from exc
         return name, record
 
 
@@ -89,6 +100,3 @@ def codec() -> AvroCodec:
         _codec = AvroCodec()
     return _codec
 
-
-def schema_json(name: str) -> str:
-    return json.dumps(parse_schema(codec().schemas[name]))

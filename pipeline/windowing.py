@@ -16,7 +16,14 @@ def window_of(event: Event, window: WindowConfig) -> int:
     """
     if event.time is None:
         return (event.line - 1) // window.size_lines
-    return math.floor(event.time / window.size_seconds)
+    index = math.floor(event.time / window.size_seconds)
+    # Division and multiplication round differently for sizes like 0.1: settle on the products,
+    # so that window_start(index) <= time < window_end(index) holds exactly.
+    if event.time >= (index + 1) * window.size_seconds:
+        index += 1
+    elif event.time < index * window.size_seconds:
+        index -= 1
+    return index
 
 
 def event_order(event: Event) -> tuple:

@@ -302,32 +302,11 @@ def test_fingerprints_are_distinct():
     assert len(set(codec().fingerprints.values())) == len(SCHEMA_NAMES)
 
 
-# BUG 1, pipeline/serde.py AvroCodec.__init__, `fp = int(fingerprint(canonical, "CRC-64-AVRO"), 16)
-# .to_bytes(8, "little")`: fastavro's fingerprint() already returns the hex of the *little-endian* bytes,
-# so parsing it as a big-endian int and writing that little-endian reverses it. Every header carries
-# the CRC-64-AVRO big-endian; the single-object encoding spec (and Java/Go readers) want little-endian.
-BYTE_ORDER_BUG = "serde.py AvroCodec.__init__: header fingerprint byte-reversed (big-endian, spec: little)"
-# BUG 2, pipeline/serde.py AvroCodec.__init__: one `named` dict is shared by every load_schema() call, so
-# a schema loaded after the named types it uses keeps bare references to them ("salka.SourceRef",
-# "salka.Field", "salka.TokenizedEvent"); its parsing canonical form is not the whole schema (LateEvent's
-# even lacks salka.Field's definition), so its fingerprint is not the spec's and depends on load order.
-CANONICAL_BUG = "serde.py AvroCodec.__init__: shared named_schemas -> canonical form not self-contained"
-NOT_SELF_CONTAINED = {"salka.TokenizedEvent", "salka.WindowedEvent", "salka.LateEvent"}
-
-
-def _xfail(names, reason):
-    return [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=reason)) if n in names else n
-        for n in SCHEMA_NAMES
-    ]
-
-
-@pytest.mark.parametrize("name", _xfail(NOT_SELF_CONTAINED, CANONICAL_BUG))
+@pytest.mark.parametrize("name", SCHEMA_NAMES)
 def test_codec_canonical_form_is_the_whole_schema(name):
     assert to_parsing_canonical_form(codec().schemas[name]) == spec_canonical_form(name)
 
 
-@pytest.mark.xfail(strict=True, reason=BYTE_ORDER_BUG)
 def test_header_fingerprint_is_little_endian():
     """Byte order alone: the CRC of the codec's own canonical form, little-endian, for every schema."""
     wrong = {}
@@ -339,14 +318,13 @@ def test_header_fingerprint_is_little_endian():
     assert not wrong
 
 
-@pytest.mark.parametrize("name", _xfail(set(SCHEMA_NAMES), f"{BYTE_ORDER_BUG}; {CANONICAL_BUG}"))
+@pytest.mark.parametrize("name", SCHEMA_NAMES)
 def test_header_matches_spec_single_object_encoding(name):
     """What a Java/Go writer following the spec puts in front of the body."""
     data = codec().encode(name, REPRESENTATIVE[name])
     assert data[:HEADER_LEN] == spec_header(name)
 
 
-@pytest.mark.xfail(strict=True, reason=f"{BYTE_ORDER_BUG}; {CANONICAL_BUG}")
 def test_decodes_what_a_spec_writer_framed():
     name = "salka.TokenizedEvent"
     body = codec().encode(name, REPRESENTATIVE[name])[HEADER_LEN:]
@@ -536,7 +514,6 @@ def _with(record: dict, **changes) -> dict:
 # truncated into an int/long field (2.5 -> 2), an int beyond 32 bits goes into an Avro `int` field (which
 # Java/Go readers refuse: "Invalid int encoding"). The reader likewise accepts such an `int` unchecked.
 # (fastavro.validation.validate(record, schema, raise_errors=True) refuses all three.)
-RANGE_BUG = "serde.py AvroCodec.encode: no validation; float truncated to int/long, int > 32 bits written"
 
 MISFITS = [
     ("missing-string", "salka.SourceRef", _without(SRC, "topic"), "topic"),
@@ -558,12 +535,9 @@ MISFITS = [
     ("int-map-value", "salka.ScoredEvent", _with(REPRESENTATIVE["salka.ScoredEvent"], entities={"u": 1}),
      "entities"),
     ("not-a-record", "salka.SourceRef", None, ""),
-    pytest.param("float-for-int", "salka.SourceRef", _with(SRC, partition=2.5), "partition",
-                 marks=pytest.mark.xfail(strict=True, reason=RANGE_BUG)),
-    pytest.param("float-for-long", "salka.DeadLetter", _with(REPRESENTATIVE["salka.DeadLetter"], time_ms=1.5),
-                 "time_ms", marks=pytest.mark.xfail(strict=True, reason=RANGE_BUG)),
-    pytest.param("int-beyond-32-bits", "salka.SourceRef", _with(SRC, partition=2**40), "partition",
-                 marks=pytest.mark.xfail(strict=True, reason=RANGE_BUG)),
+    ("float-for-int", "salka.SourceRef", _with(SRC, partition=2.5), "partition"),
+    ("float-for-long", "salka.DeadLetter", _with(REPRESENTATIVE["salka.DeadLetter"], time_ms=1.5), "time_ms"),
+    ("int-beyond-32-bits", "salka.SourceRef", _with(SRC, partition=2**40), "partition"),
 ]
 
 
@@ -578,7 +552,6 @@ def test_encode_error_when_a_record_does_not_fit(case, name, record, needle):
     assert needle in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="serde.py AvroCodec.decode: an `int` holding 2**40 is accepted")
 def test_decode_refuses_an_int_field_beyond_32_bits():
     body = zigzag(len(b"raw")) + b"raw" + zigzag(2**40) + zigzag(5)
     with pytest.raises(DecodeError):

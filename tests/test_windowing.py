@@ -70,16 +70,8 @@ def test_parsed_times_are_never_negative():
 
 # Sizes whose multiples are exact in binary floating point, and sizes that are not.
 EXACT_SIZES = [1.0, 60.0, 3600.0, 86400.0, 0.5, 0.25, 86400.5, 604800.0]
-# BUG pipeline/windowing.py window_of (floor(time / size)) vs window_end ((index + 1) * size): for a size
-# that is not exact in binary (0.1, 7.3, 123.456 ...) the division and the multiplication round
-# differently, so an event can land in window w while its time is >= window_end(w) (or < its start).
-# E.g. size 0.1, t = 18473095.7: window_of -> 184730956, window_end(184730956) == 18473095.7 == t, so the
-# event's own clock closes its own window and equal-time events on other partitions count as late.
-FRACTIONAL_BUG = "windowing.py window_of/window_end disagree at boundaries when size_seconds is not exact"
-INEXACT_SIZES = [
-    pytest.param(size, marks=pytest.mark.xfail(strict=True, reason=FRACTIONAL_BUG))
-    for size in [0.1, 7.3, 123.456]
-]
+# Sizes whose multiples are not exact in binary floating point.
+INEXACT_SIZES = [0.1, 7.3, 123.456]
 
 
 @pytest.mark.parametrize("size", EXACT_SIZES + INEXACT_SIZES)
