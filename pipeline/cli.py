@@ -193,6 +193,36 @@ def broker_command(port: int, storage: str) -> None:
             pass
 
 
+@cli.command("audit", short_help="Reconcile raw records against archive, dead letters and late.")
+@with_config
+@click.option("--workdir", type=click.Path(file_okay=False, exists=True),
+              help="A demo work directory: use its effective config and archive.")
+@click.option("--archive", "archive_dir", type=click.Path(file_okay=False, exists=True),
+              help="Archive directory (default: streaming.archive_dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def audit_command(config: Config, workdir, archive_dir, as_json) -> None:
+    """Check that every raw record ended exactly once: as an archive row, a dead letter or a late
+    event. Exits 1 when any record is lost, archived twice or in two places."""
+    import dataclasses
+
+    from pipeline.audit import audit
+
+    if workdir is not None:
+        try:
+            config = load_config(Path(workdir) / "effective-config.yaml")
+        except ConfigError as exc:
+            raise ConfigProblem(str(exc)) from exc
+    report = audit(config, Path(archive_dir) if archive_dir else None)
+    if as_json:
+        click.echo(json.dumps({
+            "ok": report.ok, "total": dataclasses.asdict(report.total),
+            "partitions": {f"{t}[{p}]": dataclasses.asdict(a) for (t, p), a in report.partitions.items()},
+            "unknown_rows": report.unknown_rows}, indent=2))
+    else:
+        click.echo(report.format())
+    raise SystemExit(0 if report.ok else 1)
+
+
 @cli.command("demo", short_help="The whole streaming pipeline end to end on an embedded broker.")
 @with_config
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),

@@ -178,6 +178,8 @@ class StreamingConfig:
     commit_interval_seconds: float = field(default=1.0, metadata=_check(_positive))
     # Messages taken per consume() call.
     poll_batch: int = field(default=500, metadata=_check(_positive))
+    # Trainer checkpoints kept; a damaged newest one falls back to the one before.
+    keep_checkpoints: int = field(default=3, metadata=_check(_positive))
 
 
 def _kafka_settings(value: Any) -> str | None:

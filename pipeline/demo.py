@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 import yaml
 
+from pipeline.audit import audit
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import Config, config_to_dict
 from pipeline.kafka import create_topics, make_consumer
@@ -170,6 +171,8 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
         archive = Path(config.streaming.archive_dir)
         counts = _wait_until_accounted(config, stages, archive, produced.records, started, timeout)
         elapsed = time.monotonic() - started
+        stages.stop()  # stopped cleanly before the audit reads the topics
+        audit_report = audit(config)
     finally:
         if stages is not None:
             stages.stop()
@@ -188,7 +191,9 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
     if labels_path is not None:
         click.echo("")
         click.echo(format_report(evaluate(archive, labels_path)))
-    return 0
+    click.echo("")
+    click.echo(audit_report.format())
+    return 0 if audit_report.ok else 1
 
 
 def _wait_until_accounted(config, stages, archive, expected, started, timeout):

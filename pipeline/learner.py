@@ -22,6 +22,7 @@ from nn.tokenizers import (
     tokenizer_from_state,
 )
 from nn.training import (
+    CheckpointError,
     build_model,
     load_checkpoint,
     make_optimizer,
@@ -68,11 +69,15 @@ def model_args_for(config: Config, vocab_size: int) -> dict:
     }
 
 
+_CHECKPOINT_KEYS = {"format", "config", "model_args", "model", "optimizer", "tokenizer", "last_window"}
+
+
 class WindowLearner:
     """Tokenizer + model + optimizer, advanced one complete window at a time."""
 
     def __init__(self, config: Config):
         self.config = config
+        self.extra: dict = {}  # what a stage saved beside the model (e.g. its input position)
         self.tokenizer = make_tokenizer(config)
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -135,9 +140,10 @@ class WindowLearner:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, **extra) -> None:
         save_checkpoint(
             path,
+            **extra,
             config=config_to_dict(self.config),
             model_args=model_args_of(self.model) if self.model is not None else None,
             model=self.model.state_dict() if self.model is not None else None,
@@ -148,14 +154,28 @@ class WindowLearner:
 
     @classmethod
     def load(cls, path: str | Path, config: Config) -> WindowLearner:
+        """Rebuild from a checkpoint; CheckpointError if it is damaged or was made by a
+        different model / tokenizer / seed configuration (its scores would not continue ours)."""
         data = load_checkpoint(path)
-        learner = cls(config)
-        learner.tokenizer = tokenizer_from_state(data["tokenizer"])
-        if data["model_args"] is not None:
-            learner.model = build_model(data["model_args"])
-            learner.model.load_state_dict(data["model"])
-            tc = config.training
-            learner.optimizer = make_optimizer(learner.model, tc.learning_rate, tc.weight_decay)
-            learner.optimizer.load_state_dict(data["optimizer"])
-        learner.last_window = data["last_window"]
+        try:
+            saved = data["config"]
+            for section in ("model", "tokenizer", "seed"):
+                if saved[section] != config_to_dict(config)[section]:
+                    raise CheckpointError(f"{path}: made with a different {section} configuration "
+                                          f"({saved[section]!r})")
+            learner = cls(config)
+            learner.tokenizer = tokenizer_from_state(data["tokenizer"])
+            if data["model_args"] is not None:
+                learner.model = build_model(data["model_args"])
+                learner.model.load_state_dict(data["model"])
+                tc = config.training
+                learner.optimizer = make_optimizer(learner.model, tc.learning_rate, tc.weight_decay)
+                learner.optimizer.load_state_dict(data["optimizer"])
+            learner.last_window = data["last_window"]
+        except CheckpointError:
+            raise
+        except Exception as exc:  # missing keys, wrong shapes, a tokenizer state that is not ours
+            raise CheckpointError(f"{path}: inconsistent checkpoint ({exc.__class__.__name__}: "
+                                  f"{exc})") from exc
+        learner.extra = {k: v for k, v in data.items() if k not in _CHECKPOINT_KEYS}
         return learner

@@ -3,6 +3,7 @@ through topics. Runs against KAFKA_BOOTSTRAP_SERVERS when set, else an embedded 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import signal
 from pathlib import Path
@@ -16,7 +17,7 @@ from pipeline.generate import GenerateSpec, write_log
 from pipeline.learner import WindowLearner
 from pipeline.produce import produce_file
 from pipeline.replay import replay
-from pipeline.stages.trainer import checkpoint_path
+from pipeline.stages.trainer import checkpoint_files, load_newest_checkpoint
 
 BAD_LINES = {
     "not,enough,columns": "expected 9 CSV columns, got 3",
@@ -156,7 +157,11 @@ def test_late_event_goes_to_the_late_topic(kafka_bootstrap, tmp_path):
     assert sorted(events) == [1, 2, 3, 5]
 
 
-def test_trainer_restart_resumes_from_its_checkpoint(kafka_bootstrap, tmp_path):
+@pytest.mark.parametrize("damage", [None, "truncate", "foreign"])
+def test_trainer_restart_resumes_from_its_checkpoint(kafka_bootstrap, tmp_path, damage):
+    """SIGTERM the trainer after window 1, restart it: it resumes from its newest checkpoint
+    without retraining. With the newest checkpoint damaged, it refuses it, falls back to the one
+    before, replays from there, and the archive still equals an uninterrupted replay."""
     log, labels = tmp_path / "auth.csv", tmp_path / "labels.csv"
     write_log(GenerateSpec(users=10, computers=30, days=4, events_per_day=400,
                            redteam_events=0, seed=2), log, labels)
@@ -174,7 +179,12 @@ def test_trainer_restart_resumes_from_its_checkpoint(kafka_bootstrap, tmp_path):
         trainer = next(p for name, p in stages.processes if name == "trainer-0")
         trainer.send_signal(signal.SIGTERM)
         assert trainer.wait(30) == 0  # clean exit on SIGTERM
-        assert WindowLearner.load(checkpoint_path(config), config).last_window == 1
+        assert load_newest_checkpoint(config).last_window == 1
+        newest = checkpoint_files(config)[0]
+        if damage == "truncate":
+            newest.write_bytes(newest.read_bytes()[:1000])
+        elif damage == "foreign":
+            WindowLearner(dataclasses.replace(config, seed=99)).save(newest)  # another run's
         stages.start("trainer", 1)
         produce_file(config, log, lines=range(first_part.stop, len(times) + 2))
         wait_for(lambda: archived_rows(archive) >= len(times), 120, what="all windows archived")
@@ -182,8 +192,14 @@ def test_trainer_restart_resumes_from_its_checkpoint(kafka_bootstrap, tmp_path):
         stages.stop()
         delete_topics(config)
     restarted = (tmp_path / "logs" / "trainer-1.log").read_text()
-    assert "trained through window 1" in restarted
-    assert not re.search(r"window [01]: scored", restarted)  # nothing retrained
+    if damage is None:
+        assert "trained through window 1" in restarted
+        assert not re.search(r"window [01]: scored", restarted)  # nothing retrained
+    else:
+        assert "refusing checkpoint" in restarted and str(newest) in restarted
+        assert "trained through window 0" in restarted
+        assert not re.search(r"window 0: scored", restarted)
+        assert re.search(r"window 1: scored", restarted)  # replayed from the older checkpoint
     assert re.search(r"window 2: scored", restarted)
     replay_out = tmp_path / "replay.csv.gz"
     replay(log, replay_out, config, progress=False)

@@ -2,9 +2,11 @@
 
 Per window: score with the model trained through the previous window, publish the scores and a
 completion record, train, then (once the scores are acknowledged) checkpoint model + optimizer +
-tokenizer + last window atomically, and only then commit the input offsets. A crash anywhere
-replays the window from the last checkpoint, which gives the same scores again; the archiver
-deduplicates them.
+tokenizer + last window + the input position to resume from, atomically, and only then commit the
+input offsets. The checkpoint, not the group's committed offset, decides where a restarted trainer
+reads from, so model and input position always agree: a crash anywhere, or falling back to an
+older checkpoint because the newest is damaged, replays windows from that checkpoint and gives the
+same scores again; the archiver deduplicates them.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import logging
 import time
 from pathlib import Path
 
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
+from nn.training import CheckpointError
 from pipeline.config import Config
 from pipeline.learner import WindowLearner
 from pipeline.parsing import Event, LineParser
@@ -24,11 +27,29 @@ from pipeline.serde import DecodeError, codec
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
+def checkpoint_dir(config: Config) -> Path:
+    return Path(config.streaming.state_dir) / "trainer"
 
 
-def checkpoint_path(config: Config) -> Path:
-    return Path(config.streaming.state_dir) / "trainer" / CHECKPOINT_NAME
+def checkpoint_files(config: Config) -> list[Path]:
+    """Checkpoints, newest (highest window) first."""
+    return sorted(checkpoint_dir(config).glob("checkpoint-*.pt"), reverse=True)
+
+
+def load_newest_checkpoint(config: Config) -> WindowLearner | None:
+    """The newest checkpoint that loads; damaged or foreign ones are reported and skipped."""
+    for path in checkpoint_files(config):
+        try:
+            learner = WindowLearner.load(path, config)
+        except CheckpointError as exc:
+            log.error("refusing checkpoint: %s; trying the previous one", exc)
+            continue
+        log.info("resumed from %s: trained through window %s", path, learner.last_window)
+        return learner
+    if checkpoint_files(config):
+        log.error("no usable checkpoint in %s: retraining from the first window",
+                  checkpoint_dir(config))
+    return None
 
 
 class TrainerStage:
@@ -37,13 +58,9 @@ class TrainerStage:
     def __init__(self, config: Config):
         self.config = config
         self.model_fields = LineParser(config.input).model_fields
-        self.checkpoint = checkpoint_path(config)
-        if self.checkpoint.exists():
-            self.learner = WindowLearner.load(self.checkpoint, config)
-            log.info("resumed from %s: trained through window %s", self.checkpoint,
-                     self.learner.last_window)
-        else:
-            self.learner = WindowLearner(config)
+        self.learner = load_newest_checkpoint(config) or WindowLearner(config)
+        # Where the checkpoint's model stopped reading; None: from the start of the topic.
+        self.resume_offset: int | None = self.learner.extra.get("resume_offset")
         self.pending: dict[int, dict[tuple, Event]] = {}
         self.safe_offset: int | None = None  # windows topic (one partition)
         self.unsaved = False
@@ -53,11 +70,14 @@ class TrainerStage:
         return [self.config.topics.windows]
 
     def on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
-        pass
+        for tp in partitions:
+            tp.offset = self.resume_offset if self.resume_offset is not None else OFFSET_BEGINNING
+        consumer.assign(partitions)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         self.pending.clear()
         self.safe_offset = None
+        self.resume_offset = self.learner.extra.get("resume_offset")
 
     def _done(self, window: int) -> bool:
         last = self.learner.last_window
@@ -114,9 +134,15 @@ class TrainerStage:
         return self.unsaved  # commit (and so checkpoint) right after each window
 
     def after_flush(self) -> None:
-        if self.unsaved:
-            self.learner.save(self.checkpoint)
-            self.unsaved = False
+        if not self.unsaved:
+            return
+        window = self.learner.last_window
+        path = checkpoint_dir(self.config) / f"checkpoint-{window:012d}.pt"
+        self.learner.extra = {"resume_offset": self.safe_offset}
+        self.learner.save(path, **self.learner.extra)
+        for old in checkpoint_files(self.config)[self.config.streaming.keep_checkpoints:]:
+            old.unlink(missing_ok=True)
+        self.unsaved = False
 
     def safe_offsets(self) -> list[TopicPartition]:
         if self.safe_offset is None:
