@@ -114,6 +114,9 @@ class LineParser:
         try:
             rows = list(csv.reader([raw], delimiter=self.config.csv.delimiter, strict=True))
         except csv.Error as exc:
+            if "field limit" in str(exc):
+                return ParseError(line, f"a CSV field longer than {csv.field_size_limit()} characters "
+                                        f"(line of {len(raw)} characters)")
             return ParseError(line, f"broken CSV quoting: {exc}")
         values = rows[0] if rows else []
         header = self.config.csv.header
