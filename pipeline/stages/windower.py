@@ -60,29 +60,36 @@ class WindowerStage:
         # Every window ending at or before closed_through is closed (emitted, or passed empty).
         self.closed_through = -math.inf
         self.seen: dict[tuple[str, int], int] = {}  # raw (topic, partition) -> highest raw offset
+        # Newest clock per tokens partition: restored because a partition whose input was all
+        # committed (its end-of-input marker included) is not read again after a restart.
+        self.restored_newest: dict[int, float] = {}
         if self.state_path.exists():
             try:
                 state = json.loads(self.state_path.read_text())
-                closed = state["closed_through"]
-                self.closed_through = -math.inf if closed is None else float(closed)
+                self.closed_through = _float(state["closed_through"])
                 self.seen = {(t, int(p)): int(o) for t, p, o in state["seen"]}
-            except (ValueError, KeyError, TypeError) as exc:
+                self.restored_newest = {int(p): _float(c) for p, c in state["newest"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise StateError(f"{self.state_path}: unreadable windower state ({exc}); "
                                  "move it away to rebuild from the committed offsets") from exc
             log.info("windower resumes: windows ending by %s are closed", self.closed_through)
-        self.saved = (self.closed_through, dict(self.seen))
+        self.saved = self._state()
+
+    def _state(self) -> dict:
+        newest = self.watermark.newest if self.watermark is not None else self.restored_newest
+        return {"closed_through": _json_float(self.closed_through),
+                "seen": [[t, p, o] for (t, p), o in sorted(self.seen.items())],
+                "newest": {str(p): _json_float(c) for p, c in sorted(newest.items())}}
 
     def after_flush(self) -> None:
-        if (self.closed_through, self.seen) == self.saved:
+        state = self._state()
+        if state == self.saved:
             return
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
-        closed = None if self.closed_through == -math.inf else self.closed_through
-        state = {"closed_through": closed,
-                 "seen": [[t, p, o] for (t, p), o in sorted(self.seen.items())]}
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.state_path)
-        self.saved = (self.closed_through, dict(self.seen))
+        self.saved = state
 
     # ------------------------------------------------------------------ stage protocol
 
@@ -94,6 +101,9 @@ class WindowerStage:
             count = partition_count(consumer, self.config.topics.tokens)
             self.watermark = Watermark(count, self.config.window.allowed_lateness_seconds
                                        if self.timed else 0.0)
+            for partition, clock in self.restored_newest.items():
+                if partition in self.watermark.newest:
+                    self.watermark.newest[partition] = clock
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         # Another windower joined (unsupported) or the group rebalanced: start over from the
@@ -189,3 +199,12 @@ class WindowerStage:
 
     def close(self, out: Output) -> None:
         log.info("windower totals: %s; %d windows still open", self.counts, len(self.open))
+
+
+def _json_float(value: float) -> str | float:
+    """JSON has no infinities: write them as strings."""
+    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+def _float(value) -> float:
+    return -math.inf if value is None else float(value)
