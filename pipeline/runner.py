@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+import uuid
 from typing import Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
@@ -92,10 +93,23 @@ class StageRunner:
         self.stage = stage
         self.stop = stop or StopFlag()
         self.tracker = DeliveryTracker()
-        self.producer = make_producer(config, **{"client.id": f"salka-{stage.name}"})
+        self.transactional = config.streaming.delivery == "exactly_once"
+        extra = {"client.id": f"salka-{stage.name}"}
+        if self.transactional:
+            # Unique per process: with KIP-447 fencing is by consumer group generation, so the
+            # id need not survive restarts.
+            extra["transactional.id"] = (f"{config.streaming.group_prefix}.{stage.name}."
+                                         f"{uuid.uuid4().hex[:12]}")
+        self.producer = make_producer(config, **extra)
         self.out = Output(self.producer, self.tracker)
         self.consumer = make_consumer(config, stage.name, **{"client.id": f"salka-{stage.name}"})
+        if self.transactional:
+            self.producer.init_transactions(60)
+            self.producer.begin_transaction()
+            log.info("%s: exactly-once delivery, transactional.id %s", stage.name,
+                     extra["transactional.id"])
         self.processed = 0
+        self.transactions = 0
         self._last_commit = time.monotonic()
         self._warned: dict[str, float] = {}
 
@@ -111,6 +125,8 @@ class StageRunner:
 
     def commit(self) -> None:
         """Flush outputs, refuse to commit past anything undelivered, then commit."""
+        if self.transactional:
+            return self._commit_transaction()
         self.flush()
         self.stage.after_flush()  # outputs are durable: stage state may now move forward
         offsets = self.stage.safe_offsets()
@@ -121,6 +137,27 @@ class StageRunner:
                 self._warn("commit", f"offset commit failed, will retry: {exc.args[0].str()}")
                 return
             log.debug("%s committed %s", self.stage.name, [(tp.partition, tp.offset) for tp in offsets])
+        self._last_commit = time.monotonic()
+
+    def _commit_transaction(self) -> None:
+        """Exactly-once: this batch's outputs and its input offsets commit atomically
+        (consume-transform-produce, KIP-447). A failure aborts the transaction and stops the
+        stage; a restart resumes from the last committed transaction."""
+        self.flush()
+        offsets = self.stage.safe_offsets()
+        try:
+            if offsets:
+                self.producer.send_offsets_to_transaction(
+                    offsets, self.consumer.consumer_group_metadata(), 60)
+            self.producer.commit_transaction(60)
+        except KafkaException as exc:
+            log.error("%s: transaction failed (%s): aborting", self.stage.name, exc.args[0].str())
+            if exc.args[0].txn_requires_abort():
+                self.producer.abort_transaction(60)
+            raise
+        self.stage.after_flush()  # outputs are committed: stage state may now move forward
+        self.transactions += 1
+        self.producer.begin_transaction()
         self._last_commit = time.monotonic()
 
     def _warn(self, key: str, text: str, every: float = 10.0) -> None:
@@ -165,7 +202,8 @@ class StageRunner:
             self.commit()
         finally:
             self.consumer.close()
-        log.info("%s stopped cleanly after %d records", self.stage.name, self.processed)
+        log.info("%s stopped cleanly after %d records%s", self.stage.name, self.processed,
+                 f" in {self.transactions} transactions" if self.transactional else "")
         return 0
 
     def _consumer_error(self, err: KafkaError) -> None:
