@@ -115,7 +115,7 @@ def top_command(scores_path, limit, input_path) -> None:
     click.echo(format_top_events(read_scores(scores_path), limit, input_path))
 
 
-STAGES = ("tokenizer", "windower", "trainer", "archiver")
+STAGES = ("tokenizer", "windower", "trainer", "archiver", "alerter")
 
 
 def make_stage(name: str, config: Config):
@@ -125,6 +125,8 @@ def make_stage(name: str, config: Config):
         from pipeline.stages.windower import WindowerStage as stage
     elif name == "trainer":
         from pipeline.stages.trainer import TrainerStage as stage
+    elif name == "alerter":
+        from pipeline.stages.alerter import AlerterStage as stage
     else:
         from pipeline.stages.archiver import ArchiverStage as stage
     return stage(config)
@@ -240,6 +242,41 @@ def demo_command(config: Config, input_path, labels_path, workdir, tokenizers) -
 
     raise SystemExit(run_demo(config, Path(workdir), input_path and Path(input_path),
                               labels_path and Path(labels_path), tokenizers=tokenizers))
+
+
+@cli.command("alerts", short_help="The alerter's decisions over a scores file or archive, offline.")
+@with_config
+@click.option("--scores", "scores_path", type=click.Path(exists=True), required=True,
+              help="Scores file (replay output) or archive directory.")
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
+              help="The scored log file, to show each alert's raw line.")
+@click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False),
+              help="line,label CSV: also print the precision of the top n alerts.")
+def alerts_command(config: Config, scores_path, input_path, limit, labels_path) -> None:
+    """Apply the alerting rules (config section alerting) window by window, exactly as the
+    alerter stage does, and print the highest-loss alerts with their reasons."""
+    from pipeline.alerting import alerts_from_rows
+    from pipeline.evaluate import read_labels, read_scores
+    from pipeline.report import raw_lines
+
+    rows = read_scores(scores_path)
+    raw = raw_lines(input_path, {int(r["line"]) for r in rows if r["line"]}) if input_path else None
+    alerts = alerts_from_rows(rows, config.alerting, raw)
+    top = sorted(alerts, key=lambda a: -a.record["loss"])[:limit]
+    click.echo(f"{len(alerts)} alerts from {len(rows)} events; top {len(top)} by loss:")
+    for rank, alert in enumerate(top, start=1):
+        r = alert.record
+        click.echo(f"{rank:>3}. loss {r['loss']:.3f}  line {r['line']}  window {r['window']}  "
+                   f"{' '.join(f'{k}={v}' for k, v in r['entities'].items())}")
+        if r["raw"]:
+            click.echo(f"     {r['raw']}")
+        for reason in alert.reasons:
+            click.echo(f"     - {reason}")
+    if labels_path:
+        labels = read_labels(labels_path)
+        hits = sum(labels.get(a.record["line"], 0) for a in top)
+        click.echo(f"precision of the top {len(top)} alerts: {hits / max(len(top), 1):.2f}")
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ def _range_check(phrase: str, accept):
 _positive = _range_check("a positive number", lambda v: v > 0)
 _non_negative = _range_check("a non-negative number", lambda v: v >= 0)
 _probability = _range_check("a number in [0, 1)", lambda v: 0 <= v < 1)
+_percent = _range_check("a percentage in (0, 100]", lambda v: 0 < v <= 100)
 
 
 def _check(fn):
@@ -160,6 +161,7 @@ class TopicsConfig:
     scores: str = "salka.scores"
     dead_letters: str = "salka.dead-letters"
     late: str = "salka.late"
+    alerts: str = "salka.alerts"
     # Partitions of raw and tokens when salka creates them (scale tokenizers up to this many).
     partitions: int = field(default=3, metadata=_check(_positive))
     replication_factor: int = field(default=1, metadata=_check(_positive))
@@ -182,6 +184,22 @@ class StreamingConfig:
     keep_checkpoints: int = field(default=3, metadata=_check(_positive))
 
 
+@dataclass(frozen=True)
+class AlertingConfig:
+    # Flag an event whose loss is at or above this percentile of its window.
+    window_percentile: float = field(default=99.9, metadata=_check(_percent))
+    # Flag an event whose loss is this many robust standard deviations above its entity's median.
+    z_threshold: float = field(default=4.0, metadata=_check(_positive))
+    # Losses an entity needs in its history (earlier windows) before its z-score counts.
+    min_history: int = field(default=20, metadata=_check(_positive))
+    # Most recent losses kept per entity (bounds the alerter's memory).
+    history: int = field(default=500, metadata=_check(_positive))
+    # Added to the scaled MAD so that a constant history does not give infinite z-scores.
+    mad_floor: float = field(default=0.05, metadata=_check(_positive))
+    # At most this many alerts per entity per window (the highest losses are kept).
+    max_alerts_per_entity: int = field(default=3, metadata=_check(_positive))
+
+
 def _kafka_settings(value: Any) -> str | None:
     bad = [k for k, v in value.items() if not isinstance(v, (str, int, float, bool))]
     return f"plain values (not {bad[0]!r} as a mapping or list)" if bad else None
@@ -202,6 +220,7 @@ class Config:
     )
     topics: TopicsConfig = field(default_factory=TopicsConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    alerting: AlertingConfig = field(default_factory=AlertingConfig)
 
     def __post_init__(self) -> None:
         if self.model.kind == "gpt" and self.model.gpt.n_embd % self.model.gpt.n_head:

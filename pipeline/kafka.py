@@ -93,6 +93,7 @@ def topic_plan(config: Config) -> dict[str, int]:
         t.scores: 1,
         t.dead_letters: 1,
         t.late: 1,
+        t.alerts: 1,
     }
 
 

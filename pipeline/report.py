@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+# Columns of a scores file that are not entities; every other column is one (config.input.entities).
+FIXED_COLUMNS = frozenset({
+    "line", "event_time", "window", "loss", "loss_total",
+    "source_topic", "source_partition", "source_offset", "tokens", "token_losses",
+})
+BY_CHOICES = ("event", "user", "host")
 
 
 def raw_lines(path: str | Path, wanted: set[int]) -> dict[int, str]:
@@ -15,27 +23,144 @@ def raw_lines(path: str | Path, wanted: set[int]) -> dict[int, str]:
     return found
 
 
-def top_events(rows: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
+def line_number(row: dict[str, str]) -> int:
+    """The row's line number, -1 where it has none (Kafka input without line numbers)."""
+    return int(row["line"]) if row.get("line") else -1
+
+
+def window_number(row: dict[str, str]) -> int:
+    return int(row["window"]) if row.get("window") else -1
+
+
+def entity_columns(rows: list[dict[str, str]]) -> list[str]:
+    """The entity columns of a scores file, in file order."""
+    return [c for c in rows[0] if c not in FIXED_COLUMNS] if rows else []
+
+
+def columns_for(rows: list[dict[str, str]], entity: str) -> list[str]:
+    """The entity columns an entity kind covers: the column of that exact name, else every entity
+    column whose name contains it (``host`` -> ``src_host`` and ``dst_host``)."""
+    columns = entity_columns(rows)
+    if entity in columns:
+        return [entity]
+    matches = [c for c in columns if entity.lower() in c.lower()]
+    if not matches and rows:
+        known = ", ".join(columns) or "none"
+        raise ValueError(f"no entity column matches {entity!r}; entity columns: {known}")
+    return matches
+
+
+def entity_values(row: dict[str, str], columns: list[str]) -> list[str]:
+    """The distinct non-empty values of the row's columns (an event from a host to itself counts once)."""
+    seen: list[str] = []
+    for column in columns:
+        value = row.get(column) or ""
+        if value and value not in seen:
+            seen.append(value)
+    return seen
+
+
+def _rank_key(row: dict[str, str]) -> tuple[float, int]:
+    return (-float(row["loss"]), line_number(row))
+
+
+def top_events(rows: list[dict[str, str]], limit: int | None) -> list[dict[str, str]]:
     scored = [r for r in rows if r["loss"] != ""]
     # Ties break by line so the listing is stable.
-    return sorted(scored, key=lambda r: (-float(r["loss"]), int(r["line"])))[:limit]
+    return sorted(scored, key=_rank_key)[:limit]
+
+
+def entity_ranking(rows: list[dict[str, str]], entity: str, limit: int | None = None) -> list[dict]:
+    """Entities (values of the ``entity`` columns, see :func:`columns_for`) ranked by their worst event.
+
+    Each entry: ``entity`` (the value), ``max_loss``, ``mean_loss`` (over its scored events),
+    ``scored``, ``events`` (including unscored ones), ``top1pct`` (how many of its events are among
+    the top 1% of all scored events, at least one event: ranked by loss, ties by line),
+    ``worst_line`` and ``worst_window`` (the event with the highest loss). Entities with no scored
+    event are left out. Sorted by max loss descending, then by name.
+    """
+    columns = columns_for(rows, entity)
+    scored = top_events(rows, None)
+    top_count = max(1, math.ceil(len(scored) / 100)) if scored else 0
+    top_ids = {id(r) for r in scored[:top_count]}
+    stats: dict[str, dict] = {}
+    for row in rows:
+        for value in entity_values(row, columns):
+            entry = stats.setdefault(value, {"entity": value, "max_loss": -math.inf, "sum": 0.0,
+                                             "scored": 0, "events": 0, "top1pct": 0,
+                                             "worst_line": -1, "worst_window": -1, "_key": None})
+            entry["events"] += 1
+            if row["loss"] == "":
+                continue
+            loss = float(row["loss"])
+            entry["scored"] += 1
+            entry["sum"] += loss
+            entry["top1pct"] += id(row) in top_ids
+            key = _rank_key(row)
+            if entry["_key"] is None or key < entry["_key"]:
+                entry.update(_key=key, max_loss=loss, worst_line=line_number(row),
+                             worst_window=window_number(row))
+    ranking = []
+    for entry in stats.values():
+        if not entry["scored"]:
+            continue
+        entry["mean_loss"] = entry.pop("sum") / entry["scored"]
+        del entry["_key"]
+        ranking.append(entry)
+    ranking.sort(key=lambda e: (-e["max_loss"], e["entity"]))
+    return ranking[:limit]
+
+
+def _table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    def cell(i: int, text: str) -> str:
+        return text.rjust(widths[i]) if i in right else text.ljust(widths[i])
+
+    return "\n".join("  ".join(cell(i, c) for i, c in enumerate(r)).rstrip() for r in rows)
 
 
 def format_top_events(rows: list[dict[str, str]], limit: int, input_path: str | Path | None = None) -> str:
     top = top_events(rows, limit)
     if not top:
         return "no scored events"
-    raw = raw_lines(input_path, {int(r["line"]) for r in top}) if input_path else {}
-    fixed = {"line", "event_time", "window", "loss", "loss_total",
-             "source_topic", "source_partition", "source_offset"}
-    entity_columns = [c for c in top[0] if c not in fixed]
-    header = ["rank", "loss", "line", "window", *entity_columns] + (["raw line"] if raw else [])
+    wanted = {line_number(r) for r in top} - {-1}
+    raw = raw_lines(input_path, wanted) if input_path and wanted else {}
+    columns = entity_columns(top)
+    header = ["rank", "loss", "line", "window", *columns] + (["raw line"] if raw else [])
     table = [header]
     for rank, row in enumerate(top, start=1):
         cells = [str(rank), f"{float(row['loss']):.3f}", row["line"], row["window"],
-                 *(row[c] for c in entity_columns)]
+                 *(row[c] for c in columns)]
         if raw:
-            cells.append(raw.get(int(row["line"]), ""))
+            cells.append(raw.get(line_number(row), ""))
         table.append(cells)
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)
+    return _table(table)
+
+
+def format_entity_ranking(rows: list[dict[str, str]], entity: str, limit: int,
+                          input_path: str | Path | None = None) -> str:
+    ranking = entity_ranking(rows, entity, limit)
+    if not ranking:
+        return "no scored events"
+    wanted = {e["worst_line"] for e in ranking} - {-1}
+    raw = raw_lines(input_path, wanted) if input_path and wanted else {}
+    header = ["rank", entity, "max loss", "mean loss", "scored", "top 1%", "worst line", "window"]
+    table = [header + (["raw line"] if raw else [])]
+    for rank, e in enumerate(ranking, start=1):
+        cells = [str(rank), e["entity"], f"{e['max_loss']:.3f}", f"{e['mean_loss']:.3f}", str(e["scored"]),
+                 str(e["top1pct"]), str(e["worst_line"]) if e["worst_line"] >= 0 else "",
+                 str(e["worst_window"]) if e["worst_window"] >= 0 else ""]
+        if raw:
+            cells.append(raw.get(e["worst_line"], ""))
+        table.append(cells)
+    return _table(table, right={0, 2, 3, 4, 5, 6, 7})
+
+
+def format_top(rows: list[dict[str, str]], limit: int, by: str = "event",
+               input_path: str | Path | None = None) -> str:
+    """The terminal table of ``pipeline top --by``: the highest-loss events (``event``), or the users
+    or hosts whose worst event is the most anomalous (``user``, ``host``; any entity column name or
+    part of one also works). Raises ValueError for an entity no column matches."""
+    if by == "event":
+        return format_top_events(rows, limit, input_path)
+    return format_entity_ranking(rows, by, limit, input_path)

@@ -190,6 +190,28 @@ RECORDS = [
         {"stage": "windower", "source": SRC, "line": None, "reason": "empty record value (null)",
          "payload": None, "time_ms": 0},
     ),
+    ("salka.EntityStat", "set",
+     {"kind": "user", "entity": "U1@DOM1", "events": 40, "median": 0.5, "mad": 0.1, "z": 6.5}),
+    (
+        "salka.Alert",
+        "set",
+        {
+            "source": SRC, "line": 7, "event_time": 3600.0, "window": 2, "raw": LANL_LINE,
+            "loss": 4.5, "window_percentile": 99.95,
+            "entities": {"user": "U1@DOM1", "src_host": "C1", "dst_host": "C2"},
+            "entity_stats": [{"kind": "user", "entity": "U1@DOM1", "events": 40, "median": 0.5,
+                              "mad": 0.1, "z": 6.5}],
+            "reasons": ["user U1@DOM1: robust z 6.5"],
+        },
+    ),
+    (
+        "salka.Alert",
+        "null",
+        {
+            "source": SRC, "line": None, "event_time": None, "window": 0, "raw": "", "loss": 0.0,
+            "window_percentile": 100.0, "entities": {}, "entity_stats": [], "reasons": [],
+        },
+    ),
 ]
 RECORD_IDS = [f"{name}-{variant}" for name, variant, _ in RECORDS]
 REPRESENTATIVE = {name: record for name, variant, record in RECORDS if variant == "set"}

@@ -1,0 +1,120 @@
+"""Alerter stage: complete windows of scores -> alerts (Avro salka.Alert) with their reasons.
+
+The per-entity history lives in a JSON state file saved atomically together with the last window
+judged and the scores-topic position to resume from (as the trainer's checkpoint does), so a
+restart neither forgets history nor judges a window twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
+
+from pipeline.alerting import Alert, AlertEngine
+from pipeline.config import Config
+from pipeline.records import dead_letter, identity
+from pipeline.runner import Output
+from pipeline.serde import DecodeError, codec
+
+log = logging.getLogger(__name__)
+
+
+def alert_record(alert: Alert) -> dict:
+    r = alert.record
+    return {
+        "source": r["source"], "line": r["line"], "event_time": r["event_time"],
+        "window": r["window"], "raw": r["raw"], "loss": r["loss"],
+        "window_percentile": alert.window_percentile, "entities": r["entities"],
+        "entity_stats": alert.entity_stats, "reasons": alert.reasons,
+    }
+
+
+class AlerterStage:
+    name = "alerter"
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.state_path = Path(config.streaming.state_dir) / "alerter.json"
+        self.engine = AlertEngine(config.alerting)
+        self.resume_offset: int | None = None
+        if self.state_path.exists():
+            state = json.loads(self.state_path.read_text())
+            self.engine = AlertEngine.from_state(config.alerting, state["engine"])
+            self.resume_offset = state["resume_offset"]
+            log.info("alerter resumes after window %s with %d entity histories",
+                     self.engine.last_window, len(self.engine.histories))
+        self.pending: dict[int, dict[tuple, dict]] = {}
+        self.safe_offset: int | None = None
+        self.unsaved = False
+        self.counts = {"windows": 0, "alerts": 0, "dead_letters": 0}
+
+    def topics(self) -> list[str]:
+        return [self.config.topics.scores]
+
+    def on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            tp.offset = self.resume_offset if self.resume_offset is not None else OFFSET_BEGINNING
+        consumer.assign(partitions)
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        self.pending.clear()
+
+    def handle(self, msg: Message, out: Output) -> None:
+        try:
+            name, record = codec().decode(
+                msg.value(), expected=("salka.ScoredEvent", "salka.WindowComplete"))
+        except DecodeError as exc:
+            log.warning("%s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
+            out.send_record(self.config.topics.dead_letters, "salka.DeadLetter", dead_letter(
+                self.name, msg.topic(), msg.partition(), msg.offset(), str(exc), msg.value()))
+            self.counts["dead_letters"] += 1
+            return
+        window = record["window"]
+        if name == "salka.ScoredEvent":
+            self.pending.setdefault(window, {})[identity(record)] = record
+            return
+        records = self.pending.get(window, {})
+        if len(records) < record["count"]:
+            return  # a replayed window: its completion will come again after all its scores
+        alerts = self.engine.judge_window(window, sorted(records.values(), key=_order))
+        for alert in alerts:
+            out.send_record(self.config.topics.alerts, "salka.Alert", alert_record(alert),
+                            key=str(window).encode())
+        self.counts["windows"] += 1
+        self.counts["alerts"] += len(alerts)
+        if alerts:
+            log.info("window %d: %d alerts from %d scores", window, len(alerts), len(records))
+        for w in [w for w in self.pending if w <= window]:
+            del self.pending[w]
+        self.safe_offset = msg.offset() + 1
+        self.unsaved = True
+
+    def tick(self, out: Output) -> bool:
+        return self.unsaved
+
+    def after_flush(self) -> None:
+        if not self.unsaved:
+            return
+        self.resume_offset = self.safe_offset
+        state = {"engine": self.engine.state(), "resume_offset": self.resume_offset}
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.state_path)
+        self.unsaved = False
+
+    def safe_offsets(self) -> list[TopicPartition]:
+        if self.safe_offset is None:
+            return []
+        return [TopicPartition(self.config.topics.scores, 0, self.safe_offset)]
+
+    def close(self, out: Output) -> None:
+        log.info("alerter totals: %s", self.counts)
+
+
+def _order(record: dict) -> tuple:
+    return (record["event_time"] or 0.0, record["line"] or 0, identity(record))
