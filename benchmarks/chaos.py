@@ -125,15 +125,15 @@ def main() -> int:
         instances[stage] += 1
     archive = ArchiveCounter(Path(config.streaming.archive_dir))
     # Paced so that production overlaps the kills.
-    rate = n / max(10.0, args.kills * 2.5)
+    rate = n / max(10.0, args.kills * 4.0)
     producer = threading.Thread(target=produce_file, args=(config, log), kwargs={"rate": rate})
     t0 = time.monotonic()
     producer.start()
     kills: dict[str, int] = {}
     broker_restarted = False
     ok = True
-    # Kill stages of every kind in turn (random order, random instance, random moments) until
-    # all events are archived and at least --kills kills happened.
+    # Kill stages of every kind in turn (random order, random instance, random moments), --kills
+    # times while the data flows in, then let the pipeline finish.
     kinds = sorted(set(STAGES))
     try:
         while True:
@@ -144,12 +144,14 @@ def main() -> int:
                 print("FAILED: not every event archived within 30 minutes")
                 ok = False
                 break
-            time.sleep(rng.uniform(1.0, 4.0))
+            time.sleep(rng.uniform(2.0, 6.0))
             if sum(kills.values()) >= args.kills // 2 and not broker_restarted:
                 print(f"  [{time.monotonic() - t0:5.1f}s] broker SIGKILL + restart "
                       f"(archived {archive.count()[0]}/{n})")
                 broker.restart(rng.uniform(0.5, 2.0))
                 broker_restarted = True
+                continue
+            if sum(kills.values()) >= args.kills:
                 continue
             if not kinds:
                 kinds = sorted(set(STAGES))

@@ -1,0 +1,188 @@
+"""Alert logic on constructed score streams, and the alerter stage's restart over a real broker."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from dataclasses import replace
+
+import pytest
+from kafka_helpers import delete_topics, read_records, stream_config, wait_for
+
+from pipeline.alerting import AlertEngine, alerts_from_rows
+from pipeline.config import AlertingConfig
+from pipeline.demo import StageProcesses
+from pipeline.kafka import make_producer
+from pipeline.serde import codec
+
+CONFIG = AlertingConfig(window_percentile=99.9, z_threshold=4.0, min_history=20, history=500,
+                        mad_floor=0.05, max_alerts_per_entity=3)
+
+
+def record(offset: int, window: int, loss: float | None, user: str = "U1", src: str = "C1",
+           dst: str = "C2") -> dict:
+    return {"source": {"topic": "raw", "partition": 0, "offset": offset}, "line": offset + 1,
+            "event_time": window * 86400.0 + offset, "window": window,
+            "entities": {"user": user, "src_host": src, "dst_host": dst},
+            "loss": loss, "loss_total": None if loss is None else loss * 10, "raw": f"event {offset}"}
+
+
+def normal_window(window: int, start: int, rng: random.Random, users: int = 20, size: int = 400,
+                  shared_dst: bool = True):
+    """Every user at loss ~1.0 with a little noise, from their own host (to a shared server)."""
+    return [record(start + i, window, rng.gauss(1.0, 0.05), f"U{i % users}", f"C{i % users}",
+                   "DC" if shared_dst else f"D{i % users}")
+            for i in range(size)]
+
+
+def test_entity_history_flags_a_loss_extreme_for_that_entity():
+    rng = random.Random(1)
+    engine = AlertEngine(replace(CONFIG, window_percentile=100.0))  # entity rule only
+    for w in range(3):
+        assert engine.judge_window(w, normal_window(w, w * 1000, rng)) == []
+    window = normal_window(3, 3000, rng)
+    window[5]["loss"] = 1.6  # unremarkable for the window, very high for U5 (median 1.0, MAD ~0.03)
+    alerts = engine.judge_window(3, window)
+    assert [a.record["source"]["offset"] for a in alerts] == [3005]
+    reasons = " ".join(alerts[0].reasons)
+    assert "user U5: robust z" in reasons
+    stats = {s["kind"]: s for s in alerts[0].entity_stats}
+    assert stats["user"]["entity"] == "U5" and stats["user"]["z"] >= 4.0
+    assert stats["user"]["median"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_no_entity_verdict_without_enough_history():
+    engine = AlertEngine(replace(CONFIG, window_percentile=100.0, min_history=50))
+    rng = random.Random(2)
+    engine.judge_window(0, normal_window(0, 0, rng, shared_dst=False))  # 20 losses per entity
+    window = normal_window(1, 1000, rng, shared_dst=False)
+    window[3]["loss"] = 5.0
+    assert engine.judge_window(1, window) == []  # U3 has 20 < 50 losses of history
+
+
+def test_window_percentile_flags_the_top_of_the_window():
+    engine = AlertEngine(replace(CONFIG, window_percentile=99.0, z_threshold=1e9))
+    losses = list(range(1000))
+    random.Random(3).shuffle(losses)
+    window = [record(i, 0, float(loss), f"U{i}", f"C{i}", f"D{i}") for i, loss in enumerate(losses)]
+    alerts = engine.judge_window(0, window)
+    assert sorted(a.record["loss"] for a in alerts) == [float(x) for x in range(990, 1000)]
+    assert all("percentile of window 0" in a.reasons[0] for a in alerts)
+
+
+def test_unscored_events_are_never_flagged():
+    engine = AlertEngine(replace(CONFIG, window_percentile=1.0))
+    assert engine.judge_window(0, [record(i, 0, None) for i in range(10)]) == []
+
+
+def test_repeats_are_throttled_per_entity_per_window_keeping_the_highest():
+    engine = AlertEngine(replace(CONFIG, window_percentile=90.0, z_threshold=1e9))
+    window = [record(i, 0, 1.0, f"U{i}", f"C{i}", f"D{i}") for i in range(200)]
+    for i in range(10):  # ten outstanding events of one user from one host
+        window.append(record(500 + i, 0, 10.0 + i, "ATTACKER", "C666", "D666"))
+    alerts = engine.judge_window(0, window)
+    attacker = [a for a in alerts if a.record["entities"]["user"] == "ATTACKER"]
+    assert sorted(a.record["loss"] for a in attacker) == [17.0, 18.0, 19.0]
+
+
+def test_history_comes_from_earlier_windows_only():
+    """A burst of one user's attacks cannot lower its own z-scores within the window."""
+    rng = random.Random(4)
+    engine = AlertEngine(replace(CONFIG, window_percentile=100.0, max_alerts_per_entity=1000))
+    for w in range(2):
+        engine.judge_window(w, normal_window(w, w * 1000, rng))
+    burst = normal_window(2, 2000, rng) + [record(3000 + i, 2, 2.0, "U7", "C7", "DC")
+                                           for i in range(200)]
+    flagged = [a for a in engine.judge_window(2, burst) if a.record["entities"]["user"] == "U7"]
+    assert len(flagged) == 200
+
+
+def test_restart_from_saved_state_continues_exactly_and_replays_count_once():
+    rng = random.Random(5)
+    windows = [normal_window(w, w * 1000, rng) for w in range(5)]
+    windows[4][9]["loss"] = 2.0
+    straight = AlertEngine(replace(CONFIG, window_percentile=100.0))
+    expected = [straight.judge_window(w, windows[w]) for w in range(5)]
+    assert expected[4] and not any(expected[:4])
+
+    first = AlertEngine(replace(CONFIG, window_percentile=100.0))
+    for w in range(3):
+        first.judge_window(w, windows[w])
+    saved = json.loads(json.dumps(first.state()))  # what the stage writes to disk
+    resumed = AlertEngine.from_state(replace(CONFIG, window_percentile=100.0), saved)
+    assert resumed.judge_window(2, windows[2]) == []  # a replayed window: judged already
+    assert resumed.state() == saved  # ... and not counted twice
+    got = [resumed.judge_window(w, windows[w]) for w in (3, 4)]
+    assert [[a.record["source"]["offset"] for a in ws] for ws in got] == \
+           [[a.record["source"]["offset"] for a in ws] for ws in expected[3:]]
+    assert resumed.state() == straight.state()
+
+
+def test_history_is_bounded():
+    engine = AlertEngine(replace(CONFIG, history=30))
+    rng = random.Random(6)
+    for w in range(5):
+        engine.judge_window(w, normal_window(w, w * 1000, rng, users=2))
+    assert all(len(h.losses) == 30 for h in engine.histories.values())
+    assert engine.histories[("user", "U0")].total_events == 5 * 200
+
+
+def test_alerts_from_a_scores_file_match_the_engine():
+    rng = random.Random(7)
+    windows = [normal_window(w, w * 1000, rng) for w in range(4)]
+    windows[3][2]["loss"] = 3.0
+    rows = [{"line": str(r["line"]), "event_time": str(r["event_time"]), "window": str(r["window"]),
+             "user": r["entities"]["user"], "src_host": r["entities"]["src_host"],
+             "dst_host": r["entities"]["dst_host"], "loss": f"{r['loss']:.6f}", "loss_total": ""}
+            for w in windows for r in w]
+    engine = AlertEngine(CONFIG)
+    direct = [a.record["line"] for w in range(4) for a in engine.judge_window(w, windows[w])]
+    offline = [a.record["line"] for a in alerts_from_rows(rows, CONFIG)]
+    assert offline == direct and 3003 in offline
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def produce_window(producer, config, records: list[dict]) -> None:
+    for r in records:
+        producer.produce(config.topics.scores, codec().encode("salka.ScoredEvent", r), partition=0)
+    done = {"window": records[0]["window"], "count": len(records), "watermark": None, "stage": "trainer"}
+    producer.produce(config.topics.scores, codec().encode("salka.WindowComplete", done), partition=0)
+    assert producer.flush(30) == 0
+
+
+def test_alerter_stage_keeps_its_history_across_a_restart(kafka_bootstrap, tmp_path):
+    config, config_path = stream_config(
+        tmp_path, kafka_bootstrap, {"alerting": {"window_percentile": 100.0}})
+    rng = random.Random(8)
+    windows = [normal_window(w, w * 1000, rng, size=200) for w in range(4)]
+    windows[3][4]["loss"] = 2.5  # extreme for U4 only against its history of windows 0..2
+    producer = make_producer(config)
+    stages = StageProcesses(config_path, tmp_path / "logs")
+    try:
+        for w in range(3):
+            produce_window(producer, config, windows[w])
+        stages.start("alerter")
+        state = tmp_path / "state" / "alerter.json"
+        wait_for(lambda: state.exists() and json.loads(state.read_text())["engine"]["last_window"] == 2,
+                 90, what="windows 0-2 judged")
+        first = stages.processes[0][1]
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(30) == 0
+        produce_window(producer, config, windows[2])  # a redelivered window: must not count twice
+        produce_window(producer, config, windows[3])
+        stages.start("alerter", 1)
+        alerts = read_records(config, config.topics.alerts, expected=1, timeout=90)
+        wait_for(lambda: json.loads(state.read_text())["engine"]["last_window"] == 3, 60,
+                 what="window 3 judged")
+    finally:
+        stages.stop()
+        delete_topics(config)
+    assert [(name, r["line"]) for name, r in alerts] == [("salka.Alert", 3005)]
+    assert any("user U4: robust z" in reason for reason in alerts[0][1]["reasons"])
+    engine = AlertEngine(replace(config.alerting))
+    for w in range(4):
+        engine.judge_window(w, windows[w])
+    assert json.loads(state.read_text())["engine"] == json.loads(json.dumps(engine.state()))
