@@ -154,6 +154,13 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class ScoresConfig:
+    # Also write each event's tokens and per-token losses, so an analyst sees what surprised
+    # the model (larger score files and records).
+    explain: bool = False
+
+
+@dataclass(frozen=True)
 class TopicsConfig:
     raw: str = "salka.raw"
     tokens: str = "salka.tokens"
@@ -213,6 +220,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
     # librdkafka settings, passed through unchanged (security.protocol, sasl.*, ssl.* ...).
     kafka: dict[str, Any] = field(
         default_factory=lambda: {"bootstrap.servers": "127.0.0.1:9092"},

@@ -369,8 +369,9 @@ def build_report(rows: list[dict[str, str]], output_path: str | Path,
         parts.append('<p class="note">no scored events.</p>')
     parts.append("</section>")
 
-    users_html, top_users = _entity_section(rows, "users", "user", "Top users", top_n, all_windows, plots)
-    hosts_html, top_hosts = _entity_section(rows, "hosts", "host", "Top hosts", top_n, all_windows, plots)
+    scored_windows = list(per_window)  # trends leave out the unscored first window
+    users_html, top_users = _entity_section(rows, "users", "user", "Top users", top_n, scored_windows, plots)
+    hosts_html, top_hosts = _entity_section(rows, "hosts", "host", "Top hosts", top_n, scored_windows, plots)
     parts += [users_html, hosts_html]
 
     info: dict = {}

@@ -41,7 +41,8 @@ class Score:
     window: int
     loss: float | None  # mean per-token cross-entropy (nats); None before any training
     loss_total: float | None
-    token_losses: tuple[float, ...] = ()
+    token_losses: tuple[float, ...] = ()  # per predicted token, when explaining
+    tokens: tuple[str, ...] = ()  # the predicted tokens, for display
 
 
 def make_tokenizer(config: Config) -> AnyTokenizer:
@@ -106,17 +107,22 @@ class WindowLearner:
             for e in events
         ]
 
-    def score(self, window: int, events: Sequence[Event], with_tokens: bool = False) -> list[Score]:
+    def score(self, window: int, events: Sequence[Event]) -> list[Score]:
         """Scores in deterministic event order; empty losses until a model exists."""
         events = sorted(events, key=event_order)
         if not self.ready:
             return [Score(e, window, None, None) for e in events]
-        results = score_sequences(
-            self.model, self.encode(events), self.config.training.score_batch_size
-        )
+        encoded = self.encode(events)
+        results = score_sequences(self.model, encoded, self.config.training.score_batch_size)
+        if not self.config.scores.explain:
+            return [Score(e, window, mean, total) for e, (mean, total, _) in zip(events, results)]
+        # The predicted tokens: all after BOS (EOS included), or for the bidirectional model
+        # the ones strictly between BOS and EOS; the same order as the per-token losses.
+        inner = self.config.model.kind == "rnn" and self.config.model.rnn.bidirectional
         return [
-            Score(e, window, mean, total, tuple(tokens) if with_tokens else ())
-            for e, (mean, total, tokens) in zip(events, results)
+            Score(e, window, mean, total, tuple(per_token),
+                  tuple(self.tokenizer.decode(ids[1:-1] if inner else ids[1:])))
+            for e, ids, (mean, total, per_token) in zip(events, encoded, results)
         ]
 
     def train(self, window: int, events: Sequence[Event]) -> float:

@@ -62,6 +62,8 @@ def score_to_record(score: Score, config: Config) -> dict:
         "loss": score.loss,
         "loss_total": score.loss_total,
         "raw": event.raw,
+        "tokens": list(score.tokens) if score.token_losses else None,
+        "token_losses": list(score.token_losses) if score.token_losses else None,
     }
 
 

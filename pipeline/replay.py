@@ -15,7 +15,7 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.learner import Score, WindowLearner
 from pipeline.parsing import Event, HeaderRow, LineParser, ParseError, read_lines
-from pipeline.scorefile import format_loss, format_number, score_columns, write_rows
+from pipeline.scorefile import explain_cells, format_loss, format_number, score_columns, write_rows
 from pipeline.windowing import window_of
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,13 @@ def parse_file(path: str | Path, config: Config) -> tuple[dict[int, list[Event]]
 def score_row(score: Score, config: Config) -> list[str]:
     event = score.event
     entities = [event.entity(name, config.input) for name in config.input.entities]
-    return [
+    row = [
         str(event.line), format_number(event.time), str(score.window), *entities,
         format_loss(score.loss), format_loss(score.loss_total),
     ]
+    if config.scores.explain:
+        row += explain_cells(score.tokens, score.token_losses)
+    return row
 
 
 def write_scores(path: str | Path, config: Config, scores: Iterable[Score]) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,9 +16,22 @@ from pipeline.config import Config
 SOURCE_COLUMNS = ["source_topic", "source_partition", "source_offset"]
 
 
+EXPLAIN_COLUMNS = ["tokens", "token_losses"]
+
+
 def score_columns(config: Config, with_source: bool = False) -> list[str]:
     columns = ["line", "event_time", "window", *config.input.entities, "loss", "loss_total"]
-    return columns + SOURCE_COLUMNS if with_source else columns
+    if with_source:
+        columns += SOURCE_COLUMNS
+    return columns + EXPLAIN_COLUMNS if config.scores.explain else columns
+
+
+def explain_cells(tokens, token_losses) -> list[str]:
+    """JSON lists (empty cells when the event has no score yet)."""
+    if not token_losses:
+        return ["", ""]
+    return [json.dumps(list(tokens), ensure_ascii=False),
+            json.dumps([round(x, 4) for x in token_losses])]
 
 
 def format_number(value: float | None) -> str:

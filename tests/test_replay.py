@@ -108,3 +108,27 @@ def test_default_config_detects_planted_red_team_events(root, tmp_path):
     assert result["average_precision"] > 0.1
     top = run("top", "--scores", out, "-n", "5", "--input", log).output
     assert top.splitlines()[0].split()[:3] == ["rank", "loss", "line"]
+
+
+@pytest.mark.parametrize("tokenizer", ["word", "char"])
+def test_explanations_give_each_tokens_loss(small_log, tmp_path, tokenizer):
+    out = tmp_path / "scores.csv.gz"
+    run("replay", "--input", small_log, "--output", out, *TINY, "--set", "scores.explain=true",
+        "--set", f"tokenizer.kind={tokenizer}")
+    rows = [r for r in read_rows(out) if r["loss"]]
+    lines = small_log.read_text().splitlines()
+    assert rows
+    for row in rows[:100]:
+        tokens, losses = json.loads(row["tokens"]), json.loads(row["token_losses"])
+        assert len(tokens) == len(losses) and tokens[-1] == "[EOS]"
+        # the event's loss is the mean of its tokens' losses, its total their sum
+        assert abs(sum(losses) / len(losses) - float(row["loss"])) < 1e-3
+        assert abs(sum(losses) - float(row["loss_total"])) < 1e-2
+        fields = lines[int(row["line"]) - 1].split(",")[1:]
+        if tokenizer == "word":  # a field value, or its field's out-of-vocabulary bucket
+            names = ["src_user", "dst_user", "src_computer", "dst_computer", "auth_type",
+                     "logon_type", "auth_orientation", "success"]
+            for token, value, name in zip(tokens[:-1], fields, names, strict=True):
+                assert token == value or token.startswith(f"<{name}:oov"), (token, value)
+        else:
+            assert "".join(tokens[:-1]) == ",".join(fields)

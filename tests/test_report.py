@@ -43,8 +43,9 @@ def constructed_events() -> list[dict]:
             events.insert(len(events) - 3, {"time": WINDOW + 200, "window": 1, "user": "U666", "src": "C9",
                                             "dst": "C2", "field": "NTLM", "loss": 4.0, "planted": True})
         if window == 2:
-            events.insert(len(events) - 2, {"time": 2 * WINDOW + 250, "window": 2, "user": "U666", "src": "C9",
-                                            "dst": "C1", "field": SCRIPT, "loss": 9.5, "planted": True})
+            events.insert(len(events) - 2, {"time": 2 * WINDOW + 250, "window": 2, "user": "U666",
+                                            "src": "C9", "dst": "C1", "field": SCRIPT, "loss": 9.5,
+                                            "planted": True})
     for number, event in enumerate(events, start=2):  # line 1 of the log is its header
         event["line"] = number
         event["raw"] = (f"{event['time']},{event['user']}@DOM1,{event['user']}@DOM1,{event['src']},"
@@ -63,8 +64,10 @@ def score_row(event: dict, columns: list[str]) -> list[str]:
     loss = event["loss"]
     values = {"line": str(event["line"]), "event_time": str(event["time"]), "window": str(event["window"]),
               "user": event["user"], "src_host": event["src"], "dst_host": event["dst"],
-              "loss": "" if loss is None else f"{loss:.6f}", "loss_total": "" if loss is None else f"{9 * loss:.6f}",
-              "source_topic": "salka.scores", "source_partition": "0", "source_offset": str(event["line"] - 2),
+              "loss": "" if loss is None else f"{loss:.6f}",
+              "loss_total": "" if loss is None else f"{9 * loss:.6f}",
+              "source_topic": "salka.scores", "source_partition": "0",
+              "source_offset": str(event["line"] - 2),
               "tokens": json.dumps(event["tokens"]) if "tokens" in event else "",
               "token_losses": json.dumps(event["token_losses"]) if "token_losses" in event else ""}
     return [values[c] for c in columns]
@@ -142,8 +145,8 @@ def test_format_top_tables(data):
     events = format_top(rows, 2, by="event", input_path=data["log"]).splitlines()
     assert events[0].split()[:7] == ["rank", "loss", "line", "window", "user", "src_host", "dst_host"]
     assert "source_topic" not in events[0] and "tokens" not in events[0]
-    assert events[1].split()[:5] == ["1", "9.500", str(next(e["line"] for e in data["events"] if e["loss"] == 9.5)),
-                                     "2", "U666"]
+    planted_line = str(next(e["line"] for e in data["events"] if e["loss"] == 9.5))
+    assert events[1].split()[:5] == ["1", "9.500", planted_line, "2", "U666"]
     assert format_top(read_scores(data["explained"]), 2, by="event") == format_top(rows, 2, by="event")
     with pytest.raises(ValueError, match="no entity column matches 'process'"):
         format_top(rows, 3, by="process")
@@ -197,7 +200,8 @@ def test_html_report_token_heatmap(report):
     top = report["html"].split('id="top-events-table"')[1].split("</table>")[0]
     first = top.split("<tr>")[2]  # header row, then the rank-1 event
     assert "9.500" in first
-    spans = re.findall(r'<span class="tok" style="background: rgba\(220,38,38,([0-9.]+)\)[^"]*" title="([^"]*)">', first)
+    spans = re.findall(r'<span class="tok" style="background: rgba\(220,38,38,([0-9.]+)\)[^"]*" '
+                       r'title="([^"]*)">', first)
     assert len(spans) == 9
     alphas = [float(alpha) for alpha, _ in spans]
     assert max(alphas) == alphas[5] == pytest.approx(0.9)  # the 12-nat hostile token is the hottest
@@ -231,8 +235,9 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=90, check=False)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless browser check needs Chromium: apt-get install chromium")
 def test_html_report_renders_in_headless_chromium(report, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("headless browser check needs Chromium: apt-get install chromium")
     from PIL import Image
 
     url = report["path"].resolve().as_uri()

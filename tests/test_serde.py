@@ -166,6 +166,7 @@ RECORDS = [
             "source": SRC, "line": 7, "event_time": 3600.0, "window": 0,
             "entities": {"user": "U1@DOM1", "src_host": "C1", "dst_host": "C2"},
             "loss": 1.25, "loss_total": 11.25, "raw": LANL_LINE,
+            "tokens": ["U1@DOM1", "C1", "[EOS]"], "token_losses": [0.5, 2.75, 0.25],
         },
     ),
     (
@@ -173,7 +174,7 @@ RECORDS = [
         "null",
         {
             "source": SRC, "line": None, "event_time": None, "window": 0, "entities": {},
-            "loss": None, "loss_total": None, "raw": "",
+            "loss": None, "loss_total": None, "raw": "", "tokens": None, "token_losses": None,
         },
     ),
     (
@@ -664,6 +665,8 @@ def test_score_to_record_round_trips(loss, loss_total):
         "loss": loss,
         "loss_total": loss_total,
         "raw": LANL_LINE,
+        "tokens": None,
+        "token_losses": None,
     }
     assert identity(decoded) == ("raw", 2, 99)
 

@@ -16,7 +16,7 @@ from confluent_kafka import Message, TopicPartition
 from pipeline.config import Config
 from pipeline.records import dead_letter, identity
 from pipeline.runner import Output
-from pipeline.scorefile import format_loss, format_number, score_columns, write_rows
+from pipeline.scorefile import explain_cells, format_loss, format_number, score_columns, write_rows
 from pipeline.serde import DecodeError, codec
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,15 @@ def archive_path(directory: str | Path, window: int) -> Path:
 
 def archive_row(record: dict, config: Config) -> list[str]:
     source = record["source"]
-    return [
+    row = [
         str(record["line"] or ""), format_number(record["event_time"]), str(record["window"]),
         *(record["entities"].get(name, "") for name in config.input.entities),
         format_loss(record["loss"]), format_loss(record["loss_total"]),
         source["topic"], str(source["partition"]), str(source["offset"]),
     ]
+    if config.scores.explain:
+        row += explain_cells(record.get("tokens") or (), record.get("token_losses") or ())
+    return row
 
 
 def row_order(record: dict) -> tuple:
