@@ -88,7 +88,8 @@ def replay_command(config: Config, input_path, output_path, progress) -> None:
 
 
 @cli.command("eval", short_help="ROC AUC, average precision, precision@k of a scores file.")
-@click.option("--scores", "scores_path", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--scores", "scores_path", type=click.Path(exists=True), required=True,
+              help="Scores file, or an archive directory.")
 @click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False), required=True,
               help="line,label CSV with the same line numbering as the scores.")
 @click.option("-k", "ks", multiple=True, type=click.IntRange(min=1), default=(10, 50, 100),
@@ -102,17 +103,60 @@ def eval_command(scores_path, labels_path, ks, as_json) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else format_report(result))
 
 
-@cli.command("top", short_help="The most anomalous events of a scores file.")
-@click.option("--scores", "scores_path", type=click.Path(exists=True, dir_okay=False), required=True)
-@click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(min=1))
-@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
-              help="The scored log file, to show each event's raw line.")
-def top_command(scores_path, limit, input_path) -> None:
-    """Print the highest-loss events, most anomalous first."""
-    from pipeline.evaluate import read_scores
-    from pipeline.report import format_top_events
+def scores_source(command):
+    """``--scores FILE`` or ``--archive DIR``: the same rows either way."""
 
-    click.echo(format_top_events(read_scores(scores_path), limit, input_path))
+    @click.option("--scores", "scores_path", type=click.Path(exists=True, dir_okay=False),
+                  help="Scores file written by pipeline replay.")
+    @click.option("--archive", "archive_dir", type=click.Path(exists=True, file_okay=False),
+                  help="Archive directory written by the archiver stage.")
+    @functools.wraps(command)
+    def wrapper(scores_path, archive_dir, **kwargs):
+        if bool(scores_path) == bool(archive_dir):
+            raise click.UsageError("give exactly one of --scores FILE and --archive DIR")
+        from pipeline.evaluate import read_scores
+
+        return command(rows=read_scores(scores_path or archive_dir), **kwargs)
+
+    return wrapper
+
+
+@cli.command("top", short_help="The most anomalous events, users or hosts.")
+@scores_source
+@click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--by", default="event", show_default=True,
+              help="event, user, host, or any entity column (e.g. src_host).")
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
+              help="The scored log file, to show raw lines.")
+def top_command(rows, limit, by, input_path) -> None:
+    """Print the highest-loss events (or entities ranked by their worst event), most anomalous
+    first."""
+    from pipeline.report import format_top
+
+    try:
+        click.echo(format_top(rows, limit, by, input_path))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--by") from exc
+
+
+@cli.command("report", short_help="One self-contained HTML report with plots.")
+@scores_source
+@click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False),
+              help="line,label CSV: adds ROC and precision-recall curves, AUC per window.")
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
+              help="The scored log file, to show the top events' raw lines.")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False), required=True)
+@click.option("-n", "top_n", default=30, show_default=True, type=click.IntRange(min=1))
+def report_command(rows, labels_path, input_path, output_path, top_n) -> None:
+    """Write an HTML file (no network needed to view it): loss distribution per window, top
+    events with per-token highlighting (when scores.explain was on), top users and hosts with
+    their trend over windows, and with labels ROC / precision-recall curves."""
+    from pipeline.evaluate import read_labels
+    from pipeline.htmlreport import build_report
+
+    labels = read_labels(labels_path) if labels_path else None
+    summary = build_report(rows, Path(output_path), labels=labels, raw_lines=input_path, top_n=top_n)
+    click.echo(f"wrote {output_path}: {summary['events']} events, {summary['plots']} plots", err=True)
 
 
 STAGES = ("tokenizer", "windower", "trainer", "archiver", "alerter")
