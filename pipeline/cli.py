@@ -185,7 +185,7 @@ def run_command(config: Config, stage: str) -> None:
     SIGTERM or Ctrl-C finishes the current batch, flushes, commits and exits 0."""
     from pipeline.runner import StageRunner
 
-    raise SystemExit(StageRunner(config, make_stage(stage, config)).run())
+    raise SystemExit(StageRunner(config, lambda: make_stage(stage, config)).run())
 
 
 @cli.command("produce", short_help="Publish a log file to the raw topic, one record per line.")

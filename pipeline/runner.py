@@ -12,6 +12,7 @@ import logging
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from typing import Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
@@ -88,30 +89,48 @@ class DeliveryFailed(RuntimeError):
 
 
 class StageRunner:
-    def __init__(self, config: Config, stage: Stage, stop: StopFlag | None = None):
+    """Runs one stage. ``make_stage`` builds the stage object (state loaded from disk), so that
+    after an output delivery failure the runner can start over from the last commit in-process,
+    exactly as a restarted process would."""
+
+    def __init__(self, config: Config, make_stage: Callable[[], Stage], stop: StopFlag | None = None):
         self.config = config
-        self.stage = stage
+        self.make_stage = make_stage
         self.stop = stop or StopFlag()
-        self.tracker = DeliveryTracker()
         self.transactional = config.streaming.delivery == "exactly_once"
-        extra = {"client.id": f"salka-{stage.name}"}
+        self.processed = 0
+        self.transactions = 0
+        self._warned: dict[str, float] = {}
+        self._open()
+
+    def _open(self) -> None:
+        self.stage = self.make_stage()
+        self.tracker = DeliveryTracker()
+        extra = {"client.id": f"salka-{self.stage.name}"}
         if self.transactional:
             # Unique per process: with KIP-447 fencing is by consumer group generation, so the
             # id need not survive restarts.
-            extra["transactional.id"] = (f"{config.streaming.group_prefix}.{stage.name}."
+            extra["transactional.id"] = (f"{self.config.streaming.group_prefix}.{self.stage.name}."
                                          f"{uuid.uuid4().hex[:12]}")
-        self.producer = make_producer(config, **extra)
+        self.producer = make_producer(self.config, **extra)
         self.out = Output(self.producer, self.tracker)
-        self.consumer = make_consumer(config, stage.name, **{"client.id": f"salka-{stage.name}"})
+        self.consumer = make_consumer(self.config, self.stage.name,
+                                      **{"client.id": f"salka-{self.stage.name}"})
         if self.transactional:
             self.producer.init_transactions(60)
             self.producer.begin_transaction()
-            log.info("%s: exactly-once delivery, transactional.id %s", stage.name,
+            log.info("%s: exactly-once delivery, transactional.id %s", self.stage.name,
                      extra["transactional.id"])
-        self.processed = 0
-        self.transactions = 0
         self._last_commit = time.monotonic()
-        self._warned: dict[str, float] = {}
+
+    def _discard(self) -> None:
+        """Drop clients and in-memory state without committing anything."""
+        try:
+            self.producer.purge()
+            self.producer.flush(0)
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("%s: closing clients after a failure: %s", self.stage.name, exc)
 
     def flush(self) -> None:
         """Wait until every output so far is acknowledged, however long the broker is away."""
@@ -181,30 +200,47 @@ class StageRunner:
 
     def run(self) -> int:
         self.stop.install()
+        backoff = 1.0
+        while True:
+            try:
+                self._loop()
+                break
+            except DeliveryFailed as exc:
+                # E.g. a broker that lost an idempotent producer's state on restart ("out of
+                # order sequence number"). Nothing past the last commit is trusted: start over
+                # from it with fresh clients and state, as a restarted process would.
+                log.error("%s: %s; restarting from the last commit in %.0fs", self.stage.name,
+                          exc, backoff)
+                self._discard()
+                if self.stop.stopped:
+                    return 1
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                self._open()
+        log.info("%s stopped cleanly after %d records%s", self.stage.name, self.processed,
+                 f" in {self.transactions} transactions" if self.transactional else "")
+        return 0
+
+    def _loop(self) -> None:
         self.consumer.subscribe(self.stage.topics(), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke)
         interval = self.config.streaming.commit_interval_seconds
         batch = self.config.streaming.poll_batch
         log.info("%s started, reading %s", self.stage.name, ", ".join(self.stage.topics()))
-        try:
-            while not self.stop.stopped:
-                for msg in self.consumer.consume(batch, timeout=0.2):
-                    if msg.error():
-                        self._consumer_error(msg.error())
-                        continue
-                    self.stage.handle(msg, self.out)
-                    self.processed += 1
-                self.producer.poll(0)
-                wants_commit = self.stage.tick(self.out)
-                if wants_commit or time.monotonic() - self._last_commit >= interval:
-                    self.commit()
-            self.stage.close(self.out)
-            self.commit()
-        finally:
-            self.consumer.close()
-        log.info("%s stopped cleanly after %d records%s", self.stage.name, self.processed,
-                 f" in {self.transactions} transactions" if self.transactional else "")
-        return 0
+        while not self.stop.stopped:
+            for msg in self.consumer.consume(batch, timeout=0.2):
+                if msg.error():
+                    self._consumer_error(msg.error())
+                    continue
+                self.stage.handle(msg, self.out)
+                self.processed += 1
+            self.producer.poll(0)
+            wants_commit = self.stage.tick(self.out)
+            if wants_commit or time.monotonic() - self._last_commit >= interval:
+                self.commit()
+        self.stage.close(self.out)
+        self.commit()
+        self.consumer.close()
 
     def _consumer_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
