@@ -29,7 +29,7 @@ from pipeline.serde import DecodeError, codec
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("archiver", "trainer", "windower", "tokenizer")
+STAGE_ORDER = ("alerter", "archiver", "trainer", "windower", "tokenizer")
 
 
 def _die_with_parent() -> None:
@@ -135,7 +135,7 @@ def effective_config(config: Config, workdir: Path, bootstrap: str) -> tuple[Con
 
 def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path: Path | None,
              tokenizers: int = 2, timeout: float = 1800.0) -> int:
-    from pipeline.evaluate import evaluate, format_report, read_scores
+    from pipeline.evaluate import evaluate, format_report, read_labels, read_scores
     from pipeline.generate import GenerateSpec, write_log
     from pipeline.produce import produce_file
     from pipeline.report import format_top_events
@@ -161,16 +161,17 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
         stages = StageProcesses(config_path, workdir / "logs")
         for i in range(tokenizers):
             stages.start("tokenizer", i)
-        for stage in ("windower", "trainer", "archiver"):
+        for stage in ("windower", "trainer", "archiver", "alerter"):
             stages.start(stage)
-        click.echo(f"started {tokenizers} tokenizer(s), windower, trainer, archiver; logs in "
-                   f"{workdir / 'logs'}")
+        click.echo(f"started {tokenizers} tokenizer(s), windower, trainer, archiver, alerter; "
+                   f"logs in {workdir / 'logs'}")
         started = time.monotonic()
         produced = produce_file(config, input_path)
         click.echo(f"produced {produced.records} records in {produced.seconds:.1f}s")
         archive = Path(config.streaming.archive_dir)
         counts = _wait_until_accounted(config, stages, archive, produced.records, started, timeout)
         elapsed = time.monotonic() - started
+        alerts = _wait_for_alerts(config, archive)
         stages.stop()  # stopped cleanly before the audit reads the topics
         audit_report = audit(config)
     finally:
@@ -188,12 +189,48 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
     click.echo(f"end to end: {elapsed:.1f}s, {produced.records / elapsed:.0f} events/s")
     click.echo(f"\ntop 10 events by loss (archive: {archive}):")
     click.echo(format_top_events(rows, 10, input_path))
-    if labels_path is not None:
+    labels = read_labels(labels_path) if labels_path is not None else None
+    click.echo(f"\nalerts: {len(alerts)} (topic {config.topics.alerts}); the 5 highest:")
+    top_alerts = sorted(alerts, key=lambda a: -a["loss"])
+    for alert in top_alerts[:5]:
+        click.echo(f"  loss {alert['loss']:.3f}  line {alert['line']}  {alert['raw']}")
+        for reason in alert["reasons"]:
+            click.echo(f"      - {reason}")
+    if labels is not None:
+        hits = sum(labels.get(a["line"], 0) for a in top_alerts[:20])
+        click.echo(f"precision of the top 20 alerts: {hits / max(1, min(20, len(top_alerts))):.2f}")
         click.echo("")
         click.echo(format_report(evaluate(archive, labels_path)))
     click.echo("")
     click.echo(audit_report.format())
     return 0 if audit_report.ok else 1
+
+
+def _wait_for_alerts(config: Config, archive: Path, timeout: float = 120.0) -> list[dict]:
+    """Once the alerter has judged the last archived window, every alert it will raise."""
+    import json
+
+    from pipeline.audit import read_topic
+
+    last = max(int(p.name[len("window-"):-len(".csv.gz")]) for p in archive.glob("window-*.csv.gz"))
+    state = Path(config.streaming.state_dir) / "alerter.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(state.read_text())["engine"]["last_window"] == last:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.3)
+    else:
+        click.echo(f"warning: the alerter did not judge window {last} within {timeout:.0f}s")
+    alerts = []
+    for msg in read_topic(config, config.topics.alerts, idle=2.0):
+        try:
+            alerts.append(codec().decode(msg.value(), expected=("salka.Alert",))[1])
+        except DecodeError:
+            continue
+    return alerts
 
 
 def _wait_until_accounted(config, stages, archive, expected, started, timeout):
