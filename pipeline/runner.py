@@ -19,7 +19,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline.config import Config
 from pipeline.kafka import DeliveryTracker, make_consumer, make_producer, produce
-from pipeline.serde import codec
+from pipeline.serde import DecodeError, codec
 
 log = logging.getLogger(__name__)
 
@@ -255,3 +255,20 @@ def header(msg: Message, name: str) -> str | None:
         if key == name and value is not None:
             return value.decode("utf-8", errors="replace")
     return None
+
+
+def decode_or_dead_letter(stage, msg: Message, out: Output,
+                          expected: tuple[str, ...]) -> tuple[str, dict] | None:
+    """Decode an internal-topic record; one that is not a record of ``expected`` schemas goes to
+    the dead-letter topic with the reason (and counts in ``stage.counts``), and the stage goes on."""
+    from pipeline.records import dead_letter  # records imports the learner: keep this module light
+
+    try:
+        return codec().decode(msg.value(), expected=expected)
+    except DecodeError as exc:
+        log.warning("%s: %s[%d]@%d: %s", stage.name, msg.topic(), msg.partition(), msg.offset(), exc)
+        record = dead_letter(stage.name, msg.topic(), msg.partition(), msg.offset(), str(exc),
+                             msg.value())
+        out.send_record(stage.config.topics.dead_letters, "salka.DeadLetter", record)
+        stage.counts["dead_letters"] += 1
+        return None

@@ -16,9 +16,8 @@ from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
 from pipeline.alerting import Alert, AlertEngine
 from pipeline.config import Config
-from pipeline.records import dead_letter, identity
-from pipeline.runner import Output
-from pipeline.serde import DecodeError, codec
+from pipeline.records import identity
+from pipeline.runner import Output, decode_or_dead_letter
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +63,10 @@ class AlerterStage:
         self.pending.clear()
 
     def handle(self, msg: Message, out: Output) -> None:
-        try:
-            name, record = codec().decode(
-                msg.value(), expected=("salka.ScoredEvent", "salka.WindowComplete"))
-        except DecodeError as exc:
-            log.warning("%s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
-            out.send_record(self.config.topics.dead_letters, "salka.DeadLetter", dead_letter(
-                self.name, msg.topic(), msg.partition(), msg.offset(), str(exc), msg.value()))
-            self.counts["dead_letters"] += 1
+        decoded = decode_or_dead_letter(self, msg, out, ("salka.ScoredEvent", "salka.WindowComplete"))
+        if decoded is None:
             return
+        name, record = decoded
         window = record["window"]
         if name == "salka.ScoredEvent":
             self.pending.setdefault(window, {})[identity(record)] = record

@@ -14,10 +14,9 @@ from pathlib import Path
 from confluent_kafka import Message, TopicPartition
 
 from pipeline.config import Config
-from pipeline.records import dead_letter, identity
-from pipeline.runner import Output
+from pipeline.records import identity
+from pipeline.runner import Output, decode_or_dead_letter
 from pipeline.scorefile import explain_cells, format_loss, format_number, score_columns, write_rows
-from pipeline.serde import DecodeError, codec
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +63,10 @@ class ArchiverStage:
         self.safe_offset = None
 
     def handle(self, msg: Message, out: Output) -> None:
-        try:
-            name, record = codec().decode(
-                msg.value(), expected=("salka.ScoredEvent", "salka.WindowComplete"))
-        except DecodeError as exc:
-            log.warning("%s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
-            out.send_record(self.config.topics.dead_letters, "salka.DeadLetter", dead_letter(
-                self.name, msg.topic(), msg.partition(), msg.offset(), str(exc), msg.value()))
-            self.counts["dead_letters"] += 1
+        decoded = decode_or_dead_letter(self, msg, out, ("salka.ScoredEvent", "salka.WindowComplete"))
+        if decoded is None:
             return
+        name, record = decoded
         window = record["window"]
         if name == "salka.ScoredEvent":
             self.pending.setdefault(window, {})[identity(record)] = record

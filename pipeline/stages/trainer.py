@@ -21,9 +21,8 @@ from nn.training import CheckpointError
 from pipeline.config import Config
 from pipeline.learner import WindowLearner
 from pipeline.parsing import Event, LineParser
-from pipeline.records import dead_letter, identity, record_to_event, score_to_record
-from pipeline.runner import Output
-from pipeline.serde import DecodeError, codec
+from pipeline.records import identity, record_to_event, score_to_record
+from pipeline.runner import Output, decode_or_dead_letter
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +83,10 @@ class TrainerStage:
         return last is not None and window <= last
 
     def handle(self, msg: Message, out: Output) -> None:
-        try:
-            name, record = codec().decode(
-                msg.value(), expected=("salka.WindowedEvent", "salka.WindowComplete"))
-        except DecodeError as exc:
-            log.warning("%s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
-            out.send_record(self.config.topics.dead_letters, "salka.DeadLetter", dead_letter(
-                self.name, msg.topic(), msg.partition(), msg.offset(), str(exc), msg.value()))
-            self.counts["dead_letters"] += 1
+        decoded = decode_or_dead_letter(self, msg, out, ("salka.WindowedEvent", "salka.WindowComplete"))
+        if decoded is None:
             return
+        name, record = decoded
         window = record["window"]
         if self._done(window):  # a re-emitted or redelivered window: trained already
             self.counts["skipped"] += 1

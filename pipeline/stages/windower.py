@@ -28,9 +28,8 @@ from confluent_kafka import Message, TopicPartition
 from pipeline.config import Config
 from pipeline.kafka import partition_count
 from pipeline.parsing import LineParser
-from pipeline.records import CONTROL_HEADER, END_OF_INPUT, dead_letter, identity, record_to_event
-from pipeline.runner import Output, header
-from pipeline.serde import DecodeError, codec
+from pipeline.records import CONTROL_HEADER, END_OF_INPUT, identity, record_to_event
+from pipeline.runner import Output, decode_or_dead_letter, header
 from pipeline.windowing import Watermark, event_clock, event_order, window_end, window_of
 
 log = logging.getLogger(__name__)
@@ -119,11 +118,10 @@ class WindowerStage:
         if header(msg, CONTROL_HEADER) == END_OF_INPUT:
             self.watermark.end_of_input(partition)
             return
-        try:
-            _, record = codec().decode(msg.value(), expected=("salka.TokenizedEvent",))
-        except DecodeError as exc:
-            self._dead_letter(out, msg, str(exc))
+        decoded = decode_or_dead_letter(self, msg, out, ("salka.TokenizedEvent",))
+        if decoded is None:
             return
+        record = decoded[1]
         event = record_to_event(record, self.model_fields)
         self.watermark.observe(partition, event_clock(event))
         window = window_of(event, self.config.window)
@@ -154,12 +152,6 @@ class WindowerStage:
                 "event": record}
         out.send_record(self.config.topics.late, "salka.LateEvent", late)
         self.counts["late"] += 1
-
-    def _dead_letter(self, out: Output, msg: Message, reason: str) -> None:
-        log.warning("%s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), reason)
-        record = dead_letter(self.name, msg.topic(), msg.partition(), msg.offset(), reason, msg.value())
-        out.send_record(self.config.topics.dead_letters, "salka.DeadLetter", record)
-        self.counts["dead_letters"] += 1
 
     def tick(self, out: Output) -> bool:
         if self.watermark is None:
