@@ -82,6 +82,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--small", action="store_true", help="CI size: 6000 events, 5 kills")
     parser.add_argument("--workdir", type=Path, help="keep logs and state here")
+    parser.add_argument("--no-idempotence", action="store_true",
+                        help="producers without idempotence (works around a Tansu restart bug)")
     args = parser.parse_args()
     if args.small:
         args.events, args.kills = 6000, 5
@@ -109,6 +111,12 @@ def main() -> int:
     # empty fetches keep it responsive (at the price of ~0.25 s more latency per hop).
     data["kafka"] = {**data["kafka"], "bootstrap.servers": broker.bootstrap, "linger.ms": 100,
                      "fetch.wait.max.ms": 500}
+    if args.no_idempotence:
+        # Seen with Tansu 0.6 on s3: batches in flight when the broker is SIGKILLed are
+        # acknowledged after the restart (as duplicates) but never stored. Without idempotence a
+        # retried batch is stored again, and one request in flight keeps partition order; the
+        # sinks deduplicate by event identity either way.
+        data["kafka"].update({"enable.idempotence": False, "max.in.flight.requests.per.connection": 1})
     data["streaming"] = {**data["streaming"], "state_dir": str(work / "state"),
                          "archive_dir": str(work / "archive"), "group_prefix": run}
     data["topics"] = {**data["topics"], **{k: f"{run}.{k}" for k in
@@ -135,13 +143,18 @@ def main() -> int:
     # Kill stages of every kind in turn (random order, random instance, random moments), --kills
     # times while the data flows in, then let the pipeline finish.
     kinds = sorted(set(STAGES))
+    progress = (0, time.monotonic())
     try:
         while True:
-            done = archive.count()[0] >= n and not producer.is_alive()
+            archived = archive.count()[0]
+            done = archived >= n and not producer.is_alive()
             if done and sum(kills.values()) >= args.kills and broker_restarted:
                 break
-            if time.monotonic() - t0 > 1800:
-                print("FAILED: not every event archived within 30 minutes")
+            if archived != progress[0]:
+                progress = (archived, time.monotonic())
+            quiet = not producer.is_alive() and sum(kills.values()) >= args.kills
+            if quiet and time.monotonic() - progress[1] > 120:
+                print(f"FAILED: archive stuck at {archived}/{n} for 120s; auditing")
                 ok = False
                 break
             time.sleep(rng.uniform(2.0, 6.0))
