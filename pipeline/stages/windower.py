@@ -59,15 +59,23 @@ class WindowerStage:
         # Every window ending at or before closed_through is closed (emitted, or passed empty).
         self.closed_through = -math.inf
         self.seen: dict[tuple[str, int], int] = {}  # raw (topic, partition) -> highest raw offset
-        # Newest clock per tokens partition: restored because a partition whose input was all
-        # committed (its end-of-input marker included) is not read again after a restart.
+        # Per tokens partition: the newest clock, where reading resumes (the oldest event still
+        # in an open window) and how far it had read. The newest clock is restored because a
+        # partition whose input was all consumed (its end-of-input marker included) is not read
+        # again; but only once the re-read has caught up, or the restored watermark would close
+        # windows whose buffered events have not been re-read yet.
         self.restored_newest: dict[int, float] = {}
+        self.resume: dict[int, int] = {}
+        self.read_to: dict[int, int] = {}
+        self.pending_restore: dict[int, tuple[int, float]] = {}
         if self.state_path.exists():
             try:
                 state = json.loads(self.state_path.read_text())
                 self.closed_through = _float(state["closed_through"])
                 self.seen = {(t, int(p)): int(o) for t, p, o in state["seen"]}
                 self.restored_newest = {int(p): _float(c) for p, c in state["newest"].items()}
+                self.resume = {int(p): int(o) for p, o in state["resume"].items()}
+                self.read_to = {int(p): int(o) for p, o in state["read_to"].items()}
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise StateError(f"{self.state_path}: unreadable windower state ({exc}); "
                                  "move it away to rebuild from the committed offsets") from exc
@@ -75,10 +83,15 @@ class WindowerStage:
         self.saved = self._state()
 
     def _state(self) -> dict:
-        newest = self.watermark.newest if self.watermark is not None else self.restored_newest
+        newest = dict(self.watermark.newest) if self.watermark is not None else {}
+        newest.update({p: c for p, (_, c) in self.pending_restore.items()})
+        resume = {tp.partition: tp.offset for tp in self.safe_offsets()}
+        read_to = {**self.read_to, **self.next_offsets}
         return {"closed_through": _json_float(self.closed_through),
                 "seen": [[t, p, o] for (t, p), o in sorted(self.seen.items())],
-                "newest": {str(p): _json_float(c) for p, c in sorted(newest.items())}}
+                "newest": {str(p): _json_float(c) for p, c in sorted(newest.items())},
+                "resume": {str(p): o for p, o in sorted({**self.resume, **resume}.items())},
+                "read_to": {str(p): o for p, o in sorted(read_to.items())}}
 
     def after_flush(self) -> None:
         state = self._state()
@@ -100,19 +113,35 @@ class WindowerStage:
             count = partition_count(consumer, self.config.topics.tokens)
             self.watermark = Watermark(count, self.config.window.allowed_lateness_seconds
                                        if self.timed else 0.0)
-            for partition, clock in self.restored_newest.items():
-                if partition in self.watermark.newest:
-                    self.watermark.newest[partition] = clock
+        for tp in partitions:
+            if tp.partition in self.resume:  # the state file, not the group, says where to read
+                tp.offset = self.resume[tp.partition]
+            clock = self.restored_newest.get(tp.partition)
+            if clock is None:
+                continue
+            if self.resume.get(tp.partition, 0) >= self.read_to.get(tp.partition, 0):
+                self.watermark.newest[tp.partition] = clock  # nothing to re-read there
+            else:
+                self.pending_restore[tp.partition] = (self.read_to[tp.partition], clock)
+        consumer.assign(partitions)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         # Another windower joined (unsupported) or the group rebalanced: start over from the
         # committed offsets and the saved state; re-read events are recognised as repeats.
         self.open.clear()
         self.next_offsets.clear()
+        self.pending_restore.clear()
         self.watermark = None
         self._load_state()
 
     def handle(self, msg: Message, out: Output) -> None:
+        self._handle(msg, out)
+        restore = self.pending_restore.get(msg.partition())
+        if restore is not None and msg.offset() + 1 >= restore[0]:  # re-read caught up
+            self.watermark.observe(msg.partition(), restore[1])
+            del self.pending_restore[msg.partition()]
+
+    def _handle(self, msg: Message, out: Output) -> None:
         partition, offset = msg.partition(), msg.offset()
         self.next_offsets[partition] = offset + 1
         if header(msg, CONTROL_HEADER) == END_OF_INPUT:
