@@ -151,6 +151,8 @@ class TrainingConfig:
     grad_clip: float = field(default=1.0, metadata=_check(_non_negative))
     # Events scored per forward pass (no gradients, so larger than the training batch).
     score_batch_size: int = field(default=256, metadata=_check(_positive))
+    # A window with more events than this is trained in chunks of this size, one after another.
+    max_chunk_events: int = field(default=200_000, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)

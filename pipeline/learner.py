@@ -112,7 +112,7 @@ class WindowLearner:
         events = sorted(events, key=event_order)
         if not self.ready:
             return [Score(e, window, None, None) for e in events]
-        encoded = self.encode(events)
+        encoded = self.encode(events)  # ids only: a few bytes per token
         results = score_sequences(self.model, encoded, self.config.training.score_batch_size)
         if not self.config.scores.explain:
             return [Score(e, window, mean, total) for e, (mean, total, _) in zip(events, results)]
@@ -132,12 +132,18 @@ class WindowLearner:
         # Seeds depend on (seed, window) only, so a resumed run repeats an uninterrupted one.
         seed = self.config.seed * 1_000_003 + window
         torch.manual_seed(seed)  # dropout
-        loss = train_sequences(
-            self.model, self.optimizer, self.encode(events),
-            epochs=tc.epochs, batch_size=tc.batch_size, grad_clip=tc.grad_clip, seed=seed,
-        )
+        # A window larger than max_chunk_events is trained chunk after chunk (in event order),
+        # so the encoded sequences and shuffles held at once stay bounded.
+        size = tc.max_chunk_events
+        losses = []
+        for index, start in enumerate(range(0, len(events), size)):
+            losses.append(train_sequences(
+                self.model, self.optimizer, self.encode(events[start : start + size]),
+                epochs=tc.epochs, batch_size=tc.batch_size, grad_clip=tc.grad_clip,
+                seed=seed + 7919 * index,
+            ))
         self.last_window = window
-        return loss
+        return sum(losses) / len(losses) if losses else float("nan")
 
     def process_window(self, window: int, events: Sequence[Event]) -> list[Score]:
         scores = self.score(window, events)

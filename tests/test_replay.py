@@ -5,6 +5,7 @@ import gzip
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pipeline.cli import cli
@@ -132,3 +133,30 @@ def test_explanations_give_each_tokens_loss(small_log, tmp_path, tokenizer):
                 assert token == value or token.startswith(f"<{name}:oov"), (token, value)
         else:
             assert "".join(tokens[:-1]) == ",".join(fields)
+
+
+def test_large_windows_are_trained_in_bounded_chunks(monkeypatch):
+    """With training.max_chunk_events, no single training call sees more events than the cap."""
+    import pipeline.learner as learner_module
+    from pipeline.config import config_from_dict
+    from pipeline.parsing import LineParser
+
+    sizes = []
+    real = learner_module.train_sequences
+
+    def spy(model, optimizer, seqs, **kwargs):
+        sizes.append(len(seqs))
+        return real(model, optimizer, seqs, **kwargs)
+
+    monkeypatch.setattr(learner_module, "train_sequences", spy)
+    config = config_from_dict({}, ["training.max_chunk_events=40", "model.rnn.hidden_size=16"])
+    parser = LineParser(config.input)
+    events = [parser.parse(f"{i},U{i % 7}@DOM1,U1@DOM1,C{i % 5},C2,Kerberos,Network,LogOn,Success", i + 1)
+              for i in range(100)]
+    learner = learner_module.WindowLearner(config)
+    learner.train(0, events)
+    assert sizes == [40, 40, 20]
+    again = learner_module.WindowLearner(config)
+    again.train(0, events)  # chunking is deterministic
+    assert all(torch.equal(a, b) for a, b in zip(learner.model.state_dict().values(),
+                                                  again.model.state_dict().values()))
