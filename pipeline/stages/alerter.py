@@ -18,6 +18,7 @@ from pipeline.alerting import Alert, AlertEngine
 from pipeline.config import Config
 from pipeline.records import identity
 from pipeline.runner import Output, decode_or_dead_letter
+from pipeline.stages.collect import WindowCollector
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class AlerterStage:
             self.resume_offset = state["resume_offset"]
             log.info("alerter resumes after window %s with %d entity histories",
                      self.engine.last_window, len(self.engine.histories))
-        self.pending: dict[int, dict[tuple, dict]] = {}
+        self.pending = WindowCollector("scores")
         self.safe_offset: int | None = None
         self.unsaved = False
         self.counts = {"windows": 0, "alerts": 0, "dead_letters": 0}
@@ -69,12 +70,12 @@ class AlerterStage:
         name, record = decoded
         window = record["window"]
         if name == "salka.ScoredEvent":
-            self.pending.setdefault(window, {})[identity(record)] = record
+            self.pending.add(window, identity(record), record)
             return
-        records = self.pending.get(window, {})
-        if len(records) < record["count"]:
-            return  # a replayed window: its completion will come again after all its scores
-        alerts = self.engine.judge_window(window, sorted(records.values(), key=_order))
+        records = self.pending.complete(window, record["count"])
+        if records is None:
+            return
+        alerts = self.engine.judge_window(window, sorted(records, key=_order))
         for alert in alerts:
             out.send_record(self.config.topics.alerts, "salka.Alert", alert_record(alert),
                             key=str(window).encode())
@@ -82,8 +83,6 @@ class AlerterStage:
         self.counts["alerts"] += len(alerts)
         if alerts:
             log.info("window %d: %d alerts from %d scores", window, len(alerts), len(records))
-        for w in [w for w in self.pending if w <= window]:
-            del self.pending[w]
         self.safe_offset = msg.offset() + 1
         self.unsaved = True
 

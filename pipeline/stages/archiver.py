@@ -17,6 +17,7 @@ from pipeline.config import Config
 from pipeline.records import identity
 from pipeline.runner import Output, decode_or_dead_letter
 from pipeline.scorefile import explain_cells, format_loss, format_number, score_columns, write_rows
+from pipeline.stages.collect import WindowCollector
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class ArchiverStage:
     def __init__(self, config: Config):
         self.config = config
         self.directory = Path(config.streaming.archive_dir)
-        self.pending: dict[int, dict[tuple, dict]] = {}
+        self.pending = WindowCollector("scores")
         self.safe_offset: int | None = None
         self.counts = {"windows": 0, "rows": 0, "dead_letters": 0}
 
@@ -69,21 +70,18 @@ class ArchiverStage:
         name, record = decoded
         window = record["window"]
         if name == "salka.ScoredEvent":
-            self.pending.setdefault(window, {})[identity(record)] = record
+            self.pending.add(window, identity(record), record)
             return
-        rows = self.pending.get(window, {})
-        if len(rows) < record["count"]:
-            log.warning("window %d: completion says %d scores, %d received: waiting",
-                        window, record["count"], len(rows))
+        rows = self.pending.complete(window, record["count"])
+        if rows is None:
             return
-        ordered = sorted(rows.values(), key=row_order)
+        ordered = sorted(rows, key=row_order)
         path = archive_path(self.directory, window)
         written = write_rows(path, score_columns(self.config, with_source=True),
                              (archive_row(r, self.config) for r in ordered))
         log.info("archived window %d: %d rows -> %s", window, written, path)
         self.counts["windows"] += 1
         self.counts["rows"] += written
-        del self.pending[window]
         self.safe_offset = msg.offset() + 1
 
     def tick(self, out: Output) -> bool:

@@ -23,6 +23,7 @@ from pipeline.learner import WindowLearner
 from pipeline.parsing import Event, LineParser
 from pipeline.records import identity, record_to_event, score_to_record
 from pipeline.runner import Output, decode_or_dead_letter
+from pipeline.stages.collect import WindowCollector
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class TrainerStage:
         self.learner = load_newest_checkpoint(config) or WindowLearner(config)
         # Where the checkpoint's model stopped reading; None: from the start of the topic.
         self.resume_offset: int | None = self.learner.extra.get("resume_offset")
-        self.pending: dict[int, dict[tuple, Event]] = {}
+        self.pending = WindowCollector("events")
         self.safe_offset: int | None = None  # windows topic (one partition)
         self.unsaved = False
         self.counts = {"windows": 0, "scored": 0, "dead_letters": 0, "skipped": 0}
@@ -95,16 +96,12 @@ class TrainerStage:
             return
         if name == "salka.WindowedEvent":
             event = record_to_event(record["event"], self.model_fields)
-            self.pending.setdefault(window, {})[identity(record["event"])] = event
+            self.pending.add(window, identity(record["event"]), event)
             return
-        events = self.pending.get(window, {})
-        if len(events) < record["count"]:
-            log.warning("window %d completion says %d events, %d received: waiting for a "
-                        "re-emission", window, record["count"], len(events))
+        events = self.pending.complete(window, record["count"])
+        if events is None:
             return
-        self._process(out, window, list(events.values()), record["watermark"])
-        for w in [w for w in self.pending if w <= window]:
-            del self.pending[w]
+        self._process(out, window, events, record["watermark"])
         self.safe_offset = msg.offset() + 1
 
     def _process(self, out: Output, window: int, events: list[Event], watermark) -> None:
