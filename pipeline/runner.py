@@ -88,6 +88,9 @@ class DeliveryFailed(RuntimeError):
     pass
 
 
+STOP_FLUSH_SECONDS = 30.0  # how long a stopping stage waits for an absent broker
+
+
 class StageRunner:
     """Runs one stage. ``make_stage`` builds the stage object (state loaded from disk), so that
     after an output delivery failure the runner can start over from the last commit in-process,
@@ -139,6 +142,10 @@ class StageRunner:
             waited += 5.0
             log.warning("%s: %d output records not yet acknowledged after %.0fs; waiting for the "
                         "broker", self.stage.name, remaining, waited)
+            if self.stop.stopped and waited >= STOP_FLUSH_SECONDS:
+                # Asked to stop and the broker is away: exit without committing; the input is
+                # redelivered to whoever runs next.
+                raise DeliveryFailed(f"{remaining} output records unacknowledged while stopping")
         if self.tracker.failures:  # permanent errors only (message.timeout.ms is infinite)
             raise DeliveryFailed(f"output delivery failed: {self.tracker.failures[0]}")
 
