@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Protocol
 
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline.config import Config
 from pipeline.kafka import DeliveryTracker, make_consumer, make_producer, produce
@@ -279,3 +279,11 @@ def decode_or_dead_letter(stage, msg: Message, out: Output,
         out.send_record(stage.config.topics.dead_letters, "salka.DeadLetter", record)
         stage.counts["dead_letters"] += 1
         return None
+
+
+def assign_from(consumer, partitions: list[TopicPartition], offset: int | None) -> None:
+    """Take the assigned partitions from the position a stage saved with its state (None: from
+    the start), not from the group's committed offset, so state and input position agree."""
+    for tp in partitions:
+        tp.offset = offset if offset is not None else OFFSET_BEGINNING
+    consumer.assign(partitions)

@@ -1,8 +1,8 @@
 import dataclasses
-import re
 
 import pytest
 from click.testing import CliRunner
+from conftest import key_comments
 
 from pipeline.cli import cli
 from pipeline.config import Config, ConfigError, config_from_dict, load_config
@@ -23,19 +23,7 @@ def _leaf_keys(obj, prefix=""):
 
 def test_every_config_key_is_in_config_yaml_under_a_comment(root):
     """config.yaml documents every setting: each key line follows a comment line."""
-    stack: list[tuple[int, str]] = []
-    commented: dict[str, bool] = {}
-    previous = ""
-    for line in (root / "config.yaml").read_text().splitlines():
-        match = re.match(r"^( *)([A-Za-z_]+):", line)
-        if match:
-            indent, name = len(match.group(1)), match.group(2)
-            while stack and stack[-1][0] >= indent:
-                stack.pop()
-            stack.append((indent, name))
-            commented[".".join(n for _, n in stack)] = previous.lstrip().startswith("#")
-        if line.strip():
-            previous = line
+    commented = key_comments(root / "config.yaml")
     for key in _leaf_keys(Config()):
         assert key in commented, f"{key} missing from config.yaml"
         assert commented[key], f"{key} has no comment above it in config.yaml"

@@ -16,6 +16,7 @@ import click
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import key_comments
 
 from pipeline.cli import STAGES, cli
 from pipeline.config import Config, load_config
@@ -353,26 +354,9 @@ def test_docker_config_validates_through_the_cli():
     assert seen[0].kafka["bootstrap.servers"] == "kafka:9092"
 
 
-def _key_comments(path: Path) -> dict[str, bool]:
-    stack: list[tuple[int, str]] = []
-    commented: dict[str, bool] = {}
-    previous = ""
-    for line in path.read_text(encoding="utf-8").splitlines():
-        match = re.match(r"^( *)([A-Za-z_]+):", line)
-        if match:
-            indent, name = len(match.group(1)), match.group(2)
-            while stack and stack[-1][0] >= indent:
-                stack.pop()
-            stack.append((indent, name))
-            commented[".".join(n for _, n in stack)] = previous.lstrip().startswith("#")
-        if line.strip():
-            previous = line
-    return commented
-
-
 def test_docker_config_keeps_every_key_and_comment_of_config_yaml():
-    shipped = _key_comments(ROOT / "config.yaml")
-    docker = _key_comments(DOCKER / "config.docker.yaml")
+    shipped = key_comments(ROOT / "config.yaml")
+    docker = key_comments(DOCKER / "config.docker.yaml")
     assert set(docker) == set(shipped)
     for key, has_comment in shipped.items():
         if has_comment:

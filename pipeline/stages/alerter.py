@@ -12,12 +12,12 @@ import logging
 import os
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
+from confluent_kafka import Message, TopicPartition
 
 from pipeline.alerting import Alert, AlertEngine
 from pipeline.config import Config
 from pipeline.records import identity
-from pipeline.runner import Output, decode_or_dead_letter
+from pipeline.runner import Output, assign_from, decode_or_dead_letter
 from pipeline.stages.collect import WindowCollector
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,7 @@ class AlerterStage:
         return [self.config.topics.scores]
 
     def on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            tp.offset = self.resume_offset if self.resume_offset is not None else OFFSET_BEGINNING
-        consumer.assign(partitions)
+        assign_from(consumer, partitions, self.resume_offset)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         self.pending.clear()

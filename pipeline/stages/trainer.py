@@ -15,14 +15,14 @@ import logging
 import time
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
+from confluent_kafka import Message, TopicPartition
 
 from nn.training import CheckpointError
 from pipeline.config import Config
 from pipeline.learner import WindowLearner
 from pipeline.parsing import Event, LineParser
 from pipeline.records import identity, record_to_event, score_to_record
-from pipeline.runner import Output, decode_or_dead_letter
+from pipeline.runner import Output, assign_from, decode_or_dead_letter
 from pipeline.stages.collect import WindowCollector
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,7 @@ class TrainerStage:
         return [self.config.topics.windows]
 
     def on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            tp.offset = self.resume_offset if self.resume_offset is not None else OFFSET_BEGINNING
-        consumer.assign(partitions)
+        assign_from(consumer, partitions, self.resume_offset)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         self.pending.clear()
