@@ -78,12 +78,84 @@ def fresh_config(base, workdir: Path, bootstrap: str):
     return config, path
 
 
+def drain_alone(base, work: Path, bootstrap: str, log: Path, n: int, windows: int,
+                metrics: bool) -> dict[str, float]:
+    """Tokenizer, then windower, each alone over a pre-filled topic: events/s from assignment.
+    With ``metrics`` the stage serves /metrics, scraped every second as Prometheus would."""
+    import socket
+    import urllib.request
+
+    port = 0
+    if metrics:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    data = config_to_dict(base)
+    data["metrics"] = {**data["metrics"], "port": port, "host": "127.0.0.1"}
+    config, path = fresh_config(config_from_dict(data), work, bootstrap)
+    produce_file(config, log)
+    logs = work / f"logs-{uuid.uuid4().hex[:6]}"
+    stages = StageProcesses(path, logs)
+    rates = {}
+    try:
+        for stage, expected, topic in (("tokenizer", n + config.topics.partitions, config.topics.tokens),
+                                       ("windower", n + windows, config.topics.windows)):
+            counter = TopicCounter(config, topic)
+            stages.start(stage)
+            if hasattr(os, "sched_setaffinity"):  # same core for the stage on both sides
+                os.sched_setaffinity(stages.processes[-1][1].pid, {os.cpu_count() - 1})
+            t0 = assigned_at(logs / f"{stage}-0.log", stage)
+            scraped = [time.time()]
+
+            def done(c=counter, e=expected, scraped=scraped) -> bool:
+                if port and time.time() - scraped[0] >= 1.0:  # a 1 s scrape interval
+                    scraped[0] = time.time()
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+                return c.poll() >= e
+
+            rates[stage] = n / (wait_until(done) - t0)
+            stages.stop()
+            stages.processes.clear()
+    finally:
+        stages.stop()
+    return rates
+
+
+def metrics_compare(base, work: Path, log: Path, n: int, windows: int, rounds: int,
+                    external: str | None) -> None:
+    """Metrics off vs on, alternating the order each round so drift on a loaded machine hits
+    both sides alike; the ratio of medians is the metrics' cost."""
+    import statistics
+
+    broker = None if external else EmbeddedBroker().start()
+    try:
+        bootstrap = external or broker.bootstrap
+        runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+        for round_ in range(rounds):
+            for metrics in ((False, True) if round_ % 2 == 0 else (True, False)):
+                rates = drain_alone(base, work, bootstrap, log, n, windows, metrics)
+                runs[metrics].append(rates)
+                print(f"round {round_ + 1} metrics {'on ' if metrics else 'off'}: "
+                      + ", ".join(f"{s} {r:.0f}/s" for s, r in rates.items()), flush=True)
+    finally:
+        if broker is not None:
+            broker.stop()
+    print(f"{'stage':<12} {'off ev/s':>10} {'on ev/s':>10} {'on/off':>8}  (medians of {rounds})")
+    for stage in runs[False][0]:
+        off = statistics.median(r[stage] for r in runs[False])
+        on = statistics.median(r[stage] for r in runs[True])
+        print(f"{stage:<12} {off:>10.0f} {on:>10.0f} {on / off:>8.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--days", type=int, default=3)
     parser.add_argument("--events-per-day", type=int, default=4000)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override, e.g. --set tokenizer.kind=char")
+    parser.add_argument("--metrics-compare", type=int, default=0, metavar="ROUNDS",
+                        help="instead: tokenizer and windower alone with metrics off and on, "
+                             "alternating, ROUNDS times each; prints the throughput ratio")
     args = parser.parse_args()
     base = load_config(ROOT / "config.yaml", args.overrides)
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -95,6 +167,8 @@ def main() -> None:
         n = summary["events"]
         windows = args.days
         print(f"{n} events, {windows} windows; tokenizer={base.tokenizer.kind} model={base.model.kind}")
+        if args.metrics_compare:
+            return metrics_compare(base, work, log, n, windows, args.metrics_compare, external)
 
         started = time.time()
         replay(log, work / "replay.csv.gz", base, progress=False)

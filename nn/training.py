@@ -6,9 +6,7 @@ read with ``torch.load(weights_only=True)``, so loading one can never execute co
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 from nn.gpt import GPT, GPTConfig
 from nn.rnn import RNNLM, RNNConfig
 from nn.scoring import pad_batch
+from pipeline.atomic import atomic_write
 
 CHECKPOINT_FORMAT = "salka-checkpoint-v1"
 
@@ -51,14 +50,19 @@ def train_sequences(
     batch_size: int,
     grad_clip: float,
     seed: int,
+    on_batch: Callable[[int, int, int], None] | None = None,
 ) -> float:
-    """Train on ``seqs`` (shuffled by ``seed``, so runs repeat exactly); mean batch loss."""
+    """Train on ``seqs`` (shuffled by ``seed``, so runs repeat exactly); mean batch loss.
+    ``on_batch(epoch, batches done in it, batches per epoch)`` follows progress (epoch from 0)."""
     model.train()
     generator = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in range(epochs):
+    batches = -(-len(seqs) // batch_size)
+    for epoch in range(epochs):
         order = torch.randperm(len(seqs), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
+        for number, start in enumerate(range(0, len(order), batch_size), start=1):
+            if on_batch is not None and number > 1:  # here, so a skipped batch counts as done
+                on_batch(epoch, number - 1, batches)
             batch = pad_batch([seqs[i] for i in order[start : start + batch_size]])
             idx, targets = model.inputs_and_targets(batch)
             if not (targets != -1).any():
@@ -70,6 +74,8 @@ def train_sequences(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
             losses.append(loss.item())
+        if on_batch is not None:
+            on_batch(epoch, batches, batches)
     return sum(losses) / len(losses) if losses else float("nan")
 
 
@@ -79,18 +85,8 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | Path, **payload: Any) -> None:
     """Write atomically: a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": CHECKPOINT_FORMAT, **payload}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        torch.save({"format": CHECKPOINT_FORMAT, **payload}, handle)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -17,27 +17,53 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+from pipeline.brokerwatch import require_broker
 from pipeline.config import Config
-from pipeline.kafka import make_consumer
-from pipeline.records import CONTROL_HEADER, identity
+from pipeline.kafka import bootstrap_servers, make_admin, make_consumer, partition_count
+from pipeline.records import CONTROL_HEADER, LINE_HEADER, identity
 from pipeline.runner import header
 from pipeline.serde import DecodeError, codec
+from pipeline.source_audit import SourceAudit, archive_lines, event_lines, reconcile
 
 Identity = tuple[str, int, int]
+ASSIGN_PROBE_SECONDS = 10.0  # waiting this long for partitions: is the broker / topic still there?
+
+
+def require_topics(config: Config, names: list[str]) -> None:
+    """One clear line (click error, exit 1) when the broker is unreachable or lacks a topic,
+    instead of a consumer waiting for partitions that never come."""
+    bootstrap = bootstrap_servers(config)
+    existing = require_broker(make_admin(config), bootstrap).topics  # all topics: creates none
+    missing = [name for name in names if name not in existing]
+    if missing:
+        raise click.ClickException(
+            f"topic {', '.join(missing)} does not exist on the Kafka broker at {bootstrap}: the "
+            f"broker lost its data (a memory:// broker loses everything when it stops) or the "
+            f"config names other topics (with a demo, use --workdir DIR)")
 
 
 def read_topic(config: Config, topic: str, idle: float = 3.0, timeout: float = 300.0):
     """Every record of ``topic`` from the start, until nothing new arrives for ``idle`` seconds
     (the embedded broker's end offsets are unreliable, so no end-offset arithmetic here)."""
+    require_topics(config, [topic])
     consumer = make_consumer(config, f"audit-{uuid.uuid4().hex[:10]}")
-    assigned: list = []
-    consumer.subscribe([topic], on_assign=lambda c, parts: assigned.extend(parts))
+    # Every partition assigned directly, no group join: the group is new and alone, and the
+    # embedded broker holds each join for session.timeout.ms / 2 (3 s per topic read).
+    assigned = [TopicPartition(topic, p, OFFSET_BEGINNING)
+                for p in range(partition_count(consumer, topic))]
+    consumer.assign(assigned)
     deadline = time.monotonic() + timeout
-    last = time.monotonic()
+    last = probed = time.monotonic()
     try:
         while time.monotonic() < deadline and (not assigned or time.monotonic() - last < idle):
             if not assigned:
                 last = time.monotonic()  # the idle clock starts once partitions are assigned
+                if last - probed >= ASSIGN_PROBE_SECONDS:
+                    require_topics(config, [topic])
+                    probed = last
             for msg in consumer.consume(1000, timeout=0.2):
                 last = time.monotonic()
                 if not msg.error():
@@ -66,6 +92,7 @@ class AuditReport:
     partitions: dict[tuple[str, int], PartitionAudit] = field(default_factory=dict)
     unknown_rows: int = 0  # archive rows whose raw record is not in the raw topic (retention?)
     examples: list[str] = field(default_factory=list)
+    source: SourceAudit | None = None  # against the input file (audit --input)
 
     @property
     def total(self) -> PartitionAudit:
@@ -78,7 +105,7 @@ class AuditReport:
     @property
     def ok(self) -> bool:
         # Rows whose raw record cannot be found mean the audit could not check them.
-        return self.total.ok and not self.unknown_rows
+        return self.total.ok and not self.unknown_rows and (self.source is None or self.source.ok)
 
     def format(self) -> str:
         columns = ["raw", "archived", "dead_letters", "late", "lost", "duplicated", "conflicting"]
@@ -91,6 +118,8 @@ class AuditReport:
             lines.append(f"archive rows whose raw record is not in the raw topic (deleted by "
                          f"retention, or another topic's archive?): {self.unknown_rows}")
         lines += self.examples[:10]
+        if self.source is not None:
+            lines.append(self.source.format())
         lines.append("audit: OK, every raw record accounted for exactly once" if self.ok
                      else "audit: FAILED")
         return "\n".join(lines)
@@ -105,7 +134,8 @@ def archive_identities(directory: Path) -> Counter:
     return rows
 
 
-def side_identities(config: Config) -> tuple[set[Identity], set[Identity]]:
+def side_identities(config: Config, seen: list | None = None) -> tuple[set[Identity], set[Identity]]:
+    """Raw-record identities dead-lettered and late; (identity, line) of each into ``seen``."""
     dead: set[Identity] = set()
     late: set[Identity] = set()
     for msg in read_topic(config, config.topics.dead_letters):
@@ -115,22 +145,33 @@ def side_identities(config: Config) -> tuple[set[Identity], set[Identity]]:
             continue
         if record["source"]["topic"] == config.topics.raw:
             dead.add(identity(record))
+            if seen is not None:
+                seen.append((identity(record), record["line"]))
     for msg in read_topic(config, config.topics.late):
         try:
             _, record = codec().decode(msg.value(), expected=("salka.LateEvent",))
         except DecodeError:
             continue
         late.add(identity(record["event"]))
+        if seen is not None:
+            seen.append((identity(record["event"]), record["event"]["line"]))
     return dead, late
 
 
-def audit(config: Config, archive_dir: Path | None = None) -> AuditReport:
+def audit(config: Config, archive_dir: Path | None = None,
+          input_path: Path | None = None) -> AuditReport:
+    """Reconcile the raw topic; with ``input_path``, also the file it was produced from."""
     raw: set[Identity] = set()
+    raw_lines: list[tuple[Identity, int | None]] = []
     for msg in read_topic(config, config.topics.raw):
         if header(msg, CONTROL_HEADER) is None:
-            raw.add((msg.topic(), msg.partition(), msg.offset()))
+            ident = (msg.topic(), msg.partition(), msg.offset())
+            raw.add(ident)
+            line = header(msg, LINE_HEADER)
+            raw_lines.append((ident, int(line) if line and line.isdigit() else None))
     archived = archive_identities(Path(archive_dir or config.streaming.archive_dir))
-    dead, late = side_identities(config)
+    seen: list[tuple[Identity, int | None]] = []
+    dead, late = side_identities(config, seen)
     report = AuditReport()
     for ident in sorted(raw):
         part = report.partitions.setdefault(ident[:2], PartitionAudit())
@@ -149,4 +190,9 @@ def audit(config: Config, archive_dir: Path | None = None) -> AuditReport:
         if archived[ident] > 1:
             report.examples.append(f"archived {archived[ident]} times: {ident[0]}[{ident[1]}]@{ident[2]}")
     report.unknown_rows = sum(n for ident, n in archived.items() if ident not in raw)
+    if input_path is not None:
+        expected, header_rows = event_lines(config, input_path)
+        outcomes = [*archive_lines(Path(archive_dir or config.streaming.archive_dir),
+                                   config.topics.raw), *seen]
+        report.source = reconcile(input_path, expected, header_rows, raw_lines, outcomes)
     return report

@@ -42,6 +42,14 @@ def wait_for_port(port: int, timeout: float) -> None:
     raise TimeoutError(f"broker did not open port {port} within {timeout}s")
 
 
+def storage_note(storage: str) -> str:
+    """Whether the broker keeps its data when it stops: said at start-up, because a restarted
+    memory:// broker has no topics and the pipeline must be reset."""
+    if storage.startswith("memory:"):
+        return f"storage {storage} is not durable: data is lost when the broker stops"
+    return f"storage {storage} is durable: data survives a broker restart"
+
+
 class EmbeddedBroker:
     """Start/stop a Tansu broker on 127.0.0.1; usable as a context manager."""
 
@@ -75,7 +83,8 @@ class EmbeddedBroker:
         except BaseException:
             self.stop()
             raise
-        log.info("embedded broker (tansu) listening on %s", self.bootstrap)
+        log.info("embedded broker (tansu) listening on %s; %s", self.bootstrap,
+                 storage_note(self.storage))
         return self
 
     def _wait_for_metadata(self, timeout: float) -> None:

@@ -41,13 +41,19 @@ def with_config(command):
 @click.group(context_settings={"auto_envvar_prefix": "SALKA", "help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-def cli(verbose: int, quiet: bool) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Log lines as text, or one JSON object a line (time, level, stage, message, "
+                   "window, partition, offset ...) for a log shipper.")
+def cli(verbose: int, quiet: bool, log_format: str) -> None:
     """salka: score every log event by how surprised a language model is by it."""
+    from pipeline.logs import configure_logging
+
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, log_format)
 
 
 @cli.command("generate", short_help="Write a synthetic LANL-style auth log with planted red-team events.")
+@with_config
 @click.option("--output", "output", type=click.Path(dir_okay=False), required=True, help="Log file to write.")
 @click.option("--labels", "labels", type=click.Path(dir_okay=False), required=True,
               help="Labels CSV (line,label) to write.")
@@ -58,7 +64,7 @@ def cli(verbose: int, quiet: bool) -> None:
 @click.option("--redteam-events", default=60, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=7, show_default=True, type=int)
 @click.option("--no-header", is_flag=True, help="Do not write a header row.")
-def generate_command(output, labels, users, computers, days, events_per_day, redteam_events,
+def generate_command(config: Config, output, labels, users, computers, days, events_per_day, redteam_events,
                      seed, no_header) -> None:
     """Write a synthetic authentication log (LANL format) and its labels file."""
     from pipeline.generate import GenerateSpec, write_log
@@ -87,7 +93,39 @@ def replay_command(config: Config, input_path, output_path, progress) -> None:
                f"({len(report.errors)} malformed lines skipped)", err=True)
 
 
+def _format_choices() -> list[str]:
+    from pipeline.formats import format_names
+
+    return format_names()
+
+
+@cli.command("init", short_help="Print a ready-made config for a log format (examples/).")
+@click.option("--format", "format_name", default="lanl", show_default=True,
+              type=click.Choice(_format_choices()), help="Which example config.")
+def init_command(format_name: str) -> None:
+    """Print the example config for FORMAT, to save and adapt:
+    pipeline init --format apache > my.yaml"""
+    from pipeline.formats import example_config
+
+    click.echo(example_config(format_name), nl=False)
+
+
+@cli.command("check", short_help="Show what a config reads from the first lines of a log.")
+@with_config
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Lines to read from the start of the file.")
+def check_command(config: Config, input_path, limit: int) -> None:
+    """Parse the first N lines and print, for each, its fields, event time, window, entities,
+    what the model reads and its tokens, or why it is malformed."""
+    from pipeline.check import check_lines
+
+    for line in check_lines(config, input_path, limit):
+        click.echo(line)
+
+
 @cli.command("eval", short_help="ROC AUC, average precision, precision@k of a scores file.")
+@with_config
 @click.option("--scores", "scores_path", type=click.Path(exists=True), required=True,
               help="Scores file, or an archive directory.")
 @click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False), required=True,
@@ -95,7 +133,7 @@ def replay_command(config: Config, input_path, output_path, progress) -> None:
 @click.option("-k", "ks", multiple=True, type=click.IntRange(min=1), default=(10, 50, 100),
               show_default=True, help="k for precision@k (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def eval_command(scores_path, labels_path, ks, as_json) -> None:
+def eval_command(config: Config, scores_path, labels_path, ks, as_json) -> None:
     """Evaluate a scores file against labels."""
     from pipeline.evaluate import evaluate, format_report
 
@@ -122,24 +160,33 @@ def scores_source(command):
 
 
 @cli.command("top", short_help="The most anomalous events, users or hosts.")
+@with_config
 @scores_source
 @click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--by", default="event", show_default=True,
               help="event, user, host, or any entity column (e.g. src_host).")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
               help="The scored log file, to show raw lines.")
-def top_command(rows, limit, by, input_path) -> None:
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
+              help="Also write the table to this CSV file for a spreadsheet (formula-safe cells).")
+def top_command(config: Config, rows, limit, by, input_path, csv_path) -> None:
     """Print the highest-loss events (or entities ranked by their worst event), most anomalous
     first."""
-    from pipeline.report import format_top
+    from pipeline.report import format_top, write_top_csv
 
     try:
         click.echo(format_top(rows, limit, by, input_path))
+        if csv_path:
+            count = write_top_csv(csv_path, rows, limit, by, input_path)
+            click.echo(f"wrote {count} rows to {csv_path}", err=True)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--by") from exc
+    except OSError as exc:
+        raise click.FileError(csv_path, exc.strerror) from exc
 
 
 @cli.command("report", short_help="One self-contained HTML report with plots.")
+@with_config
 @scores_source
 @click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False),
               help="line,label CSV: adds ROC and precision-recall curves, AUC per window.")
@@ -147,7 +194,7 @@ def top_command(rows, limit, by, input_path) -> None:
               help="The scored log file, to show the top events' raw lines.")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False), required=True)
 @click.option("-n", "top_n", default=30, show_default=True, type=click.IntRange(min=1))
-def report_command(rows, labels_path, input_path, output_path, top_n) -> None:
+def report_command(config: Config, rows, labels_path, input_path, output_path, top_n) -> None:
     """Write an HTML file (no network needed to view it): loss distribution per window, top
     events with per-token highlighting (when scores.explain was on), top users and hosts with
     their trend over windows, and with labels ROC / precision-recall curves."""
@@ -179,13 +226,22 @@ def make_stage(name: str, config: Config):
 @cli.command("run", short_help="Run one streaming stage until SIGTERM / Ctrl-C.")
 @with_config
 @click.argument("stage", type=click.Choice(STAGES))
-def run_command(config: Config, stage: str) -> None:
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve /metrics, /healthz and /readyz on this port (default: metrics.port; 0: off).")
+def run_command(config: Config, stage: str, metrics_port: int | None) -> None:
     """Run STAGE as a consumer-group member: consume, process, produce, flush, commit.
 
     SIGTERM or Ctrl-C finishes the current batch, flushes, commits and exits 0."""
+    from pipeline.logs import set_stage
+    from pipeline.metrics import MetricsPortError, start_metrics
     from pipeline.runner import StageRunner
 
-    raise SystemExit(StageRunner(config, lambda: make_stage(stage, config)).run())
+    set_stage(stage)
+    try:  # before the runner: a port taken fails at once, not after the broker answers
+        metrics = start_metrics(config, stage, metrics_port)
+    except MetricsPortError as exc:
+        raise ConfigProblem(str(exc)) from exc
+    raise SystemExit(StageRunner(config, lambda: make_stage(stage, config), metrics=metrics).run())
 
 
 @cli.command("produce", short_help="Publish a log file to the raw topic, one record per line.")
@@ -198,12 +254,26 @@ def run_command(config: Config, stage: str) -> None:
                    "last windows close.")
 def produce_command(config: Config, input_path, rate, end_marker) -> None:
     """Publish LOG to topics.raw: value = raw line, key and header salka.line = line number,
-    timestamp = event time."""
-    from pipeline.produce import produce_file
+    timestamp = event time.
 
-    report = produce_file(config, input_path, rate=rate, end_marker=end_marker)
+    A line too large for one Kafka message is dead-lettered (cut, with its size and SHA-256) and
+    the rest goes on. Exits 1 only when a record reached neither the raw nor the dead-letter topic."""
+    from pipeline.kafka import require_reachable
+
+    require_reachable(config)  # one line and exit 1 in seconds, before the imports of torch
+    from pipeline.produce import ProduceError, produce_file
+
+    try:
+        report = produce_file(config, input_path, rate=rate, end_marker=end_marker)
+    except ProduceError as exc:
+        raise click.ClickException(f"{input_path}: {exc}") from exc
     click.echo(f"produced {report.records} records to {config.topics.raw} in {report.seconds:.1f}s",
                err=True)
+    if report.dead_lettered:
+        lines = ", ".join(map(str, report.dead_lettered[:10]))
+        more = f" and {len(report.dead_lettered) - 10} more" if len(report.dead_lettered) > 10 else ""
+        click.echo(f"{len(report.dead_lettered)} line(s) too large for Kafka dead-lettered to "
+                   f"{config.topics.dead_letters}: line {lines}{more}", err=True)
 
 
 @cli.command("create-topics", short_help="Create salka's topics if they do not exist.")
@@ -216,21 +286,36 @@ def create_topics_command(config: Config) -> None:
     click.echo(f"created: {', '.join(created) if created else 'nothing (all exist)'}", err=True)
 
 
+@cli.command("status", short_help="Lag of every stage's consumer group, and the last trained window.")
+@with_config
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def status_command(config: Config, as_json: bool) -> None:
+    """Per stage consumer group: each input partition's committed offset, end offset and lag;
+    then the window the trainer's newest checkpoint (in streaming.state_dir) trained through.
+    Exits 1 with one line when the broker cannot be reached."""
+    from pipeline.status import collect
+
+    report = collect(config)
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.format())
+
+
 @cli.command("broker", short_help="Run the embedded Kafka-protocol broker (Tansu) on 127.0.0.1.")
+@with_config
 @click.option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--storage", default="memory://tansu/", show_default=True,
               help="Tansu storage engine URL (memory:// is not durable; s3://bucket/ is).")
-def broker_command(port: int, storage: str) -> None:
+def broker_command(config: Config, port: int, storage: str) -> None:
     """Run an embedded broker until Ctrl-C / SIGTERM (for demos and tests; not for production)."""
     import signal
     import threading
 
-    from pipeline.broker import EmbeddedBroker
+    from pipeline.broker import EmbeddedBroker, storage_note
 
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     with EmbeddedBroker(port=port, storage=storage) as broker:
-        click.echo(f"broker listening on {broker.bootstrap} (Ctrl-C to stop)", err=True)
+        click.echo(f"broker listening on {broker.bootstrap}; {storage_note(storage)} "
+                   f"(Ctrl-C to stop)", err=True)
         try:
             while not stopped.wait(0.5):
                 if broker.process.poll() is not None:
@@ -245,25 +330,34 @@ def broker_command(port: int, storage: str) -> None:
               help="A demo work directory: use its effective config and archive.")
 @click.option("--archive", "archive_dir", type=click.Path(file_okay=False, exists=True),
               help="Archive directory (default: streaming.archive_dir).")
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
+              help="Also reconcile against the log file that was produced, line by line, so that "
+                   "records the broker lost or stored twice show up.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def audit_command(config: Config, workdir, archive_dir, as_json) -> None:
+def audit_command(config: Config, workdir, archive_dir, input_path, as_json) -> None:
     """Check that every raw record ended exactly once: as an archive row, a dead letter or a late
-    event. Exits 1 when any record is lost, archived twice or in two places."""
+    event. Exits 1 when any record is lost, archived twice or in two places, or (with --input)
+    when a line of the file is missing, duplicated or unexpected."""
     import dataclasses
 
-    from pipeline.audit import audit
+    from pipeline.kafka import require_reachable
 
     if workdir is not None:
         try:
             config = load_config(Path(workdir) / "effective-config.yaml")
         except ConfigError as exc:
             raise ConfigProblem(str(exc)) from exc
-    report = audit(config, Path(archive_dir) if archive_dir else None)
+    require_reachable(config)  # before pipeline.audit imports torch (via records): said in seconds
+    from pipeline.audit import audit
+
+    report = audit(config, Path(archive_dir) if archive_dir else None,
+                   Path(input_path) if input_path else None)
     if as_json:
         click.echo(json.dumps({
             "ok": report.ok, "total": dataclasses.asdict(report.total),
             "partitions": {f"{t}[{p}]": dataclasses.asdict(a) for (t, p), a in report.partitions.items()},
-            "unknown_rows": report.unknown_rows}, indent=2))
+            "unknown_rows": report.unknown_rows,
+            "input": report.source.as_dict() if report.source else None}, indent=2))
     else:
         click.echo(report.format())
     raise SystemExit(0 if report.ok else 1)
@@ -303,6 +397,7 @@ def alerts_command(config: Config, scores_path, input_path, limit, labels_path) 
     from pipeline.alerting import alerts_from_rows
     from pipeline.evaluate import read_labels, read_scores
     from pipeline.report import raw_lines
+    from pipeline.safetext import printable
 
     rows = read_scores(scores_path)
     raw = raw_lines(input_path, {int(r["line"]) for r in rows if r["line"]}) if input_path else None
@@ -310,13 +405,13 @@ def alerts_command(config: Config, scores_path, input_path, limit, labels_path) 
     top = sorted(alerts, key=lambda a: -a.record["loss"])[:limit]
     click.echo(f"{len(alerts)} alerts from {len(rows)} events; top {len(top)} by loss:")
     for rank, alert in enumerate(top, start=1):
-        r = alert.record
+        r = alert.record  # entities, raw line and reasons carry log text: printable() each
         click.echo(f"{rank:>3}. loss {r['loss']:.3f}  line {r['line']}  window {r['window']}  "
-                   f"{' '.join(f'{k}={v}' for k, v in r['entities'].items())}")
+                   f"{printable(' '.join(f'{k}={v}' for k, v in r['entities'].items()))}")
         if r["raw"]:
-            click.echo(f"     {r['raw']}")
+            click.echo(f"     {printable(r['raw'])}")
         for reason in alert.reasons:
-            click.echo(f"     - {reason}")
+            click.echo(f"     - {printable(reason)}")
     if labels_path:
         labels = read_labels(labels_path)
         hits = sum(labels.get(a.record["line"], 0) for a in top)

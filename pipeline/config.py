@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +23,10 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration problem, with the offending key path in the message."""
+
+
+class _NotFinite(ConfigError):
+    """inf / nan where a number belongs: said as such, not as the key's range phrase."""
 
 
 def _range_check(phrase: str, accept):
@@ -35,6 +43,8 @@ _positive = _range_check("a positive number", lambda v: v > 0)
 _non_negative = _range_check("a non-negative number", lambda v: v >= 0)
 _probability = _range_check("a number in [0, 1)", lambda v: 0 <= v < 1)
 _percent = _range_check("a percentage in (0, 100]", lambda v: 0 < v <= 100)
+_fraction = _range_check("a fraction in [0, 1]", lambda v: 0 <= v <= 1)
+_year = _range_check("0 (the current year) or a year in 1970..2200", lambda v: v == 0 or 1970 <= v <= 2200)
 
 
 def _check(fn):
@@ -54,6 +64,8 @@ class CsvConfig:
     delimiter: str = ","
     # "auto": the first line is a header when it equals the column names; true / false force it.
     header: Literal["auto", True, False] = "auto"
+    # Lines starting with this are skipped, not errors (e.g. "#" for Zeek's #fields headers).
+    comment_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,10 +76,18 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class JsonConfig:
+    # JSON lines: the field paths to read ("a.b.c" walks nested objects; a key that itself
+    # contains dots, like Zeek's "id.orig_h", is matched whole first). Each path is a field name.
+    fields: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class InputConfig:
-    format: Literal["csv", "text"] = "csv"
+    format: Literal["csv", "text", "json"] = "csv"
     csv: CsvConfig = field(default_factory=CsvConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    json: JsonConfig = field(default_factory=JsonConfig)
     # Field holding the event time; empty string: no event time, windows count lines instead.
     time_field: str = "time"
     # "epoch" (seconds, may be fractional), "iso8601", or a strptime format like "%d/%b/%Y:%H:%M:%S %z".
@@ -80,6 +100,14 @@ class InputConfig:
     )
     # Fields the model reads, in order. Empty: every field except the time field.
     model_fields: list[str] = field(default_factory=list)
+    # Year for time formats without one (syslog's "%b %d %H:%M:%S"); 0: the current year (UTC).
+    default_year: int = field(default=0, metadata=_check(_year))
+    # Replay fails (exit 1, nothing written) when more than this fraction of the lines is
+    # malformed, or when no line is an event: the config does not fit the file.
+    max_malformed_fraction: float = field(default=0.5, metadata=_check(_fraction))
+    # An event time more than this many seconds ahead of the wall clock (when the line is parsed)
+    # is refused as a far-future time, so one forged event cannot drag the watermark ahead.
+    max_future_seconds: float = field(default=86400.0, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True)
@@ -207,6 +235,22 @@ class AlertingConfig:
     mad_floor: float = field(default=0.05, metadata=_check(_positive))
     # At most this many alerts per entity per window (the highest losses are kept).
     max_alerts_per_entity: int = field(default=3, metadata=_check(_positive))
+    # Entity histories kept at most (least recently seen evicted first): bounds the alerter's
+    # memory to about max_entities x (0.3 KB + 8 B x history).
+    max_entities: int = field(default=100_000, metadata=_check(_positive))
+    # An entity absent for more than this many windows loses its history.
+    entity_ttl_windows: int = field(default=30, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # Port for /metrics, /healthz and /readyz of `pipeline run` (--metrics-port); 0: off.
+    port: int = field(default=0, metadata=_check(_range_check("a port in 0..65535 (0: off)",
+                                                                lambda v: 0 <= v <= 65535)))
+    # Address to listen on ("0.0.0.0": every interface, as a container needs).
+    host: str = "0.0.0.0"
+    # /healthz answers 503 when the stage loop has not iterated for this many seconds.
+    stuck_seconds: float = field(default=300.0, metadata=_check(_positive))
 
 
 def _kafka_settings(value: Any) -> str | None:
@@ -231,6 +275,7 @@ class Config:
     topics: TopicsConfig = field(default_factory=TopicsConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     alerting: AlertingConfig = field(default_factory=AlertingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         if self.model.kind == "gpt" and self.model.gpt.n_embd % self.model.gpt.n_head:
@@ -238,19 +283,44 @@ class Config:
                 f"model.gpt.n_embd: expected a multiple of model.gpt.n_head "
                 f"({self.model.gpt.n_head}), got {self.model.gpt.n_embd}"
             )
-        if self.input.format == "csv":
-            known = set(self.input.csv.columns)
-            for key, name in self._field_refs():
-                if name and name not in known:
-                    raise ConfigError(
-                        f"{key}: expected one of input.csv.columns {sorted(known)}, got {name!r}"
-                    )
+        source, known, remedy = _known_fields(self.input)
+        for key, name in self._field_refs():
+            if name and name not in known:
+                raise ConfigError(
+                    f"{key}: expected one of {source} {sorted(known)}, got {name!r}; {remedy}"
+                )
 
     def _field_refs(self) -> list[tuple[str, str]]:
         refs = [("input.time_field", self.input.time_field)]
         refs += [(f"input.entities.{k}", v) for k, v in self.input.entities.items()]
         refs += [(f"input.model_fields[{i}]", v) for i, v in enumerate(self.input.model_fields)]
         return refs
+
+
+def _known_fields(config: InputConfig) -> tuple[str, set[str], str]:
+    """Where the input's field names come from, the names, and how to add one: every key that
+    names a field (time, entities, model fields) must name one of these, or it would silently
+    read as empty."""
+    if config.format == "csv":
+        return ("input.csv.columns", set(config.csv.columns),
+                "fix the name or add the column to input.csv.columns")
+    if config.format == "json":
+        if not config.json.fields:
+            raise ConfigError("input.json.fields: expected the field paths to read "
+                              "(e.g. [timestamp, user.name]) when input.format is json")
+        return ("input.json.fields", set(config.json.fields),
+                "fix the name or add its path to input.json.fields")
+    try:
+        groups = set(re.compile(config.text.pattern).groupindex) if config.text.pattern else set()
+    except re.error as exc:
+        raise ConfigError(
+            f"input.text.pattern: not a valid regular expression: {exc.msg} at position {exc.pos} "
+            f"of {config.text.pattern!r}; fix it (Python re syntax, fields are (?P<name>...))"
+        ) from exc
+    # "text" is always there: the whole line, unless the pattern has a group of that name.
+    return ("the named groups of input.text.pattern", groups | {"text"},
+            "fix the name or add a group (?P<name>...) to input.text.pattern "
+            "(input.time_field may be empty: no event time)")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -306,14 +376,29 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {_describe(value)}")
+        _require_finite(value, path)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {_describe(value)}")
         return value
     if tp is Any:
+        _require_finite(value, path)
         return value
     raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug in this module
+
+
+def _require_finite(value: Any, path: str) -> None:
+    """YAML reads .inf / .nan as floats; no setting means them (an infinite lateness never
+    closes a window), so refuse them wherever they appear, free-form sections included."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _NotFinite(f"{path}: expected a finite number, got {_describe(value)}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _require_finite(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _require_finite(item, f"{path}[{index}]")
 
 
 def _build(cls: type, data: dict, path: str) -> Any:
@@ -330,8 +415,8 @@ def _build(cls: type, data: dict, path: str) -> Any:
         try:
             converted = _convert(hints[name], value, key)
             expected = check(converted) if check else None
-        except ConfigError:
-            if not check or not hasattr(check, "phrase"):
+        except ConfigError as exc:
+            if not check or not hasattr(check, "phrase") or isinstance(exc, _NotFinite):
                 raise
             expected = check.phrase
         if expected:
@@ -350,17 +435,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set {text!r}: empty key in path")
+    return parts, parse_value(raw)
+
+
+def parse_value(raw: str) -> Any:
+    """A --set or environment value: read as YAML (3600 -> int, [a, b] -> list), else a string."""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw  # not YAML (e.g. a strptime format starting with %): take it as a string
-    return parts, value
+        return raw  # not YAML (e.g. a strptime format starting with %): take it as a string
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)
+        if parts[0] == "kafka" and len(parts) > 2:
+            # A librdkafka setting is one key with dots in it (kafka.bootstrap.servers).
+            parts = ["kafka", ".".join(parts[1:])]
         node = data
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
@@ -376,8 +468,13 @@ def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] =
     return _build(Config, data, "")
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read YAML (safe_load only) and validate; ``path=None`` means built-in defaults."""
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                environ: Mapping[str, str] | None = None) -> Config:
+    """Read YAML (safe_load only), then the environment (``SALKA__SECTION__KEY``, see
+    pipeline/configenv.py), then ``overrides``, and validate. ``path=None`` means built-in
+    defaults; ``environ=None`` means ``os.environ``."""
+    from pipeline.configenv import apply_environment
+
     data: Any = {}
     if path is not None:
         path = Path(path)
@@ -389,7 +486,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    return config_from_dict(data, overrides)
+    return apply_environment(data, overrides, os.environ if environ is None else environ)
 
 
 def config_to_dict(config: Config) -> dict:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import csv
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
+
+from pipeline.errors import InputError
+from pipeline.scorefile import check_scores_header
 
 
 def read_scores(path: str | Path) -> list[dict[str, str]]:
@@ -16,21 +20,60 @@ def read_scores(path: str | Path) -> list[dict[str, str]]:
     if path.is_dir():
         return [row for part in sorted(path.glob("window-*.csv.gz")) for row in read_scores(part)]
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    try:
+        with opener(path, "rt", newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            check_scores_header(path, reader.fieldnames)
+            return list(reader)
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:  # gzip / text / CSV damage
+        raise InputError(f"{path}: not a readable scores file ({exc}); pass the file written by "
+                         f"pipeline replay --output, or an archive directory") from exc
+
+
+# Labels: 0/1 or false/true, nothing looser ("yes", "-", "attack" were once guessed at).
+LABEL_VALUES = {"0": 0, "1": 1, "false": 0, "true": 1}
+LABELS_FORMAT = ("a labels file is a comma-separated CSV whose header names the columns line and "
+                 "label, one row per labelled line, labels 0/1 or true/false")
 
 
 def read_labels(path: str | Path) -> dict[int, int]:
-    """``line,label`` CSV (header optional); label 0 = normal, anything else = anomalous."""
+    """A labels CSV -> {line: 0 or 1}. The header names ``line`` and ``label`` (any order; other
+    columns are ignored); lines not listed count as normal. Anything else stops with the file and
+    row (``labels.csv:7``) rather than being read by position and guessed at."""
     labels: dict[int, int] = {}
-    with open(path, newline="", encoding="utf-8") as handle:
-        for number, row in enumerate(csv.reader(handle), start=1):
-            if not row or (number == 1 and not row[0].strip().isdigit()):
-                continue
-            if len(row) < 2:
-                raise ValueError(f"{path} line {number}: expected line,label")
-            label = row[1].strip()
-            labels[int(row[0])] = 0 if label in ("0", "", "normal", "-") else 1
+    first_row: dict[int, int] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [name.strip().lower() for name in next(reader, [])]
+            if "line" not in header or "label" not in header:
+                hint = " (';' separated? use commas)" if ";" in "".join(header) else ""
+                raise InputError(f"{path}:1: header {','.join(header)!r} does not name the columns "
+                                 f"line and label{hint}; {LABELS_FORMAT}")
+            line_at, label_at = header.index("line"), header.index("label")
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    raise InputError(f"{where}: {len(row)} columns, the header has {len(header)}; "
+                                     f"{LABELS_FORMAT}")
+                line, label = row[line_at].strip(), row[label_at].strip().lower()
+                if not re.fullmatch(r"[0-9]+", line) or int(line) < 1:
+                    raise InputError(f"{where}: line {row[line_at]!r} is not a line number "
+                                     f"(a positive integer); {LABELS_FORMAT}")
+                if label not in LABEL_VALUES:
+                    raise InputError(f"{where}: label {row[label_at]!r} is not 0/1 or true/false; "
+                                     f"{LABELS_FORMAT}")
+                if int(line) in labels:
+                    raise InputError(f"{where}: line {line} is labelled again (first at row "
+                                     f"{first_row[int(line)]}); give each line once")
+                labels[int(line)] = LABEL_VALUES[label]
+                first_row[int(line)] = reader.line_num
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); {LABELS_FORMAT}") from exc
+    except csv.Error as exc:
+        raise InputError(f"{path}:{reader.line_num}: broken CSV ({exc}); {LABELS_FORMAT}") from exc
     return labels
 
 

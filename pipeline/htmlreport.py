@@ -76,6 +76,13 @@ def _img(fig, alt: str, element_id: str | None = None) -> str:
     return f'<img{ident} alt="{escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
 
 
+def _plain_label(text: str) -> str:
+    """Data-derived text for a matplotlib label, shown literally: a name like ``$x^2$`` or
+    ``$\\frac$`` would otherwise be parsed as math text (and crash the report on bad math).
+    Every ``$`` is escaped, so matplotlib sees no math and prints ``\\$`` back as ``$``."""
+    return text.replace("$", r"\$")
+
+
 def _fmt(value: float, digits: int = 3) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -180,7 +187,7 @@ def _trend_plot(rows: list[dict[str, str]], kind: str, columns: list[str], names
         series = per[name]
         maxima = [max(series[w]) if w in series else np.nan for w in all_windows]
         means = [float(np.mean(series[w])) if w in series else np.nan for w in all_windows]
-        label = name if len(name) <= 24 else name[:23] + "…"
+        label = _plain_label(name if len(name) <= 24 else name[:23] + "…")
         axes[0].plot(positions, maxima, marker="o", markersize=3, linewidth=1.2, label=label)
         axes[1].plot(positions, means, marker="o", markersize=3, linewidth=1.2, label=label)
     for ax, what in zip(axes, ("max", "mean")):

@@ -5,16 +5,19 @@ set itself (group id, offset handling). Secrets are never logged."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from pipeline.brokerwatch import RepeatFilter, require_broker
 from pipeline.config import Config
 
 log = logging.getLogger(__name__)
+# librdkafka repeats a connection error on every reconnect (~20 lines/s while a broker is down).
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+LIBRDKAFKA_LOG.addFilter(RepeatFilter())
 
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "auto.offset.reset": "earliest",
@@ -42,11 +45,8 @@ SECRET_WORDS = ("password", "secret", "sasl.oauthbearer.config", "ssl.key")
 
 
 def user_settings(config: Config) -> dict[str, Any]:
-    settings = dict(config.kafka)
-    env = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if env:
-        settings["bootstrap.servers"] = env
-    return settings
+    # KAFKA_BOOTSTRAP_SERVERS is read with the config (pipeline/configenv.py), below --set.
+    return dict(config.kafka)
 
 
 def redacted(settings: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +80,17 @@ def make_producer(config: Config, **explicit: Any) -> Producer:
 
 
 def make_admin(config: Config) -> AdminClient:
-    return AdminClient(user_settings(config))
+    # With a logger, librdkafka's lines go through logging (served by poll), not raw to stderr.
+    return AdminClient({**user_settings(config), "logger": LIBRDKAFKA_LOG})
+
+
+def bootstrap_servers(config: Config) -> str:
+    return str(user_settings(config).get("bootstrap.servers", "?"))
+
+
+def require_reachable(config: Config) -> None:
+    """For one-shot commands: ``BrokerUnreachable`` (one line, exit 1) after a few seconds."""
+    require_broker(make_admin(config), bootstrap_servers(config))
 
 
 def topic_plan(config: Config) -> dict[str, int]:
@@ -100,7 +110,7 @@ def topic_plan(config: Config) -> dict[str, int]:
 def create_topics(config: Config, timeout: float = 30.0) -> list[str]:
     """Create salka's topics that do not exist yet; returns the names created."""
     admin = make_admin(config)
-    existing = set(admin.list_topics(timeout=timeout).topics)
+    existing = set(require_broker(admin, bootstrap_servers(config)).topics)
     wanted = [
         NewTopic(name, num_partitions=parts, replication_factor=config.topics.replication_factor)
         for name, parts in topic_plan(config).items()

@@ -7,7 +7,7 @@ a function of the config and the window's events alone, so offline and online ru
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,15 @@ def model_args_for(config: Config, vocab_size: int) -> dict:
     }
 
 
+def _chunk_progress(on_progress: Callable[[int, float, float], None], epochs: int, start: int,
+                    size: int, total: int) -> Callable[[int, int, int], None]:
+    """A chunk's batch callback, reported as progress through the whole window."""
+    def on_batch(epoch: int, done: int, batches: int) -> None:
+        part = (epoch + done / batches) / epochs
+        on_progress(epoch + 1, done / batches, (start + size * part) / total)
+    return on_batch
+
+
 _CHECKPOINT_KEYS = {"format", "config", "model_args", "model", "optimizer", "tokenizer", "last_window"}
 
 
@@ -125,7 +134,10 @@ class WindowLearner:
             for e, ids, (mean, total, per_token) in zip(events, encoded, results)
         ]
 
-    def train(self, window: int, events: Sequence[Event]) -> float:
+    def train(self, window: int, events: Sequence[Event],
+              on_progress: Callable[[int, float, float], None] | None = None) -> float:
+        """Train on the window; ``on_progress(epoch from 1, fraction of that epoch, fraction of
+        the window)`` after every batch, for progress displays."""
         events = sorted(events, key=event_order)
         self._ensure_model(events)
         tc = self.config.training
@@ -137,10 +149,13 @@ class WindowLearner:
         size = tc.max_chunk_events
         losses = []
         for index, start in enumerate(range(0, len(events), size)):
+            chunk = events[start : start + size]
+            on_batch = None if on_progress is None else _chunk_progress(
+                on_progress, tc.epochs, start, len(chunk), len(events))
             losses.append(train_sequences(
-                self.model, self.optimizer, self.encode(events[start : start + size]),
+                self.model, self.optimizer, self.encode(chunk),
                 epochs=tc.epochs, batch_size=tc.batch_size, grad_clip=tc.grad_clip,
-                seed=seed + 7919 * index,
+                seed=seed + 7919 * index, on_batch=on_batch,
             ))
         self.last_window = window
         return sum(losses) / len(losses) if losses else float("nan")

@@ -7,9 +7,11 @@ topic), so nothing here knows where a line came from beyond the identity it is h
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
-from collections.abc import Iterator
+import time as _time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,8 +47,22 @@ class HeaderRow(ParseError):
     """The line is the CSV header: skipped, not an error."""
 
 
-def parse_time(value: str, time_format: str) -> float:
-    """Event time in epoch seconds; raises ValueError naming the problem."""
+class CommentRow(HeaderRow):
+    """A line starting with ``input.csv.comment_prefix`` (Zeek's #fields ...): skipped too."""
+
+
+def has_year(time_format: str) -> bool:
+    """Whether a time format carries the year (syslog's "%b %d %H:%M:%S" does not)."""
+    if time_format in ("epoch", "iso8601"):
+        return True
+    return re.search(r"%[YyGcx]", time_format.replace("%%", "")) is not None
+
+
+def parse_time(value: str, time_format: str, year: int | None = None) -> float:
+    """Event time in epoch seconds; raises ValueError naming the problem.
+
+    ``year`` completes a strptime format without one (else strptime says 1900: a negative time).
+    """
     value = value.strip()
     if not value:
         raise ValueError("empty time")
@@ -57,6 +73,9 @@ def parse_time(value: str, time_format: str) -> float:
     else:
         if time_format == "iso8601":
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        elif year is not None and not has_year(time_format):
+            # Prepended, not replaced afterwards: "Feb 29" only exists in the right year.
+            parsed = datetime.strptime(f"{year} {value}", f"%Y {time_format}")
         else:
             parsed = datetime.strptime(value, time_format)
         if parsed.tzinfo is None:  # naive times are read as UTC, never as the host's zone
@@ -69,14 +88,31 @@ def parse_time(value: str, time_format: str) -> float:
     return seconds
 
 
+def future_problem(seconds: float, now: float, max_future: float) -> str | None:
+    """Why an event time is refused as too far ahead of the wall clock, or None.
+
+    The watermark follows the newest time per partition, so a single forged far-future time
+    would close every window up to it and send all later events to the late topic. Bounding
+    times by the wall clock caps what one event can do, and decides the same in replay and in
+    the tokenizer (historical data is far behind the clock either way).
+    """
+    if seconds - now > max_future:
+        return (f"time {seconds:.0f} is too far in the future: {seconds - now:.0f} s ahead of the "
+                f"wall clock, more than input.max_future_seconds ({max_future:g})")
+    return None
+
+
 class LineParser:
     """Turns raw lines into Events per the ``input`` config section."""
 
-    def __init__(self, config: InputConfig):
+    def __init__(self, config: InputConfig, clock: Callable[[], float] = _time.time):
         self.config = config
+        self.clock = clock  # wall clock for the far-future bound; tests pass a fixed one
         self.pattern = re.compile(config.text.pattern) if config.text.pattern else None
         if config.format == "csv":
             names = list(config.csv.columns)
+        elif config.format == "json":
+            names = list(config.json.fields)
         else:
             names = list(self.pattern.groupindex) if self.pattern else ["text"]
         self.model_fields = list(config.model_fields) or [
@@ -89,13 +125,15 @@ class LineParser:
                 raw = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 return ParseError(line, f"invalid UTF-8 at byte {exc.start}")
-        raw = raw.rstrip("\r\n")
+        raw = raw.rstrip("\r\n").removeprefix("\ufeff")  # a BOM (Excel, PowerShell) is not data
         if "\x00" in raw:
             return ParseError(line, "line contains NUL bytes")
         if not raw.strip():
             return ParseError(line, "empty line")
         if self.config.format == "csv":
             fields = self._csv_fields(raw, line)
+        elif self.config.format == "json":
+            fields = self._json_fields(raw, line)
         else:
             fields = self._text_fields(raw, line)
         if isinstance(fields, ParseError):
@@ -103,14 +141,34 @@ class LineParser:
         time = None
         if self.config.time_field:
             try:
-                time = parse_time(fields[self.config.time_field], self.config.time_format)
+                time = self._time(fields.get(self.config.time_field, ""))
             except (ValueError, OverflowError) as exc:
                 return ParseError(line, f"bad time in field {self.config.time_field!r}: {exc}")
+            problem = future_problem(time, self.clock(), self.config.max_future_seconds)
+            if problem:
+                return ParseError(line, f"bad time in field {self.config.time_field!r}: {problem}")
         text_fields = tuple((name, fields.get(name, "")) for name in self.model_fields)
         return Event(line=line, time=time, fields=fields, text_fields=text_fields)
 
+    def _time(self, value: str) -> float:
+        fmt = self.config.time_format
+        if has_year(fmt):
+            return parse_time(value, fmt)
+        if self.config.default_year:
+            return parse_time(value, fmt, self.config.default_year)
+        # The current year, unless that puts the stamp past tomorrow: a December line read in
+        # January belongs to last year (as rsyslog and Logstash infer it).
+        now = self.clock()
+        seconds = parse_time(value, fmt, datetime.fromtimestamp(now, timezone.utc).year)
+        if seconds > now + 86400:
+            seconds = parse_time(value, fmt, datetime.fromtimestamp(now, timezone.utc).year - 1)
+        return seconds
+
     def _csv_fields(self, raw: str, line: int) -> dict[str, str] | ParseError:
         columns = self.config.csv.columns
+        prefix = self.config.csv.comment_prefix
+        if prefix and raw.startswith(prefix):
+            return self._comment(raw, line)
         try:
             rows = list(csv.reader([raw], delimiter=self.config.csv.delimiter, strict=True))
         except csv.Error as exc:
@@ -131,6 +189,27 @@ class LineParser:
             )
         return dict(zip(columns, values))
 
+    def _comment(self, raw: str, line: int) -> ParseError:
+        """Skip a comment line; a Zeek ``#fields`` line must name input.csv.columns, else every
+        line after it would be read into the wrong fields."""
+        values = raw.split(self.config.csv.delimiter)
+        columns = list(self.config.csv.columns)
+        if values[0] == "#fields" and values[1:] != columns:
+            return ParseError(line, f"the #fields line names {values[1:]}, input.csv.columns is "
+                                    f"{columns}: make input.csv.columns the same list")
+        return CommentRow(line, "comment line")
+
+    def _json_fields(self, raw: str, line: int) -> dict[str, str] | ParseError:
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            return ParseError(line, f"not JSON: {exc.msg} at column {exc.colno}")
+        except (ValueError, RecursionError) as exc:  # huge integers, deep nesting
+            return ParseError(line, f"not usable JSON: {type(exc).__name__}")
+        if not isinstance(obj, dict):
+            return ParseError(line, f"expected a JSON object, got {type(obj).__name__}")
+        return {path: json_text(json_lookup(obj, path)) for path in self.config.json.fields}
+
     def _text_fields(self, raw: str, line: int) -> dict[str, str] | ParseError:
         if self.pattern is None:
             return {"text": raw}
@@ -141,6 +220,30 @@ class LineParser:
         if "text" not in fields:
             fields["text"] = raw
         return fields
+
+
+def json_lookup(obj: object, path: str) -> object:
+    """The value at ``a.b.c`` (None when absent); a key containing dots matches whole first."""
+    if not isinstance(obj, dict):
+        return None
+    if path in obj:
+        return obj[path]
+    for match in re.finditer(r"\.", path):
+        head = path[: match.start()]
+        if head in obj:
+            found = json_lookup(obj[head], path[match.end():])
+            if found is not None:
+                return found
+    return None
+
+
+def json_text(value: object) -> str:
+    """A JSON value as a field string: strings as they are, absent / null empty, others as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
 def event_text(event: Event) -> str:

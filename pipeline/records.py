@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 from pipeline.config import Config
@@ -76,4 +77,7 @@ def dead_letter(stage: str, topic: str, partition: int, offset: int, reason: str
         "reason": reason,
         "payload": payload,
         "time_ms": int(time.time() * 1000),
+        # Identify the original even when the payload must be cut to fit (pipeline.poison).
+        "payload_size": len(payload) if payload is not None else None,
+        "payload_sha256": hashlib.sha256(payload).hexdigest() if payload is not None else None,
     }

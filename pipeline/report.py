@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
+
+from pipeline.safetext import csv_cell, printable
 
 # Columns of a scores file that are not entities; every other column is one (config.input.entities).
 FIXED_COLUMNS = frozenset({
@@ -112,6 +115,9 @@ def entity_ranking(rows: list[dict[str, str]], entity: str, limit: int | None = 
 
 
 def _table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    # Every cell may hold log text (entity names, raw lines): escape control characters here,
+    # the one place the terminal tables are drawn, and before measuring widths.
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     def cell(i: int, text: str) -> str:
         return text.rjust(widths[i]) if i in right else text.ljust(widths[i])
@@ -120,9 +126,14 @@ def _table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
 
 
 def format_top_events(rows: list[dict[str, str]], limit: int, input_path: str | Path | None = None) -> str:
+    table = top_events_table(rows, limit, input_path)
+    return _table(table) if len(table) > 1 else "no scored events"
+
+
+def top_events_table(rows: list[dict[str, str]], limit: int,
+                     input_path: str | Path | None = None) -> list[list[str]]:
+    """Header and one row per top event (raw, unescaped cells)."""
     top = top_events(rows, limit)
-    if not top:
-        return "no scored events"
     wanted = {line_number(r) for r in top} - {-1}
     raw = raw_lines(input_path, wanted) if input_path and wanted else {}
     columns = entity_columns(top)
@@ -134,14 +145,19 @@ def format_top_events(rows: list[dict[str, str]], limit: int, input_path: str | 
         if raw:
             cells.append(raw.get(line_number(row), ""))
         table.append(cells)
-    return _table(table)
+    return table
 
 
 def format_entity_ranking(rows: list[dict[str, str]], entity: str, limit: int,
                           input_path: str | Path | None = None) -> str:
+    table = entity_ranking_table(rows, entity, limit, input_path)
+    return _table(table, right={0, 2, 3, 4, 5, 6, 7}) if len(table) > 1 else "no scored events"
+
+
+def entity_ranking_table(rows: list[dict[str, str]], entity: str, limit: int,
+                         input_path: str | Path | None = None) -> list[list[str]]:
+    """Header and one row per ranked entity (raw, unescaped cells)."""
     ranking = entity_ranking(rows, entity, limit)
-    if not ranking:
-        return "no scored events"
     wanted = {e["worst_line"] for e in ranking} - {-1}
     raw = raw_lines(input_path, wanted) if input_path and wanted else {}
     header = ["rank", entity, "max loss", "mean loss", "scored", "top 1%", "worst line", "window"]
@@ -153,7 +169,7 @@ def format_entity_ranking(rows: list[dict[str, str]], entity: str, limit: int,
         if raw:
             cells.append(raw.get(e["worst_line"], ""))
         table.append(cells)
-    return _table(table, right={0, 2, 3, 4, 5, 6, 7})
+    return table
 
 
 def format_top(rows: list[dict[str, str]], limit: int, by: str = "event",
@@ -164,3 +180,17 @@ def format_top(rows: list[dict[str, str]], limit: int, by: str = "event",
     if by == "event":
         return format_top_events(rows, limit, input_path)
     return format_entity_ranking(rows, by, limit, input_path)
+
+
+def write_top_csv(path: str | Path, rows: list[dict[str, str]], limit: int, by: str = "event",
+                  input_path: str | Path | None = None) -> int:
+    """The ``pipeline top`` table as a plain CSV for a spreadsheet (an export humans open):
+    formula-leading cells are neutralised with :func:`pipeline.safetext.csv_cell`. Returns the
+    number of data rows."""
+    if by == "event":
+        table = top_events_table(rows, limit, input_path)
+    else:
+        table = entity_ranking_table(rows, by, limit, input_path)
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        csv.writer(handle).writerows([csv_cell(c) for c in r] for r in table)
+    return len(table) - 1

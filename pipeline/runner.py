@@ -13,13 +13,18 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
+from pipeline import poison
+from pipeline.brokerwatch import UNREACHABLE_CODES, BrokerLost, stage_watch
 from pipeline.config import Config
 from pipeline.kafka import DeliveryTracker, make_consumer, make_producer, produce
 from pipeline.serde import DecodeError, codec
+
+if TYPE_CHECKING:
+    from pipeline.metrics import StageMetrics
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +32,13 @@ log = logging.getLogger(__name__)
 class Output:
     """What a stage may do with its results: produce records (Avro-encoded or raw bytes)."""
 
-    def __init__(self, producer, tracker: DeliveryTracker):
+    def __init__(self, producer, tracker: DeliveryTracker, limit: int = 8_388_608):
         self.producer = producer
         self.tracker = tracker
         self.sent = 0
+        self.by_topic: dict[str, int] = {}  # records sent per topic (pipeline/metrics.py reads it)
+        self.limit = limit  # the producer's message.max.bytes
+        self._refused: list[tuple[str, dict, bytes | None, int]] = []  # dead letters to cut
 
     def send(self, topic: str, value: bytes | None, *, key: bytes | None = None,
              partition: int | None = None, headers: list | None = None) -> None:
@@ -39,9 +47,37 @@ class Output:
             kwargs["partition"] = partition
         produce(self.producer, topic, value, on_delivery=self.tracker, **kwargs)
         self.sent += 1
+        self.by_topic[topic] = self.by_topic.get(topic, 0) + 1
 
     def send_record(self, topic: str, schema: str, record: dict, **kwargs) -> None:
         self.send(topic, codec().encode(schema, record), **kwargs)
+
+    def send_dead_letter(self, topic: str, record: dict, *, key: bytes | None = None,
+                         max_bytes: int | None = None) -> None:
+        """Send a dead letter whole, or cut to fit (pipeline.poison): never fail for its size.
+        A broker that refuses it as too large gets it again smaller (``resend_refused``)."""
+        max_bytes = min(max_bytes or self.limit, poison.budget(self.limit, key))
+        data, _ = poison.fit_dead_letter(record, max_bytes)
+
+        def delivered(err, msg) -> None:
+            if err is not None and poison.is_size_error(err) and max_bytes > poison.RESEND_FLOOR:
+                log.warning("%s refused a %d-byte dead letter as too large: sending it cut",
+                            msg.topic(), len(msg.value() or b""))
+                self._refused.append((topic, record, key, max(poison.RESEND_FLOOR, min(
+                    poison.RESEND_FIRST, max_bytes // 2))))
+            else:
+                self.tracker(err, msg)
+
+        produce(self.producer, topic, data, key=key, on_delivery=delivered)
+        self.sent += 1
+        self.by_topic[topic] = self.by_topic.get(topic, 0) + 1
+
+    def resend_refused(self) -> bool:
+        """Send again, smaller, the dead letters the broker refused as too large; True if any."""
+        refused, self._refused = self._refused, []
+        for topic, record, key, max_bytes in refused:
+            self.send_dead_letter(topic, record, key=key, max_bytes=max_bytes)
+        return bool(refused)
 
 
 class Stage(Protocol):
@@ -89,6 +125,7 @@ class DeliveryFailed(RuntimeError):
 
 
 STOP_FLUSH_SECONDS = 30.0  # how long a stopping stage waits for an absent broker
+ACK_STALL_SECONDS = 60.0  # a reachable broker that acknowledges nothing this long: start over
 
 
 class StageRunner:
@@ -96,10 +133,12 @@ class StageRunner:
     after an output delivery failure the runner can start over from the last commit in-process,
     exactly as a restarted process would."""
 
-    def __init__(self, config: Config, make_stage: Callable[[], Stage], stop: StopFlag | None = None):
+    def __init__(self, config: Config, make_stage: Callable[[], Stage], stop: StopFlag | None = None,
+                 metrics: StageMetrics | None = None):
         self.config = config
         self.make_stage = make_stage
         self.stop = stop or StopFlag()
+        self.metrics = metrics  # pipeline/metrics.py; None: metrics off
         self.transactional = config.streaming.delivery == "exactly_once"
         self.processed = 0
         self.transactions = 0
@@ -116,10 +155,12 @@ class StageRunner:
             extra["transactional.id"] = (f"{self.config.streaming.group_prefix}.{self.stage.name}."
                                          f"{uuid.uuid4().hex[:12]}")
         self.producer = make_producer(self.config, **extra)
-        self.out = Output(self.producer, self.tracker)
+        self.out = Output(self.producer, self.tracker, poison.message_limit(self.config))
         self.consumer = make_consumer(self.config, self.stage.name,
                                       **{"client.id": f"salka-{self.stage.name}"})
+        self.watch = stage_watch(self.config, self.stage.name, self.consumer)
         if self.transactional:
+            self.watch.wait_for_topics(lambda: self.stop.stopped)  # not a 60 s timeout traceback
             self.producer.init_transactions(60)
             self.producer.begin_transaction()
             log.info("%s: exactly-once delivery, transactional.id %s", self.stage.name,
@@ -137,15 +178,25 @@ class StageRunner:
 
     def flush(self) -> None:
         """Wait until every output so far is acknowledged, however long the broker is away."""
-        waited = 0.0
+        waited, stalled, before = 0.0, 0.0, None
         while (remaining := self.producer.flush(5.0)) > 0:
             waited += 5.0
-            log.warning("%s: %d output records not yet acknowledged after %.0fs; waiting for the "
-                        "broker", self.stage.name, remaining, waited)
+            # Raises BrokerLost when the topics were recreated (a restarted in-memory broker
+            # never acknowledges); an unreachable broker is said once by the watch.
+            if self.watch.check(force=True):
+                log.warning("%s: %d output records not yet acknowledged after %.0fs; waiting for "
+                            "the broker", self.stage.name, remaining, waited)
+                stalled = stalled + 5.0 if remaining == before else 0.0
+                if stalled >= ACK_STALL_SECONDS:
+                    raise DeliveryFailed(f"the broker acknowledged none of {remaining} records "
+                                         f"in {stalled:.0f}s")
+            before = remaining
             if self.stop.stopped and waited >= STOP_FLUSH_SECONDS:
                 # Asked to stop and the broker is away: exit without committing; the input is
                 # redelivered to whoever runs next.
                 raise DeliveryFailed(f"{remaining} output records unacknowledged while stopping")
+        if self.out.resend_refused():  # dead letters the broker refused as too large, now cut
+            return self.flush()
         if self.tracker.failures:  # permanent errors only (message.timeout.ms is infinite)
             raise DeliveryFailed(f"output delivery failed: {self.tracker.failures[0]}")
 
@@ -160,6 +211,8 @@ class StageRunner:
             try:
                 self.consumer.commit(offsets=offsets, asynchronous=False)
             except KafkaException as exc:  # broker away or group rebalancing: retried next time
+                if self.metrics is not None:
+                    self.metrics.commit_failed()
                 self._warn("commit", f"offset commit failed, will retry: {exc.args[0].str()}")
                 return
             log.debug("%s committed %s", self.stage.name, [(tp.partition, tp.offset) for tp in offsets])
@@ -195,6 +248,7 @@ class StageRunner:
 
     def _on_assign(self, consumer, partitions) -> None:
         log.info("%s assigned %s", self.stage.name, [f"{p.topic}[{p.partition}]" for p in partitions])
+        self.watch.check(force=True)  # a rebalance follows a broker restart: look before reading
         self.stage.on_assign(consumer, partitions)
 
     def _on_revoke(self, consumer, partitions) -> None:
@@ -224,36 +278,84 @@ class StageRunner:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 self._open()
+            except BrokerLost:
+                self._discard()  # commit nothing: the user must reset (the message says how)
+                raise
+            except KafkaException as exc:
+                # A fatal producer error (e.g. an idempotent producer's sequence refused by a
+                # restarted broker): say "lost data" when that is the cause.
+                if exc.args and isinstance(exc.args[0], KafkaError) and exc.args[0].fatal():
+                    self.watch.check(force=True)
+                raise
         log.info("%s stopped cleanly after %d records%s", self.stage.name, self.processed,
                  f" in {self.transactions} transactions" if self.transactional else "")
         return 0
 
     def _loop(self) -> None:
+        # Says once if the broker is unreachable; BrokerLost for wrong partition counts or
+        # topics recreated since this stage last ran.
+        self.watch.wait_for_topics(lambda: self.stop.stopped)
+        if self.stop.stopped:  # stopped before the broker answered: nothing read, nothing to commit
+            self.consumer.close()
+            return
         self.consumer.subscribe(self.stage.topics(), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke)
         interval = self.config.streaming.commit_interval_seconds
         batch = self.config.streaming.poll_batch
         log.info("%s started, reading %s", self.stage.name, ", ".join(self.stage.topics()))
         while not self.stop.stopped:
-            for msg in self.consumer.consume(batch, timeout=0.2):
+            msgs = self.consumer.consume(batch, timeout=0.2)
+            started = time.perf_counter()
+            for msg in msgs:
                 if msg.error():
                     self._consumer_error(msg.error())
                     continue
-                self.stage.handle(msg, self.out)
+                self._handle(msg)
                 self.processed += 1
             self.producer.poll(0)
+            self.watch.check()  # every few seconds: reachable? topics and offsets intact?
             wants_commit = self.stage.tick(self.out)
             if wants_commit or time.monotonic() - self._last_commit >= interval:
                 self.commit()
+            if self.metrics is not None:
+                self.metrics.after_batch(self, msgs, started)
         self.stage.close(self.out)
         self.commit()
+        if self.metrics is not None:  # the final figures, for a scrape while stopping
+            self.metrics.after_batch(self, [], time.perf_counter())
         self.consumer.close()
+
+    def _handle(self, msg: Message) -> None:
+        """A stage whose records are independent (``isolates_records``) dead-letters a record it
+        fails on, cut to fit if need be, and goes on: a restart would only meet it again.
+        Stateful stages fail as before; their input is salka's own, decoded and checked."""
+        try:
+            self.stage.handle(msg, self.out)
+        except Exception as exc:
+            if (not getattr(self.stage, "isolates_records", False) or isinstance(exc, DeliveryFailed)
+                    or not poison.is_poison(exc)):
+                raise
+            from pipeline.records import LINE_HEADER, dead_letter
+
+            reason = f"{self.stage.name} failed on this record: {type(exc).__name__}: {exc}"
+            log.exception("%s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), reason,
+                          extra=coordinates(msg))
+            line = header(msg, LINE_HEADER)
+            record = dead_letter(self.stage.name, msg.topic(), msg.partition(), msg.offset(),
+                                 poison.truncate(reason), msg.value(),
+                                 int(line) if line and line.isdigit() else None)
+            self.out.send_dead_letter(self.config.topics.dead_letters, record, key=msg.key())
+            counts = getattr(self.stage, "counts", None)
+            if isinstance(counts, dict):
+                counts["dead_letters"] = counts.get("dead_letters", 0) + 1
 
     def _consumer_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
             return
         if err.fatal():
             raise KafkaException(err)
+        if err.code() in UNREACHABLE_CODES:  # the watch says it once, and when it is back
+            return
         self._warn(f"consume-{err.code()}", f"consumer error (librdkafka retries): {err.str()}")
 
 
@@ -262,6 +364,11 @@ def header(msg: Message, name: str) -> str | None:
         if key == name and value is not None:
             return value.decode("utf-8", errors="replace")
     return None
+
+
+def coordinates(msg: Message) -> dict:
+    """A record's source as structured log fields (``extra=``; see pipeline/logs.py)."""
+    return {"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
 
 
 def decode_or_dead_letter(stage, msg: Message, out: Output,
@@ -273,10 +380,11 @@ def decode_or_dead_letter(stage, msg: Message, out: Output,
     try:
         return codec().decode(msg.value(), expected=expected)
     except DecodeError as exc:
-        log.warning("%s: %s[%d]@%d: %s", stage.name, msg.topic(), msg.partition(), msg.offset(), exc)
+        log.warning("%s: %s[%d]@%d: %s", stage.name, msg.topic(), msg.partition(), msg.offset(), exc,
+                    extra=coordinates(msg))
         record = dead_letter(stage.name, msg.topic(), msg.partition(), msg.offset(), str(exc),
                              msg.value())
-        out.send_record(stage.config.topics.dead_letters, "salka.DeadLetter", record)
+        out.send_dead_letter(stage.config.topics.dead_letters, record)
         stage.counts["dead_letters"] += 1
         return None
 

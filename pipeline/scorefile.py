@@ -7,16 +7,31 @@ import csv
 import gzip
 import io
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from pipeline.atomic import atomic_write
 from pipeline.config import Config
+from pipeline.errors import InputError
 
 SOURCE_COLUMNS = ["source_topic", "source_partition", "source_offset"]
 
 
 EXPLAIN_COLUMNS = ["tokens", "token_losses"]
+
+
+# Columns every scores file has whatever the config (entities and extras vary).
+REQUIRED_COLUMNS = ["line", "event_time", "window", "loss", "loss_total"]
+
+
+def check_scores_header(path: str | Path, header: list[str] | None) -> None:
+    """Stop with one line when ``path`` is not a scores file (a log passed as --scores)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in (header or [])]
+    if missing:
+        shown = ",".join(header or [])[:80]
+        raise InputError(f"{path}: not a scores file (no {missing[0]!r} column; its first line is "
+                         f"{shown!r}); pass the file written by pipeline replay --output, "
+                         f"or an archive directory")
 
 
 def score_columns(config: Config, with_source: bool = False) -> list[str]:
@@ -48,20 +63,14 @@ def format_loss(value: float | None) -> str:
 
 
 def write_rows(path: str | Path, columns: list[str], rows: Iterable[list[str]]) -> int:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     count = 0
     # mtime=0: the same rows always give the same bytes, so rewriting a file after a redelivery
     # is indistinguishable from the first write.
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+    with atomic_write(path) as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         with io.TextIOWrapper(gz, encoding="utf-8", newline="") as text:
             writer = csv.writer(text)
             writer.writerow(columns)
             for row in rows:
                 writer.writerow(row)
                 count += 1
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
     return count

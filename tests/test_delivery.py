@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
+import pytest
 from confluent_kafka import TopicPartition
 from kafka_helpers import delete_topics, read_records, stream_config, wait_for
 
@@ -22,6 +23,7 @@ def committed_offsets(config, group_stage: str, topic: str, partitions: int) -> 
         consumer.close()
 
 
+@pytest.mark.slow
 def test_exactly_once_tokenizer_commits_offsets_inside_its_transactions(kafka_bootstrap, tmp_path):
     config, config_path = stream_config(
         tmp_path, kafka_bootstrap,

@@ -74,6 +74,15 @@ def env_of(service: dict) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
+def is_salka(service: dict) -> bool:
+    return service.get("image", "").startswith("salka:") or "build" in service
+
+
+def effective_config(service: dict) -> Config:
+    """The config a salka service runs with: config.docker.yaml under its environment."""
+    return load_config(DOCKER / "config.docker.yaml", environ=env_of(service))
+
+
 def as_list(value) -> list[str]:
     if value is None:
         return []
@@ -109,7 +118,7 @@ def pipeline_invocations(services: dict[str, dict]) -> list[tuple[str, list[str]
     """(where, argv after ``pipeline``) for every pipeline run by compose or the Dockerfile."""
     found = []
     for name, service in services.items():
-        if service.get("image", "").startswith("apache/kafka"):
+        if not is_salka(service):  # kafka, prometheus, grafana
             continue
         entrypoint = as_list(service.get("entrypoint"))
         command = as_list(service.get("command"))
@@ -181,14 +190,16 @@ def test_every_stage_has_a_service_running_it(services, stage):
     command = as_list(service["command"])
     assert command[:2] == ["run", stage]
     assert command[command.index("--config") + 1] == CONFIG_IN_CONTAINER
-    assert env_of(service)["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    config = effective_config(service)  # validates the SALKA__ variables too
+    assert config.kafka["bootstrap.servers"] == "kafka:9092"
+    assert config.metrics.port > 0, f"{name}: metrics off"
     depends = service["depends_on"]
     assert isinstance(depends, dict) and depends["kafka"]["condition"] == "service_healthy", name
     assert depends["create-topics"]["condition"] == "service_completed_successfully", name
 
 
 def test_stage_services_share_the_data_volume_and_mount_the_config_read_only(compose, services):
-    config = load_config(DOCKER / "config.docker.yaml")
+    config = load_config(DOCKER / "config.docker.yaml", environ={})
     for stage, (name, service) in stage_services(services).items():
         mounts = {}
         for volume in service["volumes"]:
@@ -223,7 +234,7 @@ def test_create_topics_is_a_one_shot_service(services):
     assert name == "create-topics"  # the stages depend on it by this name
     assert str(service.get("restart", "no")) == "no"
     assert service["depends_on"]["kafka"]["condition"] == "service_healthy"
-    assert env_of(service)["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert effective_config(service).kafka["bootstrap.servers"] == "kafka:9092"
 
 
 def test_demo_producer_is_behind_a_profile(services):
@@ -324,13 +335,13 @@ def test_dockerfile_ships_the_docker_config_where_compose_points():
 
 
 def test_docker_config_loads_and_points_at_the_compose_broker():
-    config = load_config(DOCKER / "config.docker.yaml")
+    config = load_config(DOCKER / "config.docker.yaml", environ={})
     assert config.kafka["bootstrap.servers"] == "kafka:9092"
     assert config.streaming.state_dir == "/var/lib/salka/state"
     assert config.streaming.archive_dir == "/var/lib/salka/archive"
     assert config.topics.replication_factor == 1
     # Everything else is the shipped config.yaml (= the defaults).
-    shipped = load_config(ROOT / "config.yaml")
+    shipped = load_config(ROOT / "config.yaml", environ={})
     expected = dataclasses.replace(
         shipped, kafka={**shipped.kafka, "bootstrap.servers": "kafka:9092"},
         streaming=dataclasses.replace(shipped.streaming, state_dir=config.streaming.state_dir,
@@ -361,3 +372,118 @@ def test_docker_config_keeps_every_key_and_comment_of_config_yaml():
     for key, has_comment in shipped.items():
         if has_comment:
             assert docker[key], f"{key}: comment dropped in config.docker.yaml"
+
+
+# ---------------------------------------------------------------------------- volumes, metrics, Grafana
+
+
+def mounts_of(service: dict) -> dict[str, str]:
+    """container path -> source (a named volume, or a path relative to docker/)."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        found[target] = source
+    return found
+
+
+def test_state_models_and_archive_are_named_volumes_owned_by_the_image_user(compose, services):
+    from pipeline.status import checkpoint_directory
+
+    declared = set(compose["volumes"])
+    used = {source for s in services.values() for source in mounts_of(s).values()
+            if not source.startswith((".", "/"))}
+    assert used == declared, f"declared but unused / used but undeclared: {used ^ declared}"
+    made = [path for keyword, args in dockerfile_instructions() if keyword == "RUN"
+            for command in re.findall(r"mkdir -p ([^&;]*)", args) for path in command.split()]
+    for name, service in stage_services(services).values():
+        config = effective_config(service)
+        mounts = mounts_of(service)
+        wanted = {"state": config.streaming.state_dir,
+                  "model store (trainer checkpoints)": str(checkpoint_directory(config)),
+                  "archive": config.streaming.archive_dir}
+        for what, directory in wanted.items():
+            assert directory in mounts, f"{name}: no volume for the {what} at {directory}"
+            assert mounts[directory] in declared, f"{name}: {directory} is not a named volume"
+            # a fresh named volume copies the image's directory, owner included: it must exist
+            assert any(p == directory or p.startswith(directory + "/") for p in made), (
+                f"Dockerfile does not create {directory} for uid 10001")
+        assert len({mounts[d] for d in wanted.values()}) == 3, f"{name}: one volume for two of them"
+
+
+def test_every_stage_serves_metrics_on_an_exposed_port_with_a_health_check(services):
+    for name, service in stage_services(services).values():
+        port = effective_config(service).metrics.port
+        assert port > 0, name
+        assert str(port) in [str(p) for p in service.get("expose", [])], f"{name}: port {port} not exposed"
+        # host ports would collide between replicas (--scale tokenizer=3)
+        assert not service.get("ports"), f"{name}: publishes host ports"
+        test = service["healthcheck"]["test"]
+        text = " ".join(test) if isinstance(test, list) else test
+        assert f"127.0.0.1:{port}/healthz" in text, f"{name}: healthcheck does not ask /healthz on {port}"
+
+
+def prometheus_config(services) -> tuple[dict, dict]:
+    prometheus = services["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus:")
+    flag = next(a for a in as_list(prometheus.get("command")) if a.startswith("--config.file="))
+    source = mounts_of(prometheus)[flag.split("=", 1)[1]]
+    return prometheus, yaml.safe_load((DOCKER / source).read_text(encoding="utf-8"))
+
+
+def test_prometheus_scrapes_every_stage_replica_on_its_metrics_port(services):
+    _, config = prometheus_config(services)
+    targets = set()
+    for job in config["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            # type A: every replica of a scaled service, not one address
+            assert sd.get("type") == "A", job["job_name"]
+            targets |= {(name, int(sd["port"])) for name in sd["names"]}
+        for static in job.get("static_configs", []):
+            targets |= {(t.split(":")[0], int(t.split(":")[1])) for t in static["targets"]}
+    wanted = {(name, effective_config(service).metrics.port)
+              for name, service in stage_services(services).values()}
+    assert targets == wanted, f"missing: {wanted - targets}; unknown: {targets - wanted}"
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboards_directory(services):
+    prometheus, _ = prometheus_config(services)
+    grafana = services["grafana"]
+    assert grafana["image"].startswith("grafana/grafana:")
+    mounts = mounts_of(grafana)
+    provisioning = DOCKER / mounts["/etc/grafana/provisioning"]
+    assert provisioning.is_dir()
+    sources = [yaml.safe_load(p.read_text()) for p in sorted((provisioning / "datasources").glob("*.yml"))]
+    datasources = [d for s in sources for d in s["datasources"]]
+    assert [d["type"] for d in datasources] == ["prometheus"]
+    url = datasources[0]["url"]
+    host, port = url.removeprefix("http://").split(":")
+    assert host in services and services[host] is prometheus
+    assert any(str(p).split(":")[-1] == port for p in prometheus.get("ports", [])), url
+    providers = [p for f in sorted((provisioning / "dashboards").glob("*.yml"))
+                 for p in yaml.safe_load(f.read_text())["providers"]]
+    assert providers, "no dashboards provider"
+    for provider in providers:
+        path = provider["options"]["path"]
+        assert path in mounts, f"provider path {path} is not mounted into grafana"
+        directory = DOCKER / mounts[path]
+        dashboards = sorted(directory.glob("*.json"))
+        assert dashboards, f"{directory}: no dashboard JSON"
+        for dashboard in dashboards:
+            data = json.loads(dashboard.read_text(encoding="utf-8"))
+            assert data.get("uid") and data.get("panels"), dashboard.name
+    home = env_of(grafana).get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    if home:
+        folder, _, file = home.rpartition("/")
+        assert (DOCKER / mounts[folder] / file).is_file(), home
+
+
+def test_status_runs_in_any_salka_service(services):
+    """docker/README.md runs `pipeline status` through the create-topics service: it needs the
+    broker setting and the checkpoint volume the trainer writes to."""
+    from pipeline.status import checkpoint_directory
+
+    create, trainer = services["create-topics"], stage_services(services)["trainer"][1]
+    config = effective_config(create)
+    directory = str(checkpoint_directory(config))
+    assert mounts_of(create).get(directory) == mounts_of(trainer)[directory]
+    check_invocation("docker/README.md", ["status", "--config", CONFIG_IN_CONTAINER, "--json"])

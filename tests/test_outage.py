@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS")),
                                 reason="kills the broker: embedded broker only")
 
 
+@pytest.mark.slow
 def test_stages_ride_out_a_broker_restart(tmp_path):
     import yaml
     from chaos import DurableBroker

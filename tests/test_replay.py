@@ -97,6 +97,7 @@ def test_other_models_and_tokenizers_replay(small_log, tmp_path, options):
     assert any(r["loss"] for r in rows)
 
 
+@pytest.mark.slow
 def test_default_config_detects_planted_red_team_events(root, tmp_path):
     """The acceptance bar of the demo: ROC AUC >= 0.95 with config.yaml as shipped."""
     log, labels, out = tmp_path / "auth.csv", tmp_path / "labels.csv", tmp_path / "scores.csv.gz"

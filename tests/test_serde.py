@@ -183,13 +183,14 @@ RECORDS = [
         {
             "stage": "tokenizer", "source": SRC, "line": 7, "reason": "bad time in field 'time'",
             "payload": b"\x00\xff\xc3\x01not utf-8", "time_ms": 1_700_000_000_000,
+            "payload_size": 9_000_000, "payload_sha256": "ab" * 32,
         },
     ),
     (
         "salka.DeadLetter",
         "null",
         {"stage": "windower", "source": SRC, "line": None, "reason": "empty record value (null)",
-         "payload": None, "time_ms": 0},
+         "payload": None, "time_ms": 0, "payload_size": None, "payload_sha256": None},
     ),
     ("salka.EntityStat", "set",
      {"kind": "user", "entity": "U1@DOM1", "events": 40, "median": 0.5, "mad": 0.1, "z": 6.5}),
@@ -623,7 +624,7 @@ def test_unknown_line_is_null_on_the_wire_and_zero_again():
 
 
 def test_untimed_event_without_token_ids_round_trips():
-    config = config_from_dict({"input": {"format": "text", "time_field": ""}})
+    config = config_from_dict({"input": {"format": "text", "time_field": "", "entities": {}}})
     parser = LineParser(config.input)
     line = "sshd[42]: Accepted password for root"
     event = dataclasses.replace(parser.parse(line, 3), source=("salka.raw", 0, 0), raw=line)

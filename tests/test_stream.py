@@ -128,6 +128,7 @@ def test_malformed_raw_lines_reach_the_dead_letter_topic(streamed_run):
     assert archived.isdisjoint(streamed_run["bad"])
 
 
+@pytest.mark.slow
 def test_late_event_goes_to_the_late_topic(kafka_bootstrap, tmp_path):
     config, config_path = stream_config(
         tmp_path, kafka_bootstrap,
@@ -157,6 +158,7 @@ def test_late_event_goes_to_the_late_topic(kafka_bootstrap, tmp_path):
     assert sorted(events) == [1, 2, 3, 5]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [None, "truncate", "foreign"])
 def test_trainer_restart_resumes_from_its_checkpoint(kafka_bootstrap, tmp_path, damage):
     """SIGTERM the trainer after window 1, restart it: it resumes from its newest checkpoint

@@ -340,3 +340,64 @@ def test_ids_are_identical_across_processes_with_different_hash_seeds():
     oov = [ids[0] for ids in one["word"][len(sample):]]
     assert all(i >= word.offsets["src_user"] + len(word.vocabs["src_user"]) for i in oov)
     assert len(set(oov)) > 1
+
+
+# ---------------------------------------------------------------------------- BPE fast path
+
+
+def _fuzz_texts(n: int, seed: int) -> list[str]:
+    """Text built to stress the pre-tokenizer: contractions, runs and mixes of whitespace
+    (including \\x1c-\\x1f, whitespace to Python but not to Unicode), digits, punctuation, and
+    some non-ASCII lines (which take the library path)."""
+    rng = random.Random(seed)
+    atoms = ["a", "Zq", "U1@DOM1", "9", "042", " ", "  ", "\t", "\n", "\r\n", "\x0b", "\x0c",
+             "\x1c", "\x1f", "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'", "''S", ",", "[PAD]",
+             ".:;", "-_", "!?", "{}", "\\", "/", "=", "%", "é", "ü", "\u00a0", "\u2028", "日本"]
+    texts = []
+    for _ in range(n):
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 14)))
+        texts.append(text if rng.random() < 0.8 else text.encode("ascii", "ignore").decode())
+    return texts
+
+
+@pytest.mark.parametrize("fit_on", ["lanl", "fuzz"])
+def test_bpe_piece_cache_gives_exactly_the_librarys_ids(fit_on, monkeypatch):
+    """The cached path cuts ASCII text itself: every id must equal the library's own encoding
+    of the whole text, cold and warm, also right after a cache was cleared for size."""
+    import nn.tokenizers as tokenizers
+
+    texts = _fuzz_texts(3000, seed=11) + [",".join(v for _, v in f) for f in lanl_sample(300)]
+    tok = BpeTokenizer(vocab_size=600, min_frequency=2)
+    tok.fit(lanl_sample() if fit_on == "lanl" else [[("t", t)] for t in texts[:1500]])
+    expected = [tok._tok.encode(t, add_special_tokens=False).ids for t in texts]
+    assert sum(len(e) for e in expected) < sum(len(t.encode()) for t in texts)  # merges apply
+    monkeypatch.setattr(tokenizers, "_PIECE_CACHE_SIZE", 50)  # clears many times on the way
+    monkeypatch.setattr(tokenizers, "_LINE_CACHE_SIZE", 700)
+    for _ in range(2):
+        got = [tok.encode([("t", t)]) for t in texts]
+        bad = [(t, g, e) for t, g, e in zip(texts, got, expected) if g != e]
+        assert not bad, bad[:3]
+    got[0].append(-1)  # a caller's list is its own: the cache is not changed through it
+    assert tok.encode([("t", texts[0])]) == expected[0]
+
+
+def test_bpe_asks_the_library_only_for_unseen_pieces():
+    tok = BpeTokenizer(vocab_size=400)
+    tok.fit(lanl_sample())
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def encode(self, text, **kwargs):
+            calls.append(text)
+            return self.inner.encode(text, **kwargs)
+
+    tok._tok = Counting(tok._tok)
+    events = lanl_sample(2000, seed=3)
+    first = [tok.encode(f) for f in events]
+    distinct_pieces = len(set(calls))
+    assert len(calls) == distinct_pieces < 60  # U1..U6, @, DOM, C1..C5, ... once each
+    assert [tok.encode(f) for f in events] == first
+    assert len(calls) == distinct_pieces  # all warm now

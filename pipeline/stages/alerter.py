@@ -1,20 +1,21 @@
 """Alerter stage: complete windows of scores -> alerts (Avro salka.Alert) with their reasons.
 
-The per-entity history lives in a JSON state file saved atomically together with the last window
-judged and the scores-topic position to resume from (as the trainer's checkpoint does), so a
-restart neither forgets history nor judges a window twice.
+The per-entity history (bounded: see pipeline/alerting.py) lives in a compact binary state file
+(alerter.npz) saved atomically together with the last window judged and the scores-topic position
+to resume from (as the trainer's checkpoint does), so a restart neither forgets history nor judges
+a window twice. A state file that cannot be read is moved aside (pipeline/atomic.py) and the
+alerter starts over from the committed offsets with empty histories.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 from confluent_kafka import Message, TopicPartition
 
-from pipeline.alerting import Alert, AlertEngine
+from pipeline.alerting import Alert, AlertEngine, StateFormatError, decode_state, encode_state
+from pipeline.atomic import quarantine, write_bytes_atomic
 from pipeline.config import Config
 from pipeline.records import identity
 from pipeline.runner import Output, assign_from, decode_or_dead_letter
@@ -38,19 +39,24 @@ class AlerterStage:
 
     def __init__(self, config: Config):
         self.config = config
-        self.state_path = Path(config.streaming.state_dir) / "alerter.json"
+        self.state_path = state_path(config)
         self.engine = AlertEngine(config.alerting)
         self.resume_offset: int | None = None
         if self.state_path.exists():
-            state = json.loads(self.state_path.read_text())
-            self.engine = AlertEngine.from_state(config.alerting, state["engine"])
-            self.resume_offset = state["resume_offset"]
-            log.info("alerter resumes after window %s with %d entity histories",
-                     self.engine.last_window, len(self.engine.histories))
+            try:
+                self.engine, extra = decode_state(self.state_path.read_bytes(), config.alerting)
+                self.resume_offset = extra["resume_offset"]
+                log.info("alerter resumes after window %s with %d entity histories",
+                         self.engine.last_window, len(self.engine.histories))
+            except (StateFormatError, KeyError, TypeError) as exc:
+                self.engine, self.resume_offset = AlertEngine(config.alerting), None
+                quarantine(self.state_path, f"unreadable alerter state ({exc})",
+                           "starting with empty histories from the committed offsets")
         self.pending = WindowCollector("scores")
         self.safe_offset: int | None = None
         self.unsaved = False
         self.counts = {"windows": 0, "alerts": 0, "dead_letters": 0}
+        self.observer = None  # pipeline/metrics.AlerterObserver when metrics are on
 
     def topics(self) -> list[str]:
         return [self.config.topics.scores]
@@ -80,7 +86,10 @@ class AlerterStage:
         self.counts["windows"] += 1
         self.counts["alerts"] += len(alerts)
         if alerts:
-            log.info("window %d: %d alerts from %d scores", window, len(alerts), len(records))
+            log.info("window %d: %d alerts from %d scores", window, len(alerts), len(records),
+                     extra={"window": window, "alerts": len(alerts)})
+        if self.observer is not None:
+            self.observer.alerts_published(alerts, self.config.alerting.z_threshold)
         self.safe_offset = msg.offset() + 1
         self.unsaved = True
 
@@ -91,11 +100,8 @@ class AlerterStage:
         if not self.unsaved:
             return
         self.resume_offset = self.safe_offset
-        state = {"engine": self.engine.state(), "resume_offset": self.resume_offset}
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.state_path)
+        write_bytes_atomic(self.state_path,
+                           encode_state(self.engine, {"resume_offset": self.resume_offset}))
         self.unsaved = False
 
     def safe_offsets(self) -> list[TopicPartition]:
@@ -104,7 +110,21 @@ class AlerterStage:
         return [TopicPartition(self.config.topics.scores, 0, self.safe_offset)]
 
     def close(self, out: Output) -> None:
-        log.info("alerter totals: %s", self.counts)
+        log.info("alerter totals: %s; %d entity histories, %d evicted", self.counts,
+                 len(self.engine.histories), self.engine.evicted)
+
+
+def state_path(config: Config) -> Path:
+    return Path(config.streaming.state_dir) / "alerter.npz"
+
+
+def judged_through(config: Config) -> int | None:
+    """The last window the alerter has judged, from its state file (None: none yet / unreadable)."""
+    try:
+        engine, _ = decode_state(state_path(config).read_bytes(), config.alerting)
+    except (OSError, StateFormatError):
+        return None
+    return engine.last_window
 
 
 def _order(record: dict) -> tuple:

@@ -79,7 +79,8 @@ class ArchiverStage:
         path = archive_path(self.directory, window)
         written = write_rows(path, score_columns(self.config, with_source=True),
                              (archive_row(r, self.config) for r in ordered))
-        log.info("archived window %d: %d rows -> %s", window, written, path)
+        log.info("archived window %d: %d rows -> %s", window, written, path,
+                 extra={"window": window, "rows": written})
         self.counts["windows"] += 1
         self.counts["rows"] += written
         self.safe_offset = msg.offset() + 1

@@ -18,13 +18,14 @@ from pipeline.kafka import partition_count
 from pipeline.learner import make_tokenizer
 from pipeline.parsing import Event, LineParser, ParseError
 from pipeline.records import CONTROL_HEADER, LINE_HEADER, dead_letter, event_to_record
-from pipeline.runner import Output, header
+from pipeline.runner import Output, coordinates, header
 
 log = logging.getLogger(__name__)
 
 
 class TokenizerStage:
     name = "tokenizer"
+    isolates_records = True  # stateless: the runner dead-letters a record handle() fails on
 
     def __init__(self, config: Config):
         self.config = config
@@ -81,10 +82,10 @@ class TokenizerStage:
 
     def _dead_letter(self, out: Output, msg: Message, reason: str, line: int) -> None:
         log.warning("%s[%d]@%d%s: %s", msg.topic(), msg.partition(), msg.offset(),
-                    f" (line {line})" if line else "", reason)
+                    f" (line {line})" if line else "", reason, extra={**coordinates(msg), "line": line})
         record = dead_letter(self.name, msg.topic(), msg.partition(), msg.offset(), reason,
                              msg.value(), line or None)
-        out.send_record(self.config.topics.dead_letters, "salka.DeadLetter", record, key=msg.key())
+        out.send_dead_letter(self.config.topics.dead_letters, record, key=msg.key())
         self.counts["dead_letters"] += 1
 
     def tick(self, out: Output) -> bool:

@@ -15,17 +15,25 @@ import logging
 import time
 from pathlib import Path
 
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, TopicPartition
 
 from nn.training import CheckpointError
+from pipeline.atomic import quarantine
 from pipeline.config import Config
 from pipeline.learner import WindowLearner
 from pipeline.parsing import Event, LineParser
+from pipeline.progress import training_logger
 from pipeline.records import identity, record_to_event, score_to_record
 from pipeline.runner import Output, assign_from, decode_or_dead_letter
 from pipeline.stages.collect import WindowCollector
 
 log = logging.getLogger(__name__)
+
+def published_at(msg: Message) -> float | None:
+    """When the record was produced (epoch seconds), when the broker says."""
+    kind, ms = msg.timestamp()
+    return ms / 1000 if kind != TIMESTAMP_NOT_AVAILABLE and ms > 0 else None
+
 
 def checkpoint_dir(config: Config) -> Path:
     return Path(config.streaming.state_dir) / "trainer"
@@ -37,16 +45,19 @@ def checkpoint_files(config: Config) -> list[Path]:
 
 
 def load_newest_checkpoint(config: Config) -> WindowLearner | None:
-    """The newest checkpoint that loads; damaged or foreign ones are reported and skipped."""
+    """The newest checkpoint that loads; damaged or foreign ones are moved aside (one error line
+    each, pipeline/atomic.py) and the previous one is tried."""
+    refused = 0
     for path in checkpoint_files(config):
         try:
             learner = WindowLearner.load(path, config)
         except CheckpointError as exc:
-            log.error("refusing checkpoint: %s; trying the previous one", exc)
+            quarantine(path, f"refusing checkpoint ({exc})", "trying the previous one")
+            refused += 1
             continue
         log.info("resumed from %s: trained through window %s", path, learner.last_window)
         return learner
-    if checkpoint_files(config):
+    if refused:
         log.error("no usable checkpoint in %s: retraining from the first window",
                   checkpoint_dir(config))
     return None
@@ -65,6 +76,7 @@ class TrainerStage:
         self.safe_offset: int | None = None  # windows topic (one partition)
         self.unsaved = False
         self.counts = {"windows": 0, "scored": 0, "dead_letters": 0, "skipped": 0}
+        self.observer = None  # pipeline/metrics.TrainerObserver when metrics are on
 
     def topics(self) -> list[str]:
         return [self.config.topics.windows]
@@ -99,10 +111,11 @@ class TrainerStage:
         events = self.pending.complete(window, record["count"])
         if events is None:
             return
-        self._process(out, window, events, record["watermark"])
+        self._process(out, window, events, record["watermark"], published=published_at(msg))
         self.safe_offset = msg.offset() + 1
 
-    def _process(self, out: Output, window: int, events: list[Event], watermark) -> None:
+    def _process(self, out: Output, window: int, events: list[Event], watermark,
+                 published: float | None = None) -> None:
         started = time.monotonic()
         scores = self.learner.score(window, events)
         for score in scores:
@@ -111,13 +124,20 @@ class TrainerStage:
         out.send_record(self.config.topics.scores, "salka.WindowComplete",
                         {"window": window, "count": len(scores), "watermark": watermark,
                          "stage": self.name}, partition=0)
-        scored = time.monotonic()
-        loss = self.learner.train(window, events)
+        scored, scored_at = time.monotonic(), time.time()
+        progress = training_logger(log, window, self.config.training.epochs)
+        if self.observer is not None:  # a long training still counts as a live loop
+            progress = self.observer.training(progress)
+        loss = self.learner.train(window, events, progress)
         self.unsaved = True
         self.counts["windows"] += 1
         self.counts["scored"] += len(scores)
         log.info("window %d: scored %d events in %.1fs, trained in %.1fs (loss %.4f)", window,
-                 len(scores), scored - started, time.monotonic() - scored, loss)
+                 len(scores), scored - started, time.monotonic() - scored, loss,
+                 extra={"window": window, "events": len(scores), "loss": loss})
+        if self.observer is not None:
+            self.observer.window_done(window, len(events), scored - started, time.monotonic() - scored,
+                                      loss, published, scored_at)
 
     def tick(self, out: Output) -> bool:
         return self.unsaved  # commit (and so checkpoint) right after each window
@@ -128,7 +148,10 @@ class TrainerStage:
         window = self.learner.last_window
         path = checkpoint_dir(self.config) / f"checkpoint-{window:012d}.pt"
         self.learner.extra = {"resume_offset": self.safe_offset}
+        started = time.monotonic()
         self.learner.save(path, **self.learner.extra)
+        if self.observer is not None:
+            self.observer.checkpoint_done(time.monotonic() - started)
         for old in checkpoint_files(self.config)[self.config.streaming.keep_checkpoints:]:
             old.unlink(missing_ok=True)
         self.unsaved = False

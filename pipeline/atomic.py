@@ -1,0 +1,80 @@
+"""The one way salka writes a file others may read, and the one policy for state it cannot read.
+
+``atomic_write``: the new content goes to a temporary file in the same directory, is fsynced,
+renamed over the target and the directory is fsynced, so after a crash or power loss a reader
+finds the old file or the new one, never half of one; the temporary file is removed on any
+exception, KeyboardInterrupt included. Checkpoints, windower and alerter state and score files
+all use it.
+
+``quarantine``: a state file a stage cannot use (truncated, corrupt, not salka's, or made by
+another configuration) is moved aside to ``<name>.corrupt-<UTC time>`` with one error line, and
+the stage falls back (the previous checkpoint, or the committed offsets with empty state). The
+file is kept for forensics and can be moved back; the stage never crash-loops on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary handle whose content replaces ``path`` whole when the block ends without error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide archives from readers
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_write(path) as handle:
+        handle.write(data)
+
+
+def quarantine(path: str | Path, problem: str, fallback: str) -> Path:
+    """Move an unusable state file aside and say so in one line; returns where it went."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    os.replace(path, target)
+    fsync_dir(path.parent)
+    log.error("%s: %s; moved aside to %s; %s", path, problem, target.name, fallback)
+    return target

@@ -1,0 +1,118 @@
+"""``pipeline audit --input FILE``: reconcile the pipeline's outcomes against the input file.
+
+The raw-topic audit (``pipeline.audit``) trusts the raw topic: a record the broker lost after
+acknowledging it, or stored twice under new offsets, is invisible to it. Here the yardstick is
+the file ``pipeline produce`` published: every line but a header row must end exactly once, as
+an archive row, a dead letter (of the tokenizer, or of ``produce`` for a line too large for
+Kafka) or a late event, found by its line number (the ``salka.line`` header, carried into every
+record downstream). Reported, by line number:
+
+- missing: a line with no outcome at all (lost at the broker, never produced, or still in flight);
+- duplicated: a line on two raw records, or with two distinct outcomes (stored twice);
+- unexpected: a line number the file does not have as an event (another file's records?).
+
+Dead letters and late events may repeat under at-least-once delivery with the same identity:
+outcomes count by distinct identity, as in the raw-topic audit.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.parsing import HeaderRow, LineParser, read_lines
+
+Identity = tuple[str, int, int]
+SHOWN = 20  # line numbers listed per kind in the text report
+
+
+@dataclass
+class SourceAudit:
+    path: str
+    lines: int = 0  # lines that should be events: every line but header rows
+    header_rows: int = 0
+    published: int = 0  # lines with at least one raw record
+    accounted: int = 0  # lines with at least one outcome
+    missing: list[int] = field(default_factory=list)
+    duplicated: list[int] = field(default_factory=list)
+    unexpected: list[int] = field(default_factory=list)
+    not_published: list[int] = field(default_factory=list)  # missing and not on the raw topic
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.duplicated or self.unexpected)
+
+    def format(self) -> str:
+        out = [f"input file {self.path}: {self.lines} event lines ({self.header_rows} header rows), "
+               f"{self.published} on the raw topic, {self.accounted} accounted for"]
+        for name, numbers, why in (
+                ("missing", self.missing, "no archive row, dead letter or late event"),
+                ("duplicated", self.duplicated, "on two raw records or with two outcomes"),
+                ("unexpected", self.unexpected, "line numbers that are not events of this file")):
+            if numbers:
+                shown = ", ".join(map(str, numbers[:SHOWN]))
+                more = f" and {len(numbers) - SHOWN} more" if len(numbers) > SHOWN else ""
+                out.append(f"  {name} lines ({why}): {len(numbers)}: {shown}{more}")
+        if self.not_published:
+            out.append(f"  of the missing, not on the raw topic at all: {len(self.not_published)}")
+        out.append("input audit: OK, every line accounted for exactly once" if self.ok
+                   else "input audit: FAILED")
+        return "\n".join(out)
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "ok": self.ok, "lines": self.lines,
+                "header_rows": self.header_rows, "published": self.published,
+                "accounted": self.accounted, "missing": self.missing,
+                "duplicated": self.duplicated, "unexpected": self.unexpected,
+                "not_published": self.not_published}
+
+
+def event_lines(config: Config, path: str | Path) -> tuple[set[int], int]:
+    """The file's line numbers that ``pipeline produce`` publishes, and its header-row count."""
+    parser = LineParser(config.input)
+    lines: set[int] = set()
+    headers = 0
+    for number, raw in read_lines(path):
+        if isinstance(parser.parse(raw.rstrip(b"\r\n"), number), HeaderRow):
+            headers += 1
+        else:
+            lines.add(number)
+    return lines, headers
+
+
+def archive_lines(directory: Path, raw_topic: str) -> Iterable[tuple[Identity, int | None]]:
+    for path in sorted(Path(directory).glob("window-*.csv.gz")):
+        with gzip.open(path, "rt", newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row["source_topic"] == raw_topic:
+                    ident = (row["source_topic"], int(row["source_partition"]), int(row["source_offset"]))
+                    yield ident, int(row["line"]) if row.get("line") else None
+
+
+def reconcile(path: str | Path, expected: set[int], header_rows: int,
+              raw: Iterable[tuple[Identity, int | None]],
+              outcomes: Iterable[tuple[Identity, int | None]]) -> SourceAudit:
+    """Pure: file line numbers vs (identity, line) of raw records and of outcomes (archive rows,
+    raw-record dead letters, late events). A ``produce`` dead letter has no raw record: its
+    identity is (topic, -1, -1), so it is keyed by its line."""
+    copies: dict[int, set[Identity]] = defaultdict(set)
+    for ident, line in raw:
+        if line is not None:
+            copies[line].add(ident)
+    ends: dict[int, set] = defaultdict(set)
+    for ident, line in outcomes:
+        if line is not None:
+            ends[line].add(ident if ident[1] >= 0 else ("produce", line))
+    report = SourceAudit(str(path), lines=len(expected), header_rows=header_rows)
+    report.published = sum(1 for n in expected if copies.get(n))
+    report.accounted = sum(1 for n in expected if ends.get(n))
+    report.missing = sorted(n for n in expected if not ends.get(n))
+    report.not_published = [n for n in report.missing if not copies.get(n)]
+    report.duplicated = sorted(n for n in expected if len(copies.get(n, ())) > 1 or len(ends.get(n, ())) > 1)
+    report.unexpected = sorted((set(copies) | set(ends)) - expected)
+    return report
