@@ -14,65 +14,26 @@ import logging
 import os
 import random
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
+import yaml
+
+from pipeline.audit import audit
+from pipeline.broker import DurableBroker
+from pipeline.config import config_from_dict, config_to_dict, load_config
+from pipeline.demo import ArchiveCounter, StageProcesses
+from pipeline.generate import GenerateSpec, write_log
+from pipeline.kafka import create_topics
+from pipeline.produce import produce_file
+from pipeline.replay import replay
+from pipeline.scorefile import read_scores
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import yaml  # noqa: E402
-
-from pipeline.audit import audit  # noqa: E402
-from pipeline.broker import EmbeddedBroker, free_port, wait_for_port  # noqa: E402
-from pipeline.config import config_from_dict, config_to_dict, load_config  # noqa: E402
-from pipeline.demo import ArchiveCounter, StageProcesses  # noqa: E402
-from pipeline.evaluate import read_scores  # noqa: E402
-from pipeline.generate import GenerateSpec, write_log  # noqa: E402
-from pipeline.kafka import create_topics  # noqa: E402
-from pipeline.produce import produce_file  # noqa: E402
-from pipeline.replay import replay  # noqa: E402
-
 STAGES = ["tokenizer", "tokenizer", "windower", "trainer", "archiver"]
-
-
-class DurableBroker:
-    """Tansu on s3:// storage served by a local moto server; restartable on the same port."""
-
-    def __init__(self, workdir: Path):
-        self.moto_port = free_port()
-        self.moto = subprocess.Popen(
-            [str(Path(sys.executable).with_name("moto_server")), "-p", str(self.moto_port),
-             "-H", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.moto_port, 30)
-        endpoint = f"http://127.0.0.1:{self.moto_port}"
-        import boto3
-
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x",
-                     region_name="us-east-1").create_bucket(Bucket="tansu")
-        self.env = {"AWS_ENDPOINT": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "x",
-                    "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
-        self.log = workdir / "broker.log"
-        self.broker = EmbeddedBroker(storage="s3://tansu/", env=self.env, log_file=self.log).start()
-
-    @property
-    def bootstrap(self) -> str:
-        return self.broker.bootstrap
-
-    def restart(self, down_seconds: float) -> None:
-        self.broker.kill()  # SIGKILL: no clean shutdown
-        time.sleep(down_seconds)
-        self.broker = EmbeddedBroker(port=self.broker.port, storage="s3://tansu/", env=self.env,
-                                     log_file=self.log).start()
-
-    def stop(self) -> None:
-        self.broker.stop()
-        self.moto.terminate()
-        self.moto.wait()
 
 
 def main() -> int:

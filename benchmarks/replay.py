@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 SETUPS = {
     "char-LSTM": ["tokenizer.kind=char", "model.kind=rnn"],
@@ -64,7 +63,7 @@ def tokenize_throughput(log_path: Path, repeats: int = 3) -> list[tuple[str, str
     what a stage does); vocabularies / merges are fitted first on the first day, untimed."""
     from nn.tokenizers import encode_event, join_fields, tokenizer_from_state
     from pipeline.config import load_config
-    from pipeline.learner import make_tokenizer
+    from pipeline.modelspec import make_tokenizer
     from pipeline.parsing import Event, LineParser, read_lines
 
     config = load_config(ROOT / "config.yaml")

@@ -12,33 +12,27 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
+from pipeline.broker import EmbeddedBroker
+from pipeline.config import config_from_dict, config_to_dict, load_config
+from pipeline.demo import ArchiveCounter, StageProcesses
+from pipeline.generate import GenerateSpec, write_log
+from pipeline.kafka import create_topics
+from pipeline.produce import produce_file
+from pipeline.replay import replay
+from pipeline.topicread import TopicReader
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from pipeline.broker import EmbeddedBroker  # noqa: E402
-from pipeline.config import config_from_dict, config_to_dict, load_config  # noqa: E402
-from pipeline.demo import ArchiveCounter, StageProcesses  # noqa: E402
-from pipeline.generate import GenerateSpec, write_log  # noqa: E402
-from pipeline.kafka import create_topics, make_consumer  # noqa: E402
-from pipeline.produce import produce_file  # noqa: E402
-from pipeline.replay import replay  # noqa: E402
 
 
-class TopicCounter:
-    def __init__(self, config, topic: str):
-        self.consumer = make_consumer(config, f"bench-{uuid.uuid4().hex[:8]}")
-        self.consumer.subscribe([topic])
-        self.count = 0
-
-    def poll(self) -> int:
-        self.count += sum(1 for m in self.consumer.consume(5000, timeout=0.1) if not m.error())
-        return self.count
+def count_records(reader: TopicReader) -> int:
+    """Records in the reader's topic so far, after one more poll."""
+    reader.poll(timeout=0.1, max_records=5000)
+    return reader.count
 
 
 def assigned_at(log: Path, stage: str, timeout: float = 60) -> float:
@@ -100,7 +94,7 @@ def drain_alone(base, work: Path, bootstrap: str, log: Path, n: int, windows: in
     try:
         for stage, expected, topic in (("tokenizer", n + config.topics.partitions, config.topics.tokens),
                                        ("windower", n + windows, config.topics.windows)):
-            counter = TopicCounter(config, topic)
+            counter = TopicReader(config, [topic], "bench")
             stages.start(stage)
             if hasattr(os, "sched_setaffinity"):  # same core for the stage on both sides
                 os.sched_setaffinity(stages.processes[-1][1].pid, {os.cpu_count() - 1})
@@ -111,7 +105,7 @@ def drain_alone(base, work: Path, bootstrap: str, log: Path, n: int, windows: in
                 if port and time.time() - scraped[0] >= 1.0:  # a 1 s scrape interval
                     scraped[0] = time.time()
                     urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-                return c.poll() >= e
+                return count_records(c) >= e
 
             rates[stage] = n / (wait_until(done) - t0)
             stages.stop()
@@ -184,12 +178,13 @@ def main() -> None:
             stages = StageProcesses(path, work / "logs-alone")
             try:
                 steps = [
-                    ("tokenizer", lambda c: c.poll() >= n + config.topics.partitions, config.topics.tokens),
-                    ("windower", lambda c: c.poll() >= n + windows, config.topics.windows),
-                    ("trainer", lambda c: c.poll() >= n + windows, config.topics.scores),
+                    ("tokenizer", lambda c: count_records(c) >= n + config.topics.partitions,
+                     config.topics.tokens),
+                    ("windower", lambda c: count_records(c) >= n + windows, config.topics.windows),
+                    ("trainer", lambda c: count_records(c) >= n + windows, config.topics.scores),
                 ]
                 for stage, done, topic in steps:
-                    counter = TopicCounter(config, topic)
+                    counter = TopicReader(config, [topic], "bench")
                     stages.start(stage)
                     t0 = assigned_at(work / "logs-alone" / f"{stage}-0.log", stage)
                     results[stage] = n / (wait_until(lambda d=done, c=counter: d(c)) - t0)

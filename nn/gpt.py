@@ -20,7 +20,7 @@ from nn.tokenizers import PAD
 @dataclass
 class GPTConfig:
     vocab_size: int = 260
-    block_size: int = 128  # longest input sequence (BOS + tokens)
+    block_size: int = 128  # positions: inputs are BOS + tokens (EOS is only a target), at most this long
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 128

@@ -19,7 +19,9 @@ CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
 @dataclass
-class RNNConfig:
+class RNNLMConfig:
+    """The model's hyperparameters (the config file's ``model.rnn`` maps onto them)."""
+
     vocab_size: int = 260
     cell: str = "lstm"  # lstm | gru | rnn
     hidden_size: int = 128  # also the embedding size, so the output projection can be tied
@@ -31,7 +33,7 @@ class RNNConfig:
 class ResidualRNN(nn.Module):
     """A stack of one-directional recurrent layers, each adding its output to its input."""
 
-    def __init__(self, config: RNNConfig):
+    def __init__(self, config: RNNLMConfig):
         super().__init__()
         cell = CELLS[config.cell]
         self.layers = nn.ModuleList(
@@ -61,7 +63,7 @@ def reverse_each(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 class RNNLM(nn.Module):
-    def __init__(self, config: RNNConfig):
+    def __init__(self, config: RNNLMConfig):
         super().__init__()
         if config.cell not in CELLS:
             raise ValueError(f"unknown RNN cell {config.cell!r}; expected one of {sorted(CELLS)}")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from nn.gpt import GPT, GPTConfig
-from nn.rnn import RNNLM, RNNConfig
+from nn.rnn import RNNLM, RNNLMConfig
 from nn.scoring import pad_batch
 from pipeline.atomic import atomic_write
 
@@ -26,7 +26,7 @@ def build_model(model_args: dict) -> torch.nn.Module:
     args = dict(model_args)
     kind = args.pop("kind")
     if kind == "rnn":
-        return RNNLM(RNNConfig(**args))
+        return RNNLM(RNNLMConfig(**args))
     if kind == "gpt":
         return GPT(GPTConfig(**args))
     raise ValueError(f"unknown model kind {kind!r}")

@@ -23,12 +23,14 @@ import io
 import json
 import math
 from array import array
-from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.config import AlertingConfig
+from pipeline.scorefile import ScoreRow
+from pipeline.stats import midrank_percentiles
+from pipeline.windowing import event_order
 
 MAD_SCALE = 1.4826  # MAD -> standard deviation for normal data
 PAIR = "pair"  # entity kind "src_host->dst_host"
@@ -82,6 +84,17 @@ class Alert:
     entity_stats: list[dict]
 
 
+def alert_record(alert: Alert) -> dict:
+    """The alert as the alerts topic's record (Avro salka.Alert)."""
+    r = alert.record
+    return {
+        "source": r["source"], "line": r["line"], "event_time": r["event_time"],
+        "window": r["window"], "raw": r["raw"], "loss": r["loss"],
+        "window_percentile": alert.window_percentile, "entities": r["entities"],
+        "entity_stats": alert.entity_stats, "reasons": alert.reasons,
+    }
+
+
 class AlertEngine:
     def __init__(self, config: AlertingConfig):
         self.config = config
@@ -122,7 +135,7 @@ class AlertEngine:
         if self.last_window is not None and window <= self.last_window:
             return []
         scored = [r for r in records if r["loss"] is not None]
-        ranks = _percentiles([r["loss"] for r in scored])
+        ranks = midrank_percentiles([r["loss"] for r in scored]).tolist()
         candidates = []
         for record, percentile in zip(scored, ranks):
             reasons, stats = [], []
@@ -154,7 +167,7 @@ class AlertEngine:
     def _throttle(self, candidates: list[Alert]) -> list[Alert]:
         """At most max_alerts_per_entity per entity per window, highest losses first."""
         kept, per_entity = [], {}
-        for alert in sorted(candidates, key=lambda a: (-a.record["loss"], _order(a.record))):
+        for alert in sorted(candidates, key=lambda a: (-a.record["loss"], event_order(a.record))):
             keys = entity_keys(alert.record["entities"])
             if keys and all(per_entity.get(k, 0) >= self.config.max_alerts_per_entity for k in keys):
                 continue
@@ -254,48 +267,29 @@ def decode_state(data: bytes, config: AlertingConfig) -> tuple[AlertEngine, dict
         raise StateFormatError(f"{exc.__class__.__name__}: {exc}") from exc
 
 
-def _order(record: dict) -> tuple:
-    source = record["source"]
-    return (record["event_time"] or 0.0, record["line"] or 0, source["topic"], source["partition"],
-            source["offset"])
-
-
-def _percentiles(losses: list[float]) -> list[float]:
-    """Percentage of the window's scored events with a lower loss (ties count half)."""
-    n = len(losses)
-    order = sorted(losses)
-    return [100.0 * (bisect_left(order, x) + 0.5 * (bisect_right(order, x) - bisect_left(order, x)))
-            / n for x in losses]
-
-
-FIXED_COLUMNS = {"line", "event_time", "window", "loss", "loss_total", "source_topic",
-                 "source_partition", "source_offset", "tokens", "token_losses"}
-
-
-def row_to_record(row: dict[str, str], raw: str = "") -> dict:
+def row_to_record(row: ScoreRow, raw: str = "") -> dict:
     """A scores-file row (replay output or archive) as the scores topic's record."""
+    topic, partition, offset = row.source or ("", 0, 0)
     return {
-        "source": {"topic": row.get("source_topic", ""),
-                   "partition": int(row.get("source_partition") or 0),
-                   "offset": int(row.get("source_offset") or 0)},
-        "line": int(row["line"]) if row["line"] else None,
-        "event_time": float(row["event_time"]) if row["event_time"] else None,
-        "window": int(row["window"]),
-        "entities": {k: v for k, v in row.items() if k not in FIXED_COLUMNS},
-        "loss": float(row["loss"]) if row["loss"] else None,
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+        "line": row.line,
+        "event_time": row.event_time,
+        "window": row.window,
+        "entities": dict(row.entities),
+        "loss": row.loss,
         "raw": raw,
     }
 
 
-def alerts_from_rows(rows: list[dict[str, str]], config: AlertingConfig,
+def alerts_from_rows(rows: list[ScoreRow], config: AlertingConfig,
                      raw_lines: dict[int, str] | None = None) -> list[Alert]:
     """The alerter's decisions over a whole scores file, window by window in order."""
     windows: dict[int, list[dict]] = {}
     for row in rows:
-        raw = (raw_lines or {}).get(int(row["line"]) if row["line"] else -1, "")
-        windows.setdefault(int(row["window"]), []).append(row_to_record(row, raw))
+        raw = (raw_lines or {}).get(row.line, "") if row.line is not None else ""
+        windows.setdefault(row.window, []).append(row_to_record(row, raw))
     engine = AlertEngine(config)
     alerts = []
     for window in sorted(windows):
-        alerts += engine.judge_window(window, sorted(windows[window], key=_order))
+        alerts += engine.judge_window(window, sorted(windows[window], key=event_order))
     return alerts

@@ -9,27 +9,25 @@ so an identity on two archive rows is an error, as is an event both archived and
 
 from __future__ import annotations
 
-import csv
-import gzip
-import time
-import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import click
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import Message
 
+from pipeline import topicread
 from pipeline.brokerwatch import require_broker
 from pipeline.config import Config
-from pipeline.kafka import bootstrap_servers, make_admin, make_consumer, partition_count
-from pipeline.records import CONTROL_HEADER, LINE_HEADER, identity
+from pipeline.kafka import bootstrap_servers, make_admin
 from pipeline.runner import header
+from pipeline.scorefile import iter_scores
 from pipeline.serde import DecodeError, codec
 from pipeline.source_audit import SourceAudit, archive_lines, event_lines, reconcile
+from pipeline.topicrecords import CONTROL_HEADER, LINE_HEADER, identity
 
 Identity = tuple[str, int, int]
-ASSIGN_PROBE_SECONDS = 10.0  # waiting this long for partitions: is the broker / topic still there?
 
 
 def require_topics(config: Config, names: list[str]) -> None:
@@ -45,31 +43,15 @@ def require_topics(config: Config, names: list[str]) -> None:
             f"config names other topics (with a demo, use --workdir DIR)")
 
 
-def read_topic(config: Config, topic: str, idle: float = 3.0, timeout: float = 300.0):
-    """Every record of ``topic`` from the start, until nothing new arrives for ``idle`` seconds
-    (the embedded broker's end offsets are unreliable, so no end-offset arithmetic here)."""
+def read_topic(config: Config, topic: str, timeout: float = 300.0) -> Iterator[Message]:
+    """Every record of ``topic`` from the start to its end (pipeline/topicread.py), after
+    checking that it exists; one clear line if the end cannot be reached."""
     require_topics(config, [topic])
-    consumer = make_consumer(config, f"audit-{uuid.uuid4().hex[:10]}")
-    # Every partition assigned directly, no group join: the group is new and alone, and the
-    # embedded broker holds each join for session.timeout.ms / 2 (3 s per topic read).
-    assigned = [TopicPartition(topic, p, OFFSET_BEGINNING)
-                for p in range(partition_count(consumer, topic))]
-    consumer.assign(assigned)
-    deadline = time.monotonic() + timeout
-    last = probed = time.monotonic()
     try:
-        while time.monotonic() < deadline and (not assigned or time.monotonic() - last < idle):
-            if not assigned:
-                last = time.monotonic()  # the idle clock starts once partitions are assigned
-                if last - probed >= ASSIGN_PROBE_SECONDS:
-                    require_topics(config, [topic])
-                    probed = last
-            for msg in consumer.consume(1000, timeout=0.2):
-                last = time.monotonic()
-                if not msg.error():
-                    yield msg
-    finally:
-        consumer.close()
+        yield from topicread.read_topic(config, topic, timeout=timeout)
+    except TimeoutError as exc:
+        raise click.ClickException(f"{exc}: is the Kafka broker at {bootstrap_servers(config)} "
+                                   f"still up?") from None
 
 
 @dataclass
@@ -107,6 +89,13 @@ class AuditReport:
         # Rows whose raw record cannot be found mean the audit could not check them.
         return self.total.ok and not self.unknown_rows and (self.source is None or self.source.ok)
 
+    def as_dict(self) -> dict:
+        """The figures as JSON-able data (``pipeline audit --json``)."""
+        return {"ok": self.ok, "total": asdict(self.total),
+                "partitions": {f"{t}[{p}]": asdict(a) for (t, p), a in self.partitions.items()},
+                "unknown_rows": self.unknown_rows,
+                "input": self.source.as_dict() if self.source else None}
+
     def format(self) -> str:
         columns = ["raw", "archived", "dead_letters", "late", "lost", "duplicated", "conflicting"]
         lines = [f"{'topic[partition]':<32}" + "".join(f"{c:>13}" for c in columns)]
@@ -127,10 +116,8 @@ class AuditReport:
 
 def archive_identities(directory: Path) -> Counter:
     rows: Counter = Counter()
-    for path in sorted(directory.glob("window-*.csv.gz")):
-        with gzip.open(path, "rt", newline="") as handle:
-            for row in csv.DictReader(handle):
-                rows[(row["source_topic"], int(row["source_partition"]), int(row["source_offset"]))] += 1
+    if directory.is_dir():  # none yet: nothing archived
+        rows.update(row.source for row in iter_scores(directory) if row.source is not None)
     return rows
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,3 +123,39 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class DurableBroker:
+    """Tansu on s3:// storage served by a local moto server (the dev extra ``moto[server]``);
+    restartable on the same port: for outage tests and benchmarks/chaos.py."""
+
+    def __init__(self, workdir: Path):
+        self.moto_port = free_port()
+        self.moto = subprocess.Popen(
+            [str(Path(sys.executable).with_name("moto_server")), "-p", str(self.moto_port),
+             "-H", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.moto_port, 30)
+        endpoint = f"http://127.0.0.1:{self.moto_port}"
+        import boto3  # with moto, a dev dependency: imported only here
+
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x",
+                     region_name="us-east-1").create_bucket(Bucket="tansu")
+        self.env = {"AWS_ENDPOINT": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "x",
+                    "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
+        self.log = workdir / "broker.log"
+        self.broker = EmbeddedBroker(storage="s3://tansu/", env=self.env, log_file=self.log).start()
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap
+
+    def restart(self, down_seconds: float) -> None:
+        self.broker.kill()  # SIGKILL: no clean shutdown
+        time.sleep(down_seconds)
+        self.broker = EmbeddedBroker(port=self.broker.port, storage="s3://tansu/", env=self.env,
+                                     log_file=self.log).start()
+
+    def stop(self) -> None:
+        self.broker.stop()
+        self.moto.terminate()
+        self.moto.wait()

@@ -14,7 +14,7 @@ from itertools import islice
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.parsing import CommentRow, Event, HeaderRow, LineParser, ParseError, read_lines
+from pipeline.parsing import CommentRow, Event, HeaderRow, LineParser, Malformed, read_lines
 from pipeline.replay import ParseReport, malformed_problem
 from pipeline.safetext import printable
 from pipeline.scorefile import format_number
@@ -37,7 +37,7 @@ def _time(seconds: float | None) -> str:
 def check_lines(config: Config, path: str | Path, limit: int) -> list[str]:
     """The report for the first ``limit`` physical lines of ``path``, as printable lines."""
     from nn.tokenizers import encode_event
-    from pipeline.learner import make_tokenizer
+    from pipeline.modelspec import make_tokenizer
 
     parser = LineParser(config.input)
     results = [parser.parse(raw, number) for number, raw in islice(read_lines(path), limit)]
@@ -53,7 +53,7 @@ def check_lines(config: Config, path: str | Path, limit: int) -> list[str]:
             out.append(f"line {result.line}: {what}, skipped")
             report.header_rows += 1
             continue
-        if isinstance(result, ParseError):
+        if isinstance(result, Malformed):
             out.append(f"line {result.line}: MALFORMED: {printable(result.reason)}")
             report.errors.append(result)
             continue

@@ -152,7 +152,7 @@ def scores_source(command):
     def wrapper(scores_path, archive_dir, **kwargs):
         if bool(scores_path) == bool(archive_dir):
             raise click.UsageError("give exactly one of --scores FILE and --archive DIR")
-        from pipeline.evaluate import read_scores
+        from pipeline.scorefile import read_scores
 
         return command(rows=read_scores(scores_path or archive_dir), **kwargs)
 
@@ -172,7 +172,7 @@ def scores_source(command):
 def top_command(config: Config, rows, limit, by, input_path, csv_path) -> None:
     """Print the highest-loss events (or entities ranked by their worst event), most anomalous
     first."""
-    from pipeline.report import format_top, write_top_csv
+    from pipeline.ranking import format_top, write_top_csv
 
     try:
         click.echo(format_top(rows, limit, by, input_path))
@@ -260,7 +260,7 @@ def produce_command(config: Config, input_path, rate, end_marker) -> None:
     the rest goes on. Exits 1 only when a record reached neither the raw nor the dead-letter topic."""
     from pipeline.kafka import require_reachable
 
-    require_reachable(config)  # one line and exit 1 in seconds, before the imports of torch
+    require_reachable(config)  # an absent broker: one line and exit 1, in seconds
     from pipeline.produce import ProduceError, produce_file
 
     try:
@@ -338,8 +338,6 @@ def audit_command(config: Config, workdir, archive_dir, input_path, as_json) -> 
     """Check that every raw record ended exactly once: as an archive row, a dead letter or a late
     event. Exits 1 when any record is lost, archived twice or in two places, or (with --input)
     when a line of the file is missing, duplicated or unexpected."""
-    import dataclasses
-
     from pipeline.kafka import require_reachable
 
     if workdir is not None:
@@ -347,19 +345,12 @@ def audit_command(config: Config, workdir, archive_dir, input_path, as_json) -> 
             config = load_config(Path(workdir) / "effective-config.yaml")
         except ConfigError as exc:
             raise ConfigProblem(str(exc)) from exc
-    require_reachable(config)  # before pipeline.audit imports torch (via records): said in seconds
+    require_reachable(config)  # an absent broker said in one line, in seconds
     from pipeline.audit import audit
 
     report = audit(config, Path(archive_dir) if archive_dir else None,
                    Path(input_path) if input_path else None)
-    if as_json:
-        click.echo(json.dumps({
-            "ok": report.ok, "total": dataclasses.asdict(report.total),
-            "partitions": {f"{t}[{p}]": dataclasses.asdict(a) for (t, p), a in report.partitions.items()},
-            "unknown_rows": report.unknown_rows,
-            "input": report.source.as_dict() if report.source else None}, indent=2))
-    else:
-        click.echo(report.format())
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.format())
     raise SystemExit(0 if report.ok else 1)
 
 
@@ -394,28 +385,11 @@ def demo_command(config: Config, input_path, labels_path, workdir, tokenizers) -
 def alerts_command(config: Config, scores_path, input_path, limit, labels_path) -> None:
     """Apply the alerting rules (config section alerting) window by window, exactly as the
     alerter stage does, and print the highest-loss alerts with their reasons."""
-    from pipeline.alerting import alerts_from_rows
-    from pipeline.evaluate import read_labels, read_scores
-    from pipeline.report import raw_lines
-    from pipeline.safetext import printable
+    from pipeline.alertview import offline_report
+    from pipeline.evaluate import read_labels
 
-    rows = read_scores(scores_path)
-    raw = raw_lines(input_path, {int(r["line"]) for r in rows if r["line"]}) if input_path else None
-    alerts = alerts_from_rows(rows, config.alerting, raw)
-    top = sorted(alerts, key=lambda a: -a.record["loss"])[:limit]
-    click.echo(f"{len(alerts)} alerts from {len(rows)} events; top {len(top)} by loss:")
-    for rank, alert in enumerate(top, start=1):
-        r = alert.record  # entities, raw line and reasons carry log text: printable() each
-        click.echo(f"{rank:>3}. loss {r['loss']:.3f}  line {r['line']}  window {r['window']}  "
-                   f"{printable(' '.join(f'{k}={v}' for k, v in r['entities'].items()))}")
-        if r["raw"]:
-            click.echo(f"     {printable(r['raw'])}")
-        for reason in alert.reasons:
-            click.echo(f"     - {printable(reason)}")
-    if labels_path:
-        labels = read_labels(labels_path)
-        hits = sum(labels.get(a.record["line"], 0) for a in top)
-        click.echo(f"precision of the top {len(top)} alerts: {hits / max(len(top), 1):.2f}")
+    labels = read_labels(labels_path) if labels_path else None
+    click.echo(offline_report(scores_path, config.alerting, limit, input_path, labels))
 
 
 def main() -> None:

@@ -146,17 +146,21 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
-class RnnConfig:
+class RnnSection:
+    """The config file's ``model.rnn`` (the model's own dataclass is ``nn.rnn.RNNLMConfig``)."""
+
     cell: Literal["lstm", "gru", "rnn"] = "lstm"
     hidden_size: int = field(default=128, metadata=_check(_positive))
-    layers: int = field(default=1, metadata=_check(_positive))
+    n_layer: int = field(default=1, metadata=_check(_positive))
     # Forward state at t-1 and backward state at t+1 predict token t.
     bidirectional: bool = False
     dropout: float = field(default=0.0, metadata=_check(_probability))
 
 
 @dataclass(frozen=True)
-class GptConfigSection:
+class GptSection:
+    """The config file's ``model.gpt`` (the model's own dataclass is ``nn.gpt.GPTConfig``)."""
+
     n_layer: int = field(default=2, metadata=_check(_positive))
     n_head: int = field(default=4, metadata=_check(_positive))
     n_embd: int = field(default=128, metadata=_check(_positive))
@@ -166,8 +170,8 @@ class GptConfigSection:
 @dataclass(frozen=True)
 class ModelConfig:
     kind: Literal["rnn", "gpt"] = "rnn"
-    rnn: RnnConfig = field(default_factory=RnnConfig)
-    gpt: GptConfigSection = field(default_factory=GptConfigSection)
+    rnn: RnnSection = field(default_factory=RnnSection)
+    gpt: GptSection = field(default_factory=GptSection)
 
 
 @dataclass(frozen=True)
@@ -401,10 +405,18 @@ def _require_finite(value: Any, path: str) -> None:
             _require_finite(item, f"{path}[{index}]")
 
 
+# Keys renamed since a release: an old config gets the new name, not just "unknown key".
+RENAMED_KEYS = {"model.rnn.layers": "model.rnn.n_layer"}
+
+
 def _build(cls: type, data: dict, path: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    for name in unknown:
+        where = f"{path}.{name}" if path else str(name)
+        if where in RENAMED_KEYS:
+            raise ConfigError(f"{where}: renamed to {RENAMED_KEYS[where]}; rename the key in your config")
     if unknown:
         where = f"{path}.{unknown[0]}" if path else str(unknown[0])
         raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(fields))})")

@@ -24,11 +24,12 @@ from pipeline.audit import audit
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import Config, config_to_dict
 from pipeline.generate import GenerateSpec
-from pipeline.kafka import create_topics, make_consumer
+from pipeline.kafka import create_topics
 from pipeline.progress import LogTail, shorten
-from pipeline.records import identity
 from pipeline.safetext import printable
 from pipeline.serde import DecodeError, codec
+from pipeline.topicread import TopicReader, read_topic
+from pipeline.topicrecords import identity
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +113,14 @@ class SideTopicCounter:
 
     def __init__(self, config: Config):
         self.config = config
-        self.consumer = make_consumer(config, f"demo-counter-{os.getpid()}-{time.time_ns()}")
-        self.consumer.subscribe([config.topics.dead_letters, config.topics.late])
+        self.reader = TopicReader(config, [config.topics.dead_letters, config.topics.late],
+                                  "demo-counter")
         self.dead: set = set()
         self.late: set = set()
         self.reasons: dict[str, int] = {}
 
     def poll(self) -> None:
-        for msg in self.consumer.consume(1000, timeout=0.2):
-            if msg.error():
-                continue
+        for msg in self.reader.poll():
             try:
                 name, record = codec().decode(msg.value())
             except DecodeError:
@@ -134,7 +133,7 @@ class SideTopicCounter:
                 self.late.add(identity(record["event"]))
 
     def close(self) -> None:
-        self.consumer.close()
+        self.reader.close()
 
 
 def effective_config(config: Config, workdir: Path, bootstrap: str) -> tuple[Config, Path]:
@@ -149,10 +148,12 @@ def effective_config(config: Config, workdir: Path, bootstrap: str) -> tuple[Con
 
 def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path: Path | None,
              tokenizers: int = 2, timeout: float = 1800.0) -> int:
-    from pipeline.evaluate import evaluate, format_report, read_labels, read_scores
+    from pipeline.alertview import alert_lines, precision_line
+    from pipeline.evaluate import evaluate, format_report, read_labels
     from pipeline.generate import write_log
     from pipeline.produce import produce_file
-    from pipeline.report import format_top_events
+    from pipeline.ranking import format_top_events
+    from pipeline.scorefile import read_scores
 
     workdir.mkdir(parents=True, exist_ok=True)
     for old in ("state", "archive"):  # a demo always starts from scratch
@@ -195,7 +196,7 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
             broker.stop()
     archived, windows, dead, late, reasons = counts
     rows = read_scores(archive)
-    scored = sum(1 for r in rows if r["loss"])
+    scored = sum(1 for r in rows if r.loss is not None)
     click.echo("")
     click.echo(f"events produced: {produced.records}   windows: {windows}   archived: {archived} "
                f"(scored {scored}, first window unscored {archived - scored})")
@@ -205,14 +206,10 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
     click.echo(format_top_events(rows, 10, input_path))
     labels = read_labels(labels_path) if labels_path is not None else None
     click.echo(f"\nalerts: {len(alerts)} (topic {config.topics.alerts}); the 5 highest:")
-    top_alerts = sorted(alerts, key=lambda a: -a["loss"])
-    for alert in top_alerts[:5]:
-        click.echo(f"  loss {alert['loss']:.3f}  line {alert['line']}  {printable(alert['raw'])}")
-        for reason in alert["reasons"]:
-            click.echo(f"      - {printable(reason)}")
+    for line in alert_lines(alerts, 5):
+        click.echo(line)
     if labels is not None:
-        hits = sum(labels.get(a["line"], 0) for a in top_alerts[:20])
-        click.echo(f"precision of the top 20 alerts: {hits / max(1, min(20, len(top_alerts))):.2f}")
+        click.echo(precision_line(alerts, labels, 20))
         click.echo("")
         click.echo(format_report(evaluate(archive, labels_path)))
     click.echo("")
@@ -242,7 +239,6 @@ def next_steps(config_path: Path, log: Path, archive: Path, labels: Path | None)
 
 def _wait_for_alerts(config: Config, archive: Path, timeout: float = 120.0) -> list[dict]:
     """Once the alerter has judged the last archived window, every alert it will raise."""
-    from pipeline.audit import read_topic
     from pipeline.stages.alerter import judged_through
 
     last = max(int(p.name[len("window-"):-len(".csv.gz")]) for p in archive.glob("window-*.csv.gz"))
@@ -254,7 +250,7 @@ def _wait_for_alerts(config: Config, archive: Path, timeout: float = 120.0) -> l
     else:
         click.echo(f"warning: the alerter did not judge window {last} within {timeout:.0f}s")
     alerts = []
-    for msg in read_topic(config, config.topics.alerts, idle=2.0):
+    for msg in read_topic(config, config.topics.alerts):
         try:
             alerts.append(codec().decode(msg.value(), expected=("salka.Alert",))[1])
         except DecodeError:

@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline.errors import InputError
-from pipeline.scorefile import check_scores_header
-
-
-def read_scores(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a scores file, or of every window file of an archive directory."""
-    path = Path(path)
-    if path.is_dir():
-        return [row for part in sorted(path.glob("window-*.csv.gz")) for row in read_scores(part)]
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            check_scores_header(path, reader.fieldnames)
-            return list(reader)
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:  # gzip / text / CSV damage
-        raise InputError(f"{path}: not a readable scores file ({exc}); pass the file written by "
-                         f"pipeline replay --output, or an archive directory") from exc
-
+from pipeline.scorefile import ScoreRow, read_scores
+from pipeline.stats import detection_scores, midrank_percentiles
 
 # Labels: 0/1 or false/true, nothing looser ("yes", "-", "attack" were once guessed at).
 LABEL_VALUES = {"0": 0, "1": 1, "false": 0, "true": 1}
@@ -77,20 +60,12 @@ def read_labels(path: str | Path) -> dict[int, int]:
     return labels
 
 
-def _line(row: dict[str, str]) -> int:
-    return int(row["line"]) if row["line"] else -1  # Kafka input without line numbers
-
-
-def percentile_ranks(losses: np.ndarray) -> np.ndarray:
-    """Percentile of each score among all scores (ties share their average rank), 0..100."""
-    order = losses.argsort(kind="stable")
-    ranks = np.empty(len(losses))
-    ranks[order] = np.arange(len(losses))
-    # Average the ranks of tied values so the metric does not depend on file order.
-    _, inverse, counts = np.unique(losses, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    ranks = sums[inverse] / counts[inverse]
-    return 100.0 * (ranks + 0.5) / len(losses)
+def scored_truth(rows: list[ScoreRow], labels: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(losses, 0/1 labels) of the scored rows, in row order; lines not labelled count as normal,
+    as do rows without a line number (Kafka input)."""
+    scored = [r for r in rows if r.loss is not None]
+    return (np.array([r.loss for r in scored], dtype=np.float64),
+            np.array([1 if labels.get(r.line, 0) else 0 for r in scored], dtype=np.int64))
 
 
 def evaluate(scores_path: str | Path, labels_path: str | Path, ks: tuple[int, ...] = (10, 50, 100)) -> dict:
@@ -102,24 +77,22 @@ def evaluate(scores_path: str | Path, labels_path: str | Path, ks: tuple[int, ..
     """
     labels = read_labels(labels_path)
     rows = read_scores(scores_path)
-    scored = [r for r in rows if r["loss"] != ""]
-    losses = np.array([float(r["loss"]) for r in scored])
-    truth = np.array([labels.get(_line(r), 0) for r in scored])
+    losses, truth = scored_truth(rows, labels)
     result: dict = {
         "events": len(rows),
-        "scored": len(scored),
-        "unscored": len(rows) - len(scored),
+        "scored": len(losses),
+        "unscored": len(rows) - len(losses),
         "positives": int(truth.sum()),
-        "positives_unscored": sum(labels.get(_line(r), 0) for r in rows if r["loss"] == ""),
+        "positives_unscored": sum(labels.get(r.line, 0) for r in rows if r.loss is None),
     }
-    if len(scored) == 0 or truth.sum() == 0 or truth.sum() == len(truth):
+    detection = detection_scores(truth, losses)
+    if detection is None:
         result["error"] = "need both labelled and normal scored events"
         return result
-    result["roc_auc"] = float(roc_auc_score(truth, losses))
-    result["average_precision"] = float(average_precision_score(truth, losses))
+    result["roc_auc"], result["average_precision"] = detection
     ranked = truth[np.argsort(-losses, kind="stable")]
     result["precision_at_k"] = {str(k): float(ranked[:k].mean()) for k in ks if k <= len(ranked)}
-    result["mean_percentile_of_positives"] = float(percentile_ranks(losses)[truth == 1].mean())
+    result["mean_percentile_of_positives"] = float(midrank_percentiles(losses)[truth == 1].mean())
     return result
 
 

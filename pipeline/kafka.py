@@ -148,18 +148,16 @@ def partition_count(client: Consumer | Producer | AdminClient, topic: str, timeo
 
 
 class DeliveryTracker:
-    """Counts produce acknowledgements; a stage commits input offsets only when nothing failed."""
+    """Collects failed produce acknowledgements; a stage commits input offsets only when nothing
+    failed."""
 
     def __init__(self) -> None:
-        self.delivered = 0
         self.failures: list[str] = []
 
     def __call__(self, err: KafkaError | None, msg) -> None:
         if err is not None:
             self.failures.append(f"{msg.topic()} [{msg.partition()}]: {err.str()}")
             log.error("delivery failed to %s [%s]: %s", msg.topic(), msg.partition(), err.str())
-        else:
-            self.delivered += 1
 
 
 def produce(producer: Producer, topic: str, value: bytes | None, *, on_delivery, **kwargs) -> None:

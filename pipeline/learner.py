@@ -7,20 +7,14 @@ a function of the config and the window's events alone, so offline and online ru
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nn.scoring import score_sequences
-from nn.tokenizers import (
-    AnyTokenizer,
-    build_tokenizer,
-    encode_event,
-    needs_fit,
-    tokenizer_from_state,
-)
+from nn.tokenizers import encode_event, needs_fit, tokenizer_from_state
 from nn.training import (
     CheckpointError,
     build_model,
@@ -30,44 +24,11 @@ from nn.training import (
     save_checkpoint,
     train_sequences,
 )
-from pipeline.config import Config, config_to_dict
+from pipeline.config import RENAMED_KEYS, Config, config_to_dict
+from pipeline.modelspec import make_tokenizer, model_args_for
 from pipeline.parsing import Event
+from pipeline.score import Score
 from pipeline.windowing import event_order
-
-
-@dataclass(frozen=True)
-class Score:
-    event: Event
-    window: int
-    loss: float | None  # mean per-token cross-entropy (nats); None before any training
-    loss_total: float | None
-    token_losses: tuple[float, ...] = ()  # per predicted token, when explaining
-    tokens: tuple[str, ...] = ()  # the predicted tokens, for display
-
-
-def make_tokenizer(config: Config) -> AnyTokenizer:
-    tc = config.tokenizer
-    if tc.kind == "word":
-        return build_tokenizer("word", **vars(tc.word))
-    if tc.kind == "bpe":
-        return build_tokenizer("bpe", **vars(tc.bpe))
-    return build_tokenizer("char")
-
-
-def model_args_for(config: Config, vocab_size: int) -> dict:
-    mc = config.model
-    block_size = config.tokenizer.max_tokens + 2  # BOS + tokens + EOS
-    if mc.kind == "gpt":
-        g = mc.gpt
-        return {
-            "kind": "gpt", "vocab_size": vocab_size, "block_size": block_size,
-            "n_layer": g.n_layer, "n_head": g.n_head, "n_embd": g.n_embd, "dropout": g.dropout,
-        }
-    r = mc.rnn
-    return {
-        "kind": "rnn", "vocab_size": vocab_size, "cell": r.cell, "hidden_size": r.hidden_size,
-        "n_layer": r.layers, "bidirectional": r.bidirectional, "dropout": r.dropout,
-    }
 
 
 def _chunk_progress(on_progress: Callable[[int, float, float], None], epochs: int, start: int,
@@ -79,7 +40,18 @@ def _chunk_progress(on_progress: Callable[[int, float, float], None], epochs: in
     return on_batch
 
 
-_CHECKPOINT_KEYS = {"format", "config", "model_args", "model", "optimizer", "tokenizer", "last_window"}
+def renamed_keys_applied(saved: dict) -> dict:
+    """A checkpoint's config with keys renamed since it was written (``RENAMED_KEYS``) under
+    their new names, so a checkpoint of an earlier release still resumes."""
+    saved = copy.deepcopy(saved)
+    for old, new in RENAMED_KEYS.items():
+        *parents, old_name = old.split(".")
+        node = saved
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and old_name in node:
+            node[new.rsplit(".", 1)[1]] = node.pop(old_name)
+    return saved
 
 
 class WindowLearner:
@@ -87,7 +59,8 @@ class WindowLearner:
 
     def __init__(self, config: Config):
         self.config = config
-        self.extra: dict = {}  # what a stage saved beside the model (e.g. its input position)
+        # Where the stage that saved the checkpoint stopped reading its input (None: from the start).
+        self.resume_offset: int | None = None
         self.tokenizer = make_tokenizer(config)
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -167,10 +140,12 @@ class WindowLearner:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, path: str | Path, **extra) -> None:
+    def save(self, path: str | Path, resume_offset: int | None = None) -> None:
+        """Checkpoint the model, optimizer, tokenizer and last window, with the input position
+        the saving stage resumes from (the trainer's windows-topic offset)."""
         save_checkpoint(
             path,
-            **extra,
+            resume_offset=resume_offset,
             config=config_to_dict(self.config),
             model_args=model_args_of(self.model) if self.model is not None else None,
             model=self.model.state_dict() if self.model is not None else None,
@@ -185,7 +160,7 @@ class WindowLearner:
         different model / tokenizer / seed configuration (its scores would not continue ours)."""
         data = load_checkpoint(path)
         try:
-            saved = data["config"]
+            saved = renamed_keys_applied(data["config"])
             for section in ("model", "tokenizer", "seed"):
                 if saved[section] != config_to_dict(config)[section]:
                     raise CheckpointError(f"{path}: made with a different {section} configuration "
@@ -204,5 +179,5 @@ class WindowLearner:
         except Exception as exc:  # missing keys, wrong shapes, a tokenizer state that is not ours
             raise CheckpointError(f"{path}: inconsistent checkpoint ({exc.__class__.__name__}: "
                                   f"{exc})") from exc
-        learner.extra = {k: v for k, v in data.items() if k not in _CHECKPOINT_KEYS}
+        learner.resume_offset = data.get("resume_offset")
         return learner

@@ -1,4 +1,4 @@
-"""Pure parsing: one raw log line -> an Event, or a ParseError saying why not.
+"""Pure parsing: one raw log line -> an Event, or a Malformed value saying why not.
 
 The same functions run offline (replay reads a file) and online (the tokenizer stage reads a
 topic), so nothing here knows where a line came from beyond the identity it is handed.
@@ -38,12 +38,14 @@ class Event:
 
 
 @dataclass(frozen=True)
-class ParseError:
+class Malformed:
+    """A line that is no event, and why: returned by ``LineParser.parse``, never raised."""
+
     line: int
     reason: str
 
 
-class HeaderRow(ParseError):
+class HeaderRow(Malformed):
     """The line is the CSV header: skipped, not an error."""
 
 
@@ -119,34 +121,34 @@ class LineParser:
             n for n in names if n != config.time_field
         ]
 
-    def parse(self, raw: bytes | str, line: int) -> Event | ParseError:
+    def parse(self, raw: bytes | str, line: int) -> Event | Malformed:
         if isinstance(raw, bytes):
             try:
                 raw = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                return ParseError(line, f"invalid UTF-8 at byte {exc.start}")
+                return Malformed(line, f"invalid UTF-8 at byte {exc.start}")
         raw = raw.rstrip("\r\n").removeprefix("\ufeff")  # a BOM (Excel, PowerShell) is not data
         if "\x00" in raw:
-            return ParseError(line, "line contains NUL bytes")
+            return Malformed(line, "line contains NUL bytes")
         if not raw.strip():
-            return ParseError(line, "empty line")
+            return Malformed(line, "empty line")
         if self.config.format == "csv":
             fields = self._csv_fields(raw, line)
         elif self.config.format == "json":
             fields = self._json_fields(raw, line)
         else:
             fields = self._text_fields(raw, line)
-        if isinstance(fields, ParseError):
+        if isinstance(fields, Malformed):
             return fields
         time = None
         if self.config.time_field:
             try:
                 time = self._time(fields.get(self.config.time_field, ""))
             except (ValueError, OverflowError) as exc:
-                return ParseError(line, f"bad time in field {self.config.time_field!r}: {exc}")
+                return Malformed(line, f"bad time in field {self.config.time_field!r}: {exc}")
             problem = future_problem(time, self.clock(), self.config.max_future_seconds)
             if problem:
-                return ParseError(line, f"bad time in field {self.config.time_field!r}: {problem}")
+                return Malformed(line, f"bad time in field {self.config.time_field!r}: {problem}")
         text_fields = tuple((name, fields.get(name, "")) for name in self.model_fields)
         return Event(line=line, time=time, fields=fields, text_fields=text_fields)
 
@@ -164,7 +166,7 @@ class LineParser:
             seconds = parse_time(value, fmt, datetime.fromtimestamp(now, timezone.utc).year - 1)
         return seconds
 
-    def _csv_fields(self, raw: str, line: int) -> dict[str, str] | ParseError:
+    def _csv_fields(self, raw: str, line: int) -> dict[str, str] | Malformed:
         columns = self.config.csv.columns
         prefix = self.config.csv.comment_prefix
         if prefix and raw.startswith(prefix):
@@ -173,49 +175,49 @@ class LineParser:
             rows = list(csv.reader([raw], delimiter=self.config.csv.delimiter, strict=True))
         except csv.Error as exc:
             if "field limit" in str(exc):
-                return ParseError(line, f"a CSV field longer than {csv.field_size_limit()} characters "
+                return Malformed(line, f"a CSV field longer than {csv.field_size_limit()} characters "
                                         f"(line of {len(raw)} characters)")
-            return ParseError(line, f"broken CSV quoting: {exc}")
+            return Malformed(line, f"broken CSV quoting: {exc}")
         values = rows[0] if rows else []
         header = self.config.csv.header
         looks_like_header = [v.strip().lower() for v in values] == [c.lower() for c in columns]
         if line == 1 and (header is True or (header == "auto" and looks_like_header)):
             return HeaderRow(line, "header row")
         if looks_like_header:
-            return ParseError(line, "a header row in the middle of the data")
+            return Malformed(line, "a header row in the middle of the data")
         if len(values) != len(columns):
-            return ParseError(
+            return Malformed(
                 line, f"expected {len(columns)} CSV columns, got {len(values)}"
             )
         return dict(zip(columns, values))
 
-    def _comment(self, raw: str, line: int) -> ParseError:
+    def _comment(self, raw: str, line: int) -> Malformed:
         """Skip a comment line; a Zeek ``#fields`` line must name input.csv.columns, else every
         line after it would be read into the wrong fields."""
         values = raw.split(self.config.csv.delimiter)
         columns = list(self.config.csv.columns)
         if values[0] == "#fields" and values[1:] != columns:
-            return ParseError(line, f"the #fields line names {values[1:]}, input.csv.columns is "
+            return Malformed(line, f"the #fields line names {values[1:]}, input.csv.columns is "
                                     f"{columns}: make input.csv.columns the same list")
         return CommentRow(line, "comment line")
 
-    def _json_fields(self, raw: str, line: int) -> dict[str, str] | ParseError:
+    def _json_fields(self, raw: str, line: int) -> dict[str, str] | Malformed:
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
-            return ParseError(line, f"not JSON: {exc.msg} at column {exc.colno}")
+            return Malformed(line, f"not JSON: {exc.msg} at column {exc.colno}")
         except (ValueError, RecursionError) as exc:  # huge integers, deep nesting
-            return ParseError(line, f"not usable JSON: {type(exc).__name__}")
+            return Malformed(line, f"not usable JSON: {type(exc).__name__}")
         if not isinstance(obj, dict):
-            return ParseError(line, f"expected a JSON object, got {type(obj).__name__}")
+            return Malformed(line, f"expected a JSON object, got {type(obj).__name__}")
         return {path: json_text(json_lookup(obj, path)) for path in self.config.json.fields}
 
-    def _text_fields(self, raw: str, line: int) -> dict[str, str] | ParseError:
+    def _text_fields(self, raw: str, line: int) -> dict[str, str] | Malformed:
         if self.pattern is None:
             return {"text": raw}
         match = self.pattern.search(raw)
         if match is None:
-            return ParseError(line, "line does not match input.text.pattern")
+            return Malformed(line, "line does not match input.text.pattern")
         fields = {k: v or "" for k, v in match.groupdict().items()}
         if "text" not in fields:
             fields["text"] = raw
@@ -244,11 +246,6 @@ def json_text(value: object) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-
-
-def event_text(event: Event) -> str:
-    """The string char and BPE tokenizers read: the model fields joined by commas."""
-    return ",".join(value for _, value in event.text_fields)
 
 
 def read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:

@@ -6,7 +6,7 @@ the dead letter (value + reason + source) is over it, and Kafka refuses it: loca
 topic's limit, which may be lower). Either way the stage must not fail on it, or it restarts from
 its last commit, meets the same record and fails again, forever. So a dead letter that does not
 fit is cut to fit: a prefix of the value, its original size and SHA-256 (set by
-``records.dead_letter``) and the reason. Nothing here imports torch or talks to Kafka.
+``topicrecords.dead_letter``) and the reason. Nothing here imports torch or talks to Kafka.
 """
 
 from __future__ import annotations

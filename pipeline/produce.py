@@ -28,7 +28,7 @@ from pipeline import poison
 from pipeline.config import Config
 from pipeline.kafka import DeliveryTracker, make_producer, partition_count, produce
 from pipeline.parsing import Event, HeaderRow, LineParser, read_lines
-from pipeline.records import CONTROL_HEADER, END_OF_INPUT, LINE_HEADER, dead_letter
+from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, LINE_HEADER, dead_letter
 
 log = logging.getLogger(__name__)
 

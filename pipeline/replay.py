@@ -16,8 +16,9 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.interrupt import interruptible
-from pipeline.learner import Score, WindowLearner
-from pipeline.parsing import Event, HeaderRow, LineParser, ParseError, read_lines
+from pipeline.learner import WindowLearner
+from pipeline.parsing import Event, HeaderRow, LineParser, Malformed, read_lines
+from pipeline.score import Score
 from pipeline.scorefile import explain_cells, format_loss, format_number, score_columns, write_rows
 from pipeline.windowing import window_of
 
@@ -31,7 +32,7 @@ MAX_REASON_KINDS = 10
 class ParseReport:
     events: int = 0
     header_rows: int = 0
-    errors: list[ParseError] = field(default_factory=list)
+    errors: list[Malformed] = field(default_factory=list)
 
     def log_summary(self, source: str) -> None:
         for error in self.errors[:MAX_REPORTED_ERRORS]:
@@ -55,7 +56,7 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"(?<=[ (])(?<!field )'[^']*'(?=[:,;) ]|$)", "'…'", reason)
 
 
-def reason_counts(errors: list[ParseError]) -> dict[str, tuple[int, int]]:
+def reason_counts(errors: list[Malformed]) -> dict[str, tuple[int, int]]:
     """Reason kind -> (lines, first line), most frequent first."""
     counts = Counter(reason_kind(e.reason) for e in errors)
     first: dict[str, int] = {}
@@ -89,7 +90,7 @@ def parse_file(path: str | Path, config: Config) -> tuple[dict[int, list[Event]]
         result = parser.parse(raw, number)
         if isinstance(result, HeaderRow):
             report.header_rows += 1
-        elif isinstance(result, ParseError):
+        elif isinstance(result, Malformed):
             report.errors.append(result)
         else:
             windows[window_of(result, config.window)].append(result)

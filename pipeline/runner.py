@@ -22,6 +22,7 @@ from pipeline.brokerwatch import UNREACHABLE_CODES, BrokerLost, stage_watch
 from pipeline.config import Config
 from pipeline.kafka import DeliveryTracker, make_consumer, make_producer, produce
 from pipeline.serde import DecodeError, codec
+from pipeline.topicrecords import LINE_HEADER, dead_letter
 
 if TYPE_CHECKING:
     from pipeline.metrics import StageMetrics
@@ -35,7 +36,6 @@ class Output:
     def __init__(self, producer, tracker: DeliveryTracker, limit: int = 8_388_608):
         self.producer = producer
         self.tracker = tracker
-        self.sent = 0
         self.by_topic: dict[str, int] = {}  # records sent per topic (pipeline/metrics.py reads it)
         self.limit = limit  # the producer's message.max.bytes
         self._refused: list[tuple[str, dict, bytes | None, int]] = []  # dead letters to cut
@@ -46,7 +46,6 @@ class Output:
         if partition is not None:
             kwargs["partition"] = partition
         produce(self.producer, topic, value, on_delivery=self.tracker, **kwargs)
-        self.sent += 1
         self.by_topic[topic] = self.by_topic.get(topic, 0) + 1
 
     def send_record(self, topic: str, schema: str, record: dict, **kwargs) -> None:
@@ -69,7 +68,6 @@ class Output:
                 self.tracker(err, msg)
 
         produce(self.producer, topic, data, key=key, on_delivery=delivered)
-        self.sent += 1
         self.by_topic[topic] = self.by_topic.get(topic, 0) + 1
 
     def resend_refused(self) -> bool:
@@ -335,19 +333,10 @@ class StageRunner:
             if (not getattr(self.stage, "isolates_records", False) or isinstance(exc, DeliveryFailed)
                     or not poison.is_poison(exc)):
                 raise
-            from pipeline.records import LINE_HEADER, dead_letter
-
             reason = f"{self.stage.name} failed on this record: {type(exc).__name__}: {exc}"
-            log.exception("%s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), reason,
-                          extra=coordinates(msg))
             line = header(msg, LINE_HEADER)
-            record = dead_letter(self.stage.name, msg.topic(), msg.partition(), msg.offset(),
-                                 poison.truncate(reason), msg.value(),
-                                 int(line) if line and line.isdigit() else None)
-            self.out.send_dead_letter(self.config.topics.dead_letters, record, key=msg.key())
-            counts = getattr(self.stage, "counts", None)
-            if isinstance(counts, dict):
-                counts["dead_letters"] = counts.get("dead_letters", 0) + 1
+            send_to_dead_letters(self.stage, msg, self.out, poison.truncate(reason),
+                                 int(line) if line and line.isdigit() else None, failure=exc)
 
     def _consumer_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
@@ -375,18 +364,28 @@ def decode_or_dead_letter(stage, msg: Message, out: Output,
                           expected: tuple[str, ...]) -> tuple[str, dict] | None:
     """Decode an internal-topic record; one that is not a record of ``expected`` schemas goes to
     the dead-letter topic with the reason (and counts in ``stage.counts``), and the stage goes on."""
-    from pipeline.records import dead_letter  # records imports the learner: keep this module light
-
     try:
         return codec().decode(msg.value(), expected=expected)
     except DecodeError as exc:
-        log.warning("%s: %s[%d]@%d: %s", stage.name, msg.topic(), msg.partition(), msg.offset(), exc,
-                    extra=coordinates(msg))
-        record = dead_letter(stage.name, msg.topic(), msg.partition(), msg.offset(), str(exc),
-                             msg.value())
-        out.send_dead_letter(stage.config.topics.dead_letters, record)
-        stage.counts["dead_letters"] += 1
+        send_to_dead_letters(stage, msg, out, str(exc))
         return None
+
+
+def send_to_dead_letters(stage, msg: Message, out: Output, reason: str, line: int | None = None,
+                         failure: Exception | None = None) -> None:
+    """The one way an input record goes to the dead-letter topic: logged with its coordinates
+    (``failure``: an error with its traceback, not bad input), sent whole or cut to fit
+    (``Output.send_dead_letter``), counted in ``stage.counts``; the stage goes on."""
+    where = f"{stage.name}: {msg.topic()}[{msg.partition()}]@{msg.offset()}"
+    fields = {**coordinates(msg), **({"line": line} if line else {})}
+    if failure is None:
+        log.warning("%s%s: %s", where, f" (line {line})" if line else "", reason, extra=fields)
+    else:
+        log.error("%s: %s", where, reason, exc_info=failure, extra=fields)
+    record = dead_letter(stage.name, msg.topic(), msg.partition(), msg.offset(), reason,
+                         msg.value(), line or None)
+    out.send_dead_letter(stage.config.topics.dead_letters, record, key=msg.key())
+    stage.counts["dead_letters"] = stage.counts.get("dead_letters", 0) + 1
 
 
 def assign_from(consumer, partitions: list[TopicPartition], offset: int | None) -> None:

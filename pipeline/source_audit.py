@@ -17,8 +17,6 @@ outcomes count by distinct identity, as in the raw-topic audit.
 
 from __future__ import annotations
 
-import csv
-import gzip
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.parsing import HeaderRow, LineParser, read_lines
+from pipeline.scorefile import iter_scores
 
 Identity = tuple[str, int, int]
 SHOWN = 20  # line numbers listed per kind in the text report
@@ -86,12 +85,11 @@ def event_lines(config: Config, path: str | Path) -> tuple[set[int], int]:
 
 
 def archive_lines(directory: Path, raw_topic: str) -> Iterable[tuple[Identity, int | None]]:
-    for path in sorted(Path(directory).glob("window-*.csv.gz")):
-        with gzip.open(path, "rt", newline="") as handle:
-            for row in csv.DictReader(handle):
-                if row["source_topic"] == raw_topic:
-                    ident = (row["source_topic"], int(row["source_partition"]), int(row["source_offset"]))
-                    yield ident, int(row["line"]) if row.get("line") else None
+    if not Path(directory).is_dir():  # none yet: nothing archived
+        return
+    for row in iter_scores(directory):
+        if row.source is not None and row.source[0] == raw_topic:
+            yield row.source, row.line
 
 
 def reconcile(path: str | Path, expected: set[int], header_rows: int,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from pipeline.config import WindowConfig
 from pipeline.parsing import Event
@@ -26,10 +28,17 @@ def window_of(event: Event, window: WindowConfig) -> int:
     return index
 
 
-def event_order(event: Event) -> tuple:
+def event_order(event: Event | Mapping[str, Any]) -> tuple:
     """Deterministic order inside a window: event time, then source identity (file line, then
-    Kafka coordinates), whatever order the events arrived in."""
-    return (event.time if event.time is not None else 0.0, event.line, event.source or ("", 0, 0))
+    Kafka coordinates), whatever order the events arrived in. The one sort key for an event as
+    an ``Event`` (replay, trainer) and as a topic record (archiver, alerter: ``event_time``,
+    ``line`` and ``source``), so every stage orders a window as training did."""
+    if isinstance(event, Event):
+        time, line, source = event.time, event.line, event.source
+    else:
+        s = event["source"]
+        time, line, source = event["event_time"], event["line"], (s["topic"], s["partition"], s["offset"])
+    return (time if time is not None else 0.0, line or 0, source or ("", 0, 0))
 
 
 def event_clock(event: Event) -> float:

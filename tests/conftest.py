@@ -1,32 +1,9 @@
 import os
-import re
-import sys
 from pathlib import Path
 
+import helpers
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-LANL_LINE = "3600,U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success"
-
-
-def key_comments(path: Path) -> dict[str, bool]:
-    """Every key path of a YAML file (a.b.c) -> whether a comment line comes right before it."""
-    stack: list[tuple[int, str]] = []
-    commented: dict[str, bool] = {}
-    previous = ""
-    for line in path.read_text(encoding="utf-8").splitlines():
-        match = re.match(r"^( *)([A-Za-z_]+):", line)
-        if match:
-            indent, name = len(match.group(1)), match.group(2)
-            while stack and stack[-1][0] >= indent:
-                stack.pop()
-            stack.append((indent, name))
-            commented[".".join(n for _, n in stack)] = previous.lstrip().startswith("#")
-        if line.strip():
-            previous = line
-    return commented
+from helpers import ROOT, delete_topics
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +22,19 @@ def kafka_bootstrap() -> str:
 
     with EmbeddedBroker() as broker:
         yield broker.bootstrap
+
+
+@pytest.fixture(autouse=True)
+def _delete_created_topics(request):
+    """After a broker test, delete the topics its stream_config calls created on the shared
+    broker (unique per test, so nothing piles up on an external cluster). Tests that run a
+    broker of their own lose theirs with it."""
+    helpers.created.clear()
+    yield
+    made, helpers.created[:] = list(helpers.created), []
+    if "kafka_bootstrap" not in request.fixturenames:
+        return
+    bootstrap = request.getfixturevalue("kafka_bootstrap")
+    for config in made:
+        if config.kafka.get("bootstrap.servers") == bootstrap:
+            delete_topics(config)

@@ -8,12 +8,13 @@ import signal
 from dataclasses import replace
 
 import pytest
-from kafka_helpers import delete_topics, read_records, stream_config, wait_for
+from helpers import delete_topics, read_records, stream_config, wait_for
 
 from pipeline.alerting import AlertEngine, StateFormatError, alerts_from_rows, decode_state, encode_state
 from pipeline.config import AlertingConfig
 from pipeline.demo import StageProcesses
 from pipeline.kafka import make_producer
+from pipeline.scorefile import parse_row
 from pipeline.serde import codec
 from pipeline.stages.alerter import judged_through
 
@@ -133,9 +134,9 @@ def test_alerts_from_a_scores_file_match_the_engine():
     rng = random.Random(7)
     windows = [normal_window(w, w * 1000, rng) for w in range(4)]
     windows[3][2]["loss"] = 3.0
-    rows = [{"line": str(r["line"]), "event_time": str(r["event_time"]), "window": str(r["window"]),
-             "user": r["entities"]["user"], "src_host": r["entities"]["src_host"],
-             "dst_host": r["entities"]["dst_host"], "loss": f"{r['loss']:.6f}", "loss_total": ""}
+    rows = [parse_row({"line": str(r["line"]), "event_time": str(r["event_time"]), "window": str(r["window"]),
+                       "user": r["entities"]["user"], "src_host": r["entities"]["src_host"],
+                       "dst_host": r["entities"]["dst_host"], "loss": f"{r['loss']:.6f}", "loss_total": ""})
             for w in windows for r in w]
     engine = AlertEngine(CONFIG)
     direct = [a.record["line"] for w in range(4) for a in engine.judge_window(w, windows[w])]
@@ -192,9 +193,9 @@ def test_eviction_gives_the_same_alerts_offline_and_across_a_restart():
     expected = [[a.record["line"] for a in straight.judge_window(w, windows[w])] for w in range(12)]
     assert not any(expected)  # U-rare's history was evicted in the windows between its visits
 
-    rows = [{"line": str(r["line"]), "event_time": str(r["event_time"]), "window": str(r["window"]),
-             "user": r["entities"]["user"], "src_host": r["entities"]["src_host"],
-             "dst_host": r["entities"]["dst_host"], "loss": repr(r["loss"]), "loss_total": ""}
+    rows = [parse_row({"line": str(r["line"]), "event_time": str(r["event_time"]), "window": str(r["window"]),
+                       "user": r["entities"]["user"], "src_host": r["entities"]["src_host"],
+                       "dst_host": r["entities"]["dst_host"], "loss": repr(r["loss"]), "loss_total": ""})
             for w in windows for r in w]
     offline = [a.record["line"] for a in alerts_from_rows(rows, config)]
     assert offline == [line for lines in expected for line in lines]

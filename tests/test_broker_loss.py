@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from kafka_helpers import stream_config, wait_for
+from helpers import stream_config, wait_for
 
 from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.brokerwatch import TopicState, positions_past_end, topic_problems

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 from click.testing import CliRunner
-from conftest import key_comments
+from helpers import key_comments
 
 from pipeline.cli import cli
 from pipeline.config import Config, ConfigError, config_from_dict, load_config
@@ -66,12 +66,27 @@ def test_overrides_apply_with_yaml_types():
 
 def test_yaml_file_errors_name_the_file_and_key(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("model:\n  rnn:\n    layers: two\n")
-    with pytest.raises(ConfigError, match="model.rnn.layers: expected a positive integer"):
+    path.write_text("model:\n  rnn:\n    n_layer: two\n")
+    with pytest.raises(ConfigError, match="model.rnn.n_layer: expected a positive integer"):
         load_config(path)
     path.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_renamed_key_names_its_new_name_in_one_line(tmp_path):
+    message = "model.rnn.layers: renamed to model.rnn.n_layer; rename the key in your config"
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n  rnn:\n    layers: 2\n    hidden: 3\n")  # also an unknown key
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, environ={})
+    with pytest.raises(ConfigError, match="renamed to model.rnn.n_layer.*SALKA__MODEL__RNN__LAYERS"):
+        load_config(None, environ={"SALKA__MODEL__RNN__LAYERS": "2"})
+    result = CliRunner().invoke(cli, ["replay", "--config", str(path), "--input", str(path),
+                                      "--output", str(tmp_path / "s.csv.gz")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"Error: {message}"]
+    assert config_from_dict({}, ["model.rnn.n_layer=2"]).model.rnn.n_layer == 2
 
 
 def test_yaml_is_loaded_safely(tmp_path):

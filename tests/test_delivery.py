@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 from confluent_kafka import TopicPartition
-from kafka_helpers import delete_topics, read_records, stream_config, wait_for
+from helpers import delete_topics, read_records, stream_config, wait_for
 
 from pipeline.demo import StageProcesses
 from pipeline.kafka import make_consumer

@@ -16,7 +16,7 @@ import click
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import key_comments
+from helpers import key_comments
 
 from pipeline.cli import STAGES, cli
 from pipeline.config import Config, load_config

@@ -7,12 +7,12 @@ from datetime import datetime, timezone
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import ROOT
+from helpers import ROOT
 
 from pipeline.cli import cli
 from pipeline.config import config_from_dict, load_config
 from pipeline.formats import example_config, format_names
-from pipeline.parsing import CommentRow, Event, HeaderRow, LineParser, ParseError, read_lines
+from pipeline.parsing import CommentRow, Event, HeaderRow, LineParser, Malformed, read_lines
 
 EXAMPLES = ROOT / "examples"
 DATA = ROOT / "tests" / "data"
@@ -39,7 +39,7 @@ def test_the_shipped_formats_are_the_example_files():
 @pytest.mark.parametrize("name", format_names())
 def test_example_parses_its_sample_with_zero_malformed_lines(name):
     config, results = parse_sample(name)
-    malformed = [r for r in results if isinstance(r, ParseError) and not isinstance(r, HeaderRow)]
+    malformed = [r for r in results if isinstance(r, Malformed) and not isinstance(r, HeaderRow)]
     assert malformed == []
     events = [r for r in results if isinstance(r, Event)]
     assert len(events) >= 5
@@ -100,7 +100,7 @@ def test_zeek_fields_line_that_disagrees_with_the_columns_is_malformed():
     parser = LineParser(config.input)
     assert isinstance(parser.parse("#path\tconn", 5), CommentRow)
     wrong = parser.parse("#fields\tts\tuid\tid.orig_h", 7)
-    assert isinstance(wrong, ParseError) and not isinstance(wrong, HeaderRow)
+    assert isinstance(wrong, Malformed) and not isinstance(wrong, HeaderRow)
     assert "#fields line names" in wrong.reason and "input.csv.columns" in wrong.reason
 
 

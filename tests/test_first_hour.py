@@ -7,11 +7,11 @@ from datetime import datetime, timezone
 
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT
+from helpers import ROOT
 
 from pipeline.cli import cli
 from pipeline.config import config_from_dict
-from pipeline.parsing import HeaderRow, LineParser, ParseError
+from pipeline.parsing import HeaderRow, LineParser, Malformed
 from pipeline.replay import ParseReport
 from pipeline.scorefile import write_rows
 
@@ -195,8 +195,8 @@ def test_top_eval_and_report_run_with_config(scores, tmp_path):
 
 
 def test_malformed_lines_are_logged_one_by_one_to_a_cap_then_counted_per_reason(caplog):
-    errors = [ParseError(n, f"expected 9 CSV columns, got {n % 2 + 4}") for n in range(2, 40)]
-    errors += [ParseError(n, f"bad time in field 'time': time '-{n}' is negative") for n in range(40, 47)]
+    errors = [Malformed(n, f"expected 9 CSV columns, got {n % 2 + 4}") for n in range(2, 40)]
+    errors += [Malformed(n, f"bad time in field 'time': time '-{n}' is negative") for n in range(40, 47)]
     with caplog.at_level(logging.WARNING):
         ParseReport(events=100, errors=errors).log_summary("auth.csv")
     text = caplog.text

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from kafka_helpers import delete_topics, read_records, stream_config, wait_for
+from helpers import delete_topics, read_records, stream_config, wait_for
 
 from pipeline.cli import cli
 from pipeline.config import ConfigError, InputConfig, config_from_dict, load_config
-from pipeline.evaluate import read_scores
-from pipeline.parsing import MAX_EPOCH_SECONDS, Event, LineParser, ParseError, future_problem
-from pipeline.report import format_top
+from pipeline.parsing import MAX_EPOCH_SECONDS, Event, LineParser, Malformed, future_problem
+from pipeline.ranking import format_top
 from pipeline.safetext import csv_cell, csv_uncell, printable
+from pipeline.scorefile import read_scores
 
 NOW = 1_800_000_000.0  # a fixed "wall clock" (2027) for the parser
 DAY = 86400.0
@@ -57,7 +57,7 @@ def test_a_year_2199_time_is_refused_below_the_hard_limit():
     t2199 = MAX_EPOCH_SECONDS - 200 * DAY
     parser = LineParser(InputConfig(), clock=lambda: NOW)
     result = parser.parse(ROW.format(int(t2199)), 7)
-    assert isinstance(result, ParseError), result
+    assert isinstance(result, Malformed), result
     assert result.line == 7
     assert "too far in the future" in result.reason and "max_future_seconds" in result.reason
     ok = parser.parse(ROW.format(int(NOW - 3600)), 8)
@@ -68,7 +68,7 @@ def test_max_future_seconds_is_configurable_and_read_at_parse_time():
     clock = [NOW]
     parser = LineParser(config_from_dict({"input": {"max_future_seconds": 60}}).input,
                         clock=lambda: clock[0])
-    assert isinstance(parser.parse(ROW.format(int(NOW + 61)), 1), ParseError)
+    assert isinstance(parser.parse(ROW.format(int(NOW + 61)), 1), Malformed)
     assert isinstance(parser.parse(ROW.format(int(NOW + 60)), 1), Event)
     clock[0] += 120  # the clock moved on: the same time is no longer in the future
     assert isinstance(parser.parse(ROW.format(int(NOW + 61)), 1), Event)
@@ -79,7 +79,7 @@ def test_far_future_bound_applies_to_iso_times_too():
     parser = LineParser(config.input, clock=lambda: NOW)
     assert isinstance(parser.parse(ROW.format("2027-01-15T08:00:00Z"), 2), Event)  # before NOW
     refused = parser.parse(ROW.format("2199-01-01T00:00:00Z"), 3)
-    assert isinstance(refused, ParseError) and "too far in the future" in refused.reason
+    assert isinstance(refused, Malformed) and "too far in the future" in refused.reason
 
 
 def test_replay_refuses_the_far_future_line_and_scores_the_rest(tmp_path):
@@ -325,7 +325,7 @@ def test_far_future_event_is_dead_lettered_and_later_events_are_scored(kafka_boo
                  what="every good event archived")
         assert not stages.dead(), stages.dead()
         dead = read_records(config, config.topics.dead_letters, expected=len(attack_lines))
-        late = read_records(config, config.topics.late, idle=2.0, timeout=5.0)
+        late = read_records(config, config.topics.late, timeout=5.0)
     finally:
         stages.stop()
         delete_topics(config)

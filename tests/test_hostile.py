@@ -10,15 +10,15 @@ import gzip
 from pathlib import Path
 
 import pytest
-from kafka_helpers import delete_topics, read_records, stream_config, wait_for
+from helpers import delete_topics, read_records, stream_config, wait_for
 
 from pipeline.audit import audit
 from pipeline.demo import StageProcesses
 from pipeline.generate import GenerateSpec, write_log
 from pipeline.kafka import make_producer
 from pipeline.produce import produce_file
-from pipeline.records import LINE_HEADER
 from pipeline.serde import codec
+from pipeline.topicrecords import LINE_HEADER
 
 GOOD = b"5000,U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success"
 
@@ -223,10 +223,10 @@ OFFLINE = [bad for bad in BAD_RAW if bad[1] is not None]  # a null value exists 
 def test_each_bad_raw_record_has_its_reason_offline(kind, value, reason):
     """The same reasons without a broker: the tokenizer's parse step on its own."""
     from pipeline.config import config_from_dict
-    from pipeline.parsing import LineParser, ParseError
+    from pipeline.parsing import LineParser, Malformed
 
     result = LineParser(config_from_dict({}).input).parse(value, 7)
-    assert isinstance(result, ParseError), kind
+    assert isinstance(result, Malformed), kind
     assert reason in result.reason
 
 

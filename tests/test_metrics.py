@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from kafka_helpers import delete_topics, stream_config, wait_for
+from helpers import delete_topics, stream_config, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.alerting import Alert

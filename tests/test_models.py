@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from nn.gpt import GPT, GPTConfig
-from nn.rnn import RNNLM, RNNConfig
+from nn.rnn import RNNLM, RNNLMConfig
 from nn.scoring import pad_batch, score_sequences, token_losses
 from nn.tokenizers import BOS, EOS, N_SPECIAL, PAD, CharTokenizer, encode_event
 from nn.training import (
@@ -52,7 +52,7 @@ def make_model(kind: str, seed: int = 0, n_layer: int = 2) -> torch.nn.Module:
     else:
         bidirectional = kind.startswith("bi-")
         cell = kind.removeprefix("bi-")
-        model = RNNLM(RNNConfig(V, cell, H, n_layer, bidirectional=bidirectional))
+        model = RNNLM(RNNLMConfig(V, cell, H, n_layer, bidirectional=bidirectional))
     return model.eval()
 
 
@@ -293,7 +293,7 @@ def tiny_config(kind: str = "rnn", seed: int = 1234, **training):
         "tokenizer": {"kind": "char", "max_tokens": 80},
         "model": {
             "kind": "rnn" if kind.endswith("rnn") else "gpt",
-            "rnn": {"cell": "lstm", "hidden_size": H, "layers": 1,
+            "rnn": {"cell": "lstm", "hidden_size": H, "n_layer": 1,
                     "bidirectional": kind == "bi-rnn", "dropout": 0.1},
             "gpt": {"n_layer": 1, "n_head": 2, "n_embd": H, "dropout": 0.1},
         },
@@ -347,6 +347,27 @@ def test_learner_checkpoint_keeps_tying_and_resumes_exactly(kind, tmp_path):
     assert mean_scores(loaded.score(2, later)) == mean_scores(learner.score(2, later))
     for (name, a), b in zip(learner.model.state_dict().items(), loaded.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_checkpoint_of_an_earlier_release_with_rnn_layers_still_resumes(tmp_path):
+    """model.rnn.layers was renamed n_layer: a checkpoint whose config says ``layers`` is the same
+    configuration, not a foreign one; a different value still is."""
+    config = tiny_config("rnn")
+    learner = WindowLearner(config)
+    learner.train(0, window_events(config, 0))
+    path = tmp_path / "learner.pt"
+    learner.save(path)
+    data = load_checkpoint(path)
+    rnn = data["config"]["model"]["rnn"]
+    rnn["layers"] = rnn.pop("n_layer")
+    save_checkpoint(path, **{k: v for k, v in data.items() if k != "format"})
+    probe = window_events(config, 1)
+    resumed = WindowLearner.load(path, config)
+    assert mean_scores(resumed.score(1, probe)) == mean_scores(learner.score(1, probe))
+    rnn["layers"] = 2
+    save_checkpoint(path, **{k: v for k, v in data.items() if k != "format"})
+    with pytest.raises(CheckpointError, match="different model configuration"):
+        WindowLearner.load(path, config)
 
 
 # ---------------------------------------------------------------------------- 4. padding
@@ -430,7 +451,7 @@ def test_loss_falls_on_a_repetitive_log(kind):
     if kind == "gpt":
         model = GPT(GPTConfig(vocab_size=260, block_size=82, n_layer=1, n_head=2, n_embd=32))
     else:
-        model = RNNLM(RNNConfig(vocab_size=260, cell="lstm", hidden_size=32, n_layer=1))
+        model = RNNLM(RNNLMConfig(vocab_size=260, cell="lstm", hidden_size=32, n_layer=1))
     before = sum(m for m, _, _ in score_sequences(model, held_out)) / len(held_out)
     optimizer = make_optimizer(model, learning_rate=1e-2, weight_decay=0.0)
     train_loss = train_sequences(

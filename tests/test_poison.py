@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from confluent_kafka import KafkaError, KafkaException, Producer
-from kafka_helpers import delete_topics, read_records, stream_config, wait_for
+from helpers import delete_topics, read_records, stream_config, wait_for
 
 from pipeline.audit import audit
 from pipeline.cli import cli
@@ -28,9 +28,9 @@ from pipeline.demo import ArchiveCounter, StageProcesses
 from pipeline.generate import GenerateSpec, write_log
 from pipeline.poison import budget, fit_dead_letter, is_poison, message_limit
 from pipeline.produce import produce_file
-from pipeline.records import CONTROL_HEADER, LINE_HEADER, dead_letter
 from pipeline.serde import codec
 from pipeline.source_audit import reconcile
+from pipeline.topicrecords import CONTROL_HEADER, LINE_HEADER, dead_letter
 
 GOOD = "{t},U{u}@DOM1,U{u}@DOM1,C{c},C2,Kerberos,Network,LogOn,Success"
 
@@ -230,21 +230,11 @@ def test_produce_dead_letters_an_oversized_line_and_publishes_the_rest(kafka_boo
 
 def read_records_raw(config, topic: str, expected: int) -> list[tuple[bytes, bytes, str | None]]:
     """(key, value, control header) of the first ``expected`` records of ``topic``."""
-    import uuid
-
-    from pipeline.kafka import make_consumer
     from pipeline.runner import header
+    from pipeline.topicread import read_topic
 
-    consumer = make_consumer(config, f"reader-{uuid.uuid4().hex[:8]}")
-    consumer.subscribe([topic])
-    out: list = []
-    try:
-        wait_for(lambda: out.extend((m.key(), m.value(), header(m, CONTROL_HEADER))
-                                    for m in consumer.consume(500, timeout=0.2) if not m.error())
-                 or len(out) >= expected, 60, what=f"{expected} records on {topic}")
-    finally:
-        consumer.close()
-    return out
+    return [(m.key(), m.value(), header(m, CONTROL_HEADER))
+            for m in read_topic(config, topic, count=expected, timeout=60)]
 
 
 # ---------------------------------------------------------- over the broker: audit --input

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.evaluate import read_labels, read_scores
-from pipeline.report import entity_ranking, format_top
+from pipeline.evaluate import read_labels
+from pipeline.ranking import entity_ranking, format_top
+from pipeline.scorefile import read_scores
 
 COLUMNS = ["line", "event_time", "window", "user", "src_host", "dst_host", "loss", "loss_total"]
 ARCHIVE_COLUMNS = [*COLUMNS, "source_topic", "source_partition", "source_offset"]

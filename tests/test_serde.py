@@ -1,4 +1,4 @@
-"""Avro single-object framing (pipeline/serde.py) and the record conversions (pipeline/records.py).
+"""Avro single-object framing (pipeline/serde.py) and the record conversions (pipeline/topicrecords.py).
 
 No broker: every case is bytes in, bytes out. The fingerprint is checked against an independent
 implementation of the Avro spec (parsing canonical form + Rabin CRC-64-AVRO, little-endian), so a
@@ -17,20 +17,20 @@ import struct
 import time
 
 import pytest
-from conftest import LANL_LINE
 from fastavro.schema import to_parsing_canonical_form
+from helpers import LANL_LINE
 
 from pipeline.config import config_from_dict
-from pipeline.learner import Score
 from pipeline.parsing import Event, LineParser
-from pipeline.records import (
+from pipeline.score import Score
+from pipeline.serde import HEADER_LEN, MAGIC, DecodeError, EncodeError, codec
+from pipeline.topicrecords import (
     dead_letter,
     event_to_record,
     identity,
     record_to_event,
     score_to_record,
 )
-from pipeline.serde import HEADER_LEN, MAGIC, DecodeError, EncodeError, codec
 from schemas import SCHEMA_DIR
 
 # ---------------------------------------------------------------------------- spec, independently
@@ -582,7 +582,7 @@ def test_decode_refuses_an_int_field_beyond_32_bits():
         codec().decode(header("salka.SourceRef") + body)
 
 
-# ---------------------------------------------------------------------------- records.py
+# ---------------------------------------------------------------------------- topicrecords.py
 
 CONFIG = config_from_dict({})
 

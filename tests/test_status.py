@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-from kafka_helpers import delete_topics, stream_config, wait_for
+from helpers import delete_topics, stream_config, wait_for
 
 from pipeline.broker import free_port
 from pipeline.cli import cli
 from pipeline.config import config_from_dict
 from pipeline.demo import ArchiveCounter, StageProcesses
-from pipeline.evaluate import read_scores
 from pipeline.generate import GenerateSpec, write_log
 from pipeline.kafka import make_admin, make_producer
 from pipeline.produce import produce_file
+from pipeline.scorefile import read_scores
 from pipeline.status import (
     PartitionLag,
     StatusReport,

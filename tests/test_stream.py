@@ -9,14 +9,14 @@ import signal
 from pathlib import Path
 
 import pytest
-from kafka_helpers import delete_topics, read_records, stream_config, wait_for
+from helpers import delete_topics, read_records, stream_config, wait_for
 
 from pipeline.demo import ArchiveCounter, StageProcesses
-from pipeline.evaluate import read_scores
 from pipeline.generate import GenerateSpec, write_log
 from pipeline.learner import WindowLearner
 from pipeline.produce import produce_file
 from pipeline.replay import replay
+from pipeline.scorefile import read_scores
 from pipeline.stages.trainer import checkpoint_files, load_newest_checkpoint
 
 BAD_LINES = {

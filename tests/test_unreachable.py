@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import LANL_LINE
-from kafka_helpers import wait_for
+from helpers import LANL_LINE, wait_for
 
 from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.brokerwatch import RepeatFilter

@@ -7,10 +7,10 @@ import math
 import random
 
 import pytest
-from conftest import LANL_LINE
+from helpers import LANL_LINE
 
 from pipeline.config import WindowConfig, config_from_dict
-from pipeline.parsing import MAX_EPOCH_SECONDS, Event, LineParser, ParseError
+from pipeline.parsing import MAX_EPOCH_SECONDS, Event, LineParser, Malformed
 from pipeline.windowing import Watermark, event_clock, event_order, window_end, window_of
 
 INF = math.inf
@@ -63,7 +63,7 @@ def test_window_of_timed_events_is_floor_of_time_over_size(size, t, window):
 def test_parsed_times_are_never_negative():
     parser = LineParser(config_from_dict({}).input)
     for raw in ["-1,U1,U1,C1,C2,K,N,L,S", "-0.001,U1,U1,C1,C2,K,N,L,S", "-inf,U1,U1,C1,C2,K,N,L,S"]:
-        assert isinstance(parser.parse(raw, 2), ParseError)
+        assert isinstance(parser.parse(raw, 2), Malformed)
     event = parser.parse(LANL_LINE, 2)
     assert window_of(event, config_from_dict({}).window) == 0  # time 3600 < one day
 

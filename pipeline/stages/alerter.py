@@ -12,36 +12,26 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import Message
 
-from pipeline.alerting import Alert, AlertEngine, StateFormatError, decode_state, encode_state
+from pipeline.alerting import AlertEngine, StateFormatError, alert_record, decode_state, encode_state
 from pipeline.atomic import quarantine, write_bytes_atomic
 from pipeline.config import Config
-from pipeline.records import identity
-from pipeline.runner import Output, assign_from, decode_or_dead_letter
-from pipeline.stages.collect import WindowCollector
+from pipeline.runner import Output
+from pipeline.stages.collect import WindowStage
 
 log = logging.getLogger(__name__)
 
 
-def alert_record(alert: Alert) -> dict:
-    r = alert.record
-    return {
-        "source": r["source"], "line": r["line"], "event_time": r["event_time"],
-        "window": r["window"], "raw": r["raw"], "loss": r["loss"],
-        "window_percentile": alert.window_percentile, "entities": r["entities"],
-        "entity_stats": alert.entity_stats, "reasons": alert.reasons,
-    }
-
-
-class AlerterStage:
+class AlerterStage(WindowStage):
     name = "alerter"
+    record_schema = "salka.ScoredEvent"
+    resumes_from_state = True  # alerter.npz holds the position its histories were saved at
 
     def __init__(self, config: Config):
-        self.config = config
+        super().__init__(config, config.topics.scores, "scores")
         self.state_path = state_path(config)
         self.engine = AlertEngine(config.alerting)
-        self.resume_offset: int | None = None
         if self.state_path.exists():
             try:
                 self.engine, extra = decode_state(self.state_path.read_bytes(), config.alerting)
@@ -52,45 +42,23 @@ class AlerterStage:
                 self.engine, self.resume_offset = AlertEngine(config.alerting), None
                 quarantine(self.state_path, f"unreadable alerter state ({exc})",
                            "starting with empty histories from the committed offsets")
-        self.pending = WindowCollector("scores")
-        self.safe_offset: int | None = None
         self.unsaved = False
         self.counts = {"windows": 0, "alerts": 0, "dead_letters": 0}
         self.observer = None  # pipeline/metrics.AlerterObserver when metrics are on
 
-    def topics(self) -> list[str]:
-        return [self.config.topics.scores]
-
-    def on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
-        assign_from(consumer, partitions, self.resume_offset)
-
-    def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        self.pending.clear()
-
-    def handle(self, msg: Message, out: Output) -> None:
-        decoded = decode_or_dead_letter(self, msg, out, ("salka.ScoredEvent", "salka.WindowComplete"))
-        if decoded is None:
-            return
-        name, record = decoded
-        window = record["window"]
-        if name == "salka.ScoredEvent":
-            self.pending.add(window, identity(record), record)
-            return
-        records = self.pending.complete(window, record["count"])
-        if records is None:
-            return
-        alerts = self.engine.judge_window(window, sorted(records, key=_order))
+    def window_complete(self, out: Output, window: int, items: list, msg: Message,
+                        complete: dict) -> None:
+        alerts = self.engine.judge_window(window, items)
         for alert in alerts:
             out.send_record(self.config.topics.alerts, "salka.Alert", alert_record(alert),
                             key=str(window).encode())
         self.counts["windows"] += 1
         self.counts["alerts"] += len(alerts)
         if alerts:
-            log.info("window %d: %d alerts from %d scores", window, len(alerts), len(records),
+            log.info("window %d: %d alerts from %d scores", window, len(alerts), len(items),
                      extra={"window": window, "alerts": len(alerts)})
         if self.observer is not None:
             self.observer.alerts_published(alerts, self.config.alerting.z_threshold)
-        self.safe_offset = msg.offset() + 1
         self.unsaved = True
 
     def tick(self, out: Output) -> bool:
@@ -103,11 +71,6 @@ class AlerterStage:
         write_bytes_atomic(self.state_path,
                            encode_state(self.engine, {"resume_offset": self.resume_offset}))
         self.unsaved = False
-
-    def safe_offsets(self) -> list[TopicPartition]:
-        if self.safe_offset is None:
-            return []
-        return [TopicPartition(self.config.topics.scores, 0, self.safe_offset)]
 
     def close(self, out: Output) -> None:
         log.info("alerter totals: %s; %d entity histories, %d evicted", self.counts,
@@ -125,7 +88,3 @@ def judged_through(config: Config) -> int | None:
     except (OSError, StateFormatError):
         return None
     return engine.last_window
-
-
-def _order(record: dict) -> tuple:
-    return (record["event_time"] or 0.0, record["line"] or 0, identity(record))

@@ -15,20 +15,21 @@ from confluent_kafka import Message, TopicPartition
 from nn.tokenizers import encode_event
 from pipeline.config import Config
 from pipeline.kafka import partition_count
-from pipeline.learner import make_tokenizer
-from pipeline.parsing import Event, LineParser, ParseError
-from pipeline.records import CONTROL_HEADER, LINE_HEADER, dead_letter, event_to_record
-from pipeline.runner import Output, coordinates, header
+from pipeline.modelspec import make_tokenizer
+from pipeline.parsing import Event, LineParser, Malformed
+from pipeline.runner import Output, header, send_to_dead_letters
+from pipeline.stages.base import BaseStage
+from pipeline.topicrecords import CONTROL_HEADER, LINE_HEADER, event_to_record
 
 log = logging.getLogger(__name__)
 
 
-class TokenizerStage:
+class TokenizerStage(BaseStage):
     name = "tokenizer"
     isolates_records = True  # stateless: the runner dead-letters a record handle() fails on
 
     def __init__(self, config: Config):
-        self.config = config
+        super().__init__(config)
         self.parser = LineParser(config.input)
         # Only a fixed tokenizer can encode before the first window is seen; word and BPE
         # vocabularies are learned by the trainer, which encodes those events itself.
@@ -63,9 +64,9 @@ class TokenizerStage:
             return
         line = _line_number(header(msg, LINE_HEADER))
         value = msg.value()
-        result = self.parser.parse(value, line) if value is not None else ParseError(line, "null value")
-        if isinstance(result, ParseError):  # header rows too: every raw record is accounted for
-            self._dead_letter(out, msg, result.reason, line)
+        result = self.parser.parse(value, line) if value is not None else Malformed(line, "null value")
+        if isinstance(result, Malformed):  # header rows too: every raw record is accounted for
+            send_to_dead_letters(self, msg, out, result.reason, line)
             return
         event = self._complete(result, (topic, partition, offset), value)
         out.send_record(self.config.topics.tokens, "salka.TokenizedEvent", event_to_record(event),
@@ -80,25 +81,8 @@ class TokenizerStage:
         raw = value.decode("utf-8").rstrip("\r\n")  # parse() already proved it is UTF-8
         return dataclasses.replace(event, token_ids=token_ids, source=source, raw=raw)
 
-    def _dead_letter(self, out: Output, msg: Message, reason: str, line: int) -> None:
-        log.warning("%s[%d]@%d%s: %s", msg.topic(), msg.partition(), msg.offset(),
-                    f" (line {line})" if line else "", reason, extra={**coordinates(msg), "line": line})
-        record = dead_letter(self.name, msg.topic(), msg.partition(), msg.offset(), reason,
-                             msg.value(), line or None)
-        out.send_dead_letter(self.config.topics.dead_letters, record, key=msg.key())
-        self.counts["dead_letters"] += 1
-
-    def tick(self, out: Output) -> bool:
-        return False
-
-    def after_flush(self) -> None:
-        pass
-
     def safe_offsets(self) -> list[TopicPartition]:
         return [TopicPartition(t, p, o) for (t, p), o in self.next_offsets.items()]
-
-    def close(self, out: Output) -> None:
-        log.info("tokenizer totals: %s", self.counts)
 
 
 def _line_number(text: str | None) -> int:

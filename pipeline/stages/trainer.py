@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from nn.training import CheckpointError
 from pipeline.atomic import quarantine
@@ -23,9 +23,9 @@ from pipeline.config import Config
 from pipeline.learner import WindowLearner
 from pipeline.parsing import Event, LineParser
 from pipeline.progress import training_logger
-from pipeline.records import identity, record_to_event, score_to_record
-from pipeline.runner import Output, assign_from, decode_or_dead_letter
-from pipeline.stages.collect import WindowCollector
+from pipeline.runner import Output
+from pipeline.stages.collect import WindowStage
+from pipeline.topicrecords import identity, record_to_event, score_to_record
 
 log = logging.getLogger(__name__)
 
@@ -63,56 +63,31 @@ def load_newest_checkpoint(config: Config) -> WindowLearner | None:
     return None
 
 
-class TrainerStage:
+class TrainerStage(WindowStage):
     name = "trainer"
+    record_schema = "salka.WindowedEvent"
+    resumes_from_state = True  # the checkpoint holds the position its model stopped reading at
 
     def __init__(self, config: Config):
-        self.config = config
+        super().__init__(config, config.topics.windows, "events")
         self.model_fields = LineParser(config.input).model_fields
         self.learner = load_newest_checkpoint(config) or WindowLearner(config)
         # Where the checkpoint's model stopped reading; None: from the start of the topic.
-        self.resume_offset: int | None = self.learner.extra.get("resume_offset")
-        self.pending = WindowCollector("events")
-        self.safe_offset: int | None = None  # windows topic (one partition)
+        self.resume_offset = self.learner.resume_offset
         self.unsaved = False
         self.counts = {"windows": 0, "scored": 0, "dead_letters": 0, "skipped": 0}
         self.observer = None  # pipeline/metrics.TrainerObserver when metrics are on
 
-    def topics(self) -> list[str]:
-        return [self.config.topics.windows]
-
-    def on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
-        assign_from(consumer, partitions, self.resume_offset)
-
-    def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        self.pending.clear()
-        self.safe_offset = None
-        self.resume_offset = self.learner.extra.get("resume_offset")
-
-    def _done(self, window: int) -> bool:
-        last = self.learner.last_window
+    def already_done(self, window: int) -> bool:
+        last = self.learner.last_window  # a re-emitted or redelivered window: trained already
         return last is not None and window <= last
 
-    def handle(self, msg: Message, out: Output) -> None:
-        decoded = decode_or_dead_letter(self, msg, out, ("salka.WindowedEvent", "salka.WindowComplete"))
-        if decoded is None:
-            return
-        name, record = decoded
-        window = record["window"]
-        if self._done(window):  # a re-emitted or redelivered window: trained already
-            self.counts["skipped"] += 1
-            if name == "salka.WindowComplete":
-                self.safe_offset = msg.offset() + 1
-            return
-        if name == "salka.WindowedEvent":
-            event = record_to_event(record["event"], self.model_fields)
-            self.pending.add(window, identity(record["event"]), event)
-            return
-        events = self.pending.complete(window, record["count"])
-        if events is None:
-            return
-        self._process(out, window, events, record["watermark"], published=published_at(msg))
-        self.safe_offset = msg.offset() + 1
+    def item(self, record: dict) -> tuple[tuple, Event]:
+        return identity(record["event"]), record_to_event(record["event"], self.model_fields)
+
+    def window_complete(self, out: Output, window: int, items: list, msg: Message,
+                        complete: dict) -> None:
+        self._process(out, window, items, complete["watermark"], published=published_at(msg))
 
     def _process(self, out: Output, window: int, events: list[Event], watermark,
                  published: float | None = None) -> None:
@@ -147,19 +122,11 @@ class TrainerStage:
             return
         window = self.learner.last_window
         path = checkpoint_dir(self.config) / f"checkpoint-{window:012d}.pt"
-        self.learner.extra = {"resume_offset": self.safe_offset}
         started = time.monotonic()
-        self.learner.save(path, **self.learner.extra)
+        self.learner.save(path, resume_offset=self.safe_offset)
+        self.resume_offset = self.safe_offset  # where a revoked trainer reads from again
         if self.observer is not None:
             self.observer.checkpoint_done(time.monotonic() - started)
         for old in checkpoint_files(self.config)[self.config.streaming.keep_checkpoints:]:
             old.unlink(missing_ok=True)
         self.unsaved = False
-
-    def safe_offsets(self) -> list[TopicPartition]:
-        if self.safe_offset is None:
-            return []
-        return [TopicPartition(self.config.topics.windows, 0, self.safe_offset)]
-
-    def close(self, out: Output) -> None:
-        log.info("trainer totals: %s", self.counts)

@@ -29,19 +29,20 @@ from pipeline.atomic import quarantine, write_bytes_atomic
 from pipeline.config import Config
 from pipeline.kafka import partition_count
 from pipeline.parsing import LineParser
-from pipeline.records import CONTROL_HEADER, END_OF_INPUT, identity, record_to_event
 from pipeline.runner import Output, decode_or_dead_letter, header
 from pipeline.serde import windowed_event_value
+from pipeline.stages.base import BaseStage
+from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, identity, record_to_event
 from pipeline.windowing import Watermark, event_clock, event_order, window_end, window_of
 
 log = logging.getLogger(__name__)
 
 
-class WindowerStage:
+class WindowerStage(BaseStage):
     name = "windower"
 
     def __init__(self, config: Config):
-        self.config = config
+        super().__init__(config)
         self.timed = bool(config.input.time_field)
         self.model_fields = LineParser(config.input).model_fields
         self.state_path = Path(config.streaming.state_dir) / "windower.json"

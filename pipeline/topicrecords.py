@@ -1,4 +1,9 @@
-"""Pure conversions between in-memory Events / Scores and the Avro records on the topics."""
+"""The Avro records on salka's topics: built from Events / Scores and read back, plus the
+header names and control values the stages agree on.
+
+Plain functions without I/O; only ``dead_letter`` reads the wall clock (its ``time_ms``).
+Nothing here imports torch, so the Kafka-only stages stay light.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,8 @@ import hashlib
 import time
 
 from pipeline.config import Config
-from pipeline.learner import Score
 from pipeline.parsing import Event
+from pipeline.score import Score
 
 LINE_HEADER = "salka.line"  # raw record header: physical line number in the produced file
 CONTROL_HEADER = "salka.control"  # raw/tokens record header marking a control record

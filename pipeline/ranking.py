@@ -1,4 +1,5 @@
-"""Plain-text views of a scores file for a terminal."""
+"""``pipeline top``: scored events and entities (users, hosts) ranked by loss, as terminal tables
+and CSV exports; the rankings are shared with the HTML report."""
 
 from __future__ import annotations
 
@@ -7,13 +8,7 @@ import math
 from pathlib import Path
 
 from pipeline.safetext import csv_cell, printable
-
-# Columns of a scores file that are not entities; every other column is one (config.input.entities).
-FIXED_COLUMNS = frozenset({
-    "line", "event_time", "window", "loss", "loss_total",
-    "source_topic", "source_partition", "source_offset", "tokens", "token_losses",
-})
-BY_CHOICES = ("event", "user", "host")
+from pipeline.scorefile import ScoreRow
 
 
 def raw_lines(path: str | Path, wanted: set[int]) -> dict[int, str]:
@@ -26,21 +21,17 @@ def raw_lines(path: str | Path, wanted: set[int]) -> dict[int, str]:
     return found
 
 
-def line_number(row: dict[str, str]) -> int:
+def line_number(row: ScoreRow) -> int:
     """The row's line number, -1 where it has none (Kafka input without line numbers)."""
-    return int(row["line"]) if row.get("line") else -1
+    return -1 if row.line is None else row.line
 
 
-def window_number(row: dict[str, str]) -> int:
-    return int(row["window"]) if row.get("window") else -1
-
-
-def entity_columns(rows: list[dict[str, str]]) -> list[str]:
+def entity_columns(rows: list[ScoreRow]) -> list[str]:
     """The entity columns of a scores file, in file order."""
-    return [c for c in rows[0] if c not in FIXED_COLUMNS] if rows else []
+    return list(rows[0].entities) if rows else []
 
 
-def columns_for(rows: list[dict[str, str]], entity: str) -> list[str]:
+def columns_for(rows: list[ScoreRow], entity: str) -> list[str]:
     """The entity columns an entity kind covers: the column of that exact name, else every entity
     column whose name contains it (``host`` -> ``src_host`` and ``dst_host``)."""
     columns = entity_columns(rows)
@@ -53,27 +44,27 @@ def columns_for(rows: list[dict[str, str]], entity: str) -> list[str]:
     return matches
 
 
-def entity_values(row: dict[str, str], columns: list[str]) -> list[str]:
+def entity_values(row: ScoreRow, columns: list[str]) -> list[str]:
     """The distinct non-empty values of the row's columns (an event from a host to itself counts once)."""
     seen: list[str] = []
     for column in columns:
-        value = row.get(column) or ""
+        value = row.entities.get(column) or ""
         if value and value not in seen:
             seen.append(value)
     return seen
 
 
-def _rank_key(row: dict[str, str]) -> tuple[float, int]:
-    return (-float(row["loss"]), line_number(row))
+def _rank_key(row: ScoreRow) -> tuple[float, int]:
+    return (-row.loss, line_number(row))
 
 
-def top_events(rows: list[dict[str, str]], limit: int | None) -> list[dict[str, str]]:
-    scored = [r for r in rows if r["loss"] != ""]
+def top_events(rows: list[ScoreRow], limit: int | None) -> list[ScoreRow]:
+    scored = [r for r in rows if r.loss is not None]
     # Ties break by line so the listing is stable.
     return sorted(scored, key=_rank_key)[:limit]
 
 
-def entity_ranking(rows: list[dict[str, str]], entity: str, limit: int | None = None) -> list[dict]:
+def entity_ranking(rows: list[ScoreRow], entity: str, limit: int | None = None) -> list[dict]:
     """Entities (values of the ``entity`` columns, see :func:`columns_for`) ranked by their worst event.
 
     Each entry: ``entity`` (the value), ``max_loss``, ``mean_loss`` (over its scored events),
@@ -93,16 +84,16 @@ def entity_ranking(rows: list[dict[str, str]], entity: str, limit: int | None = 
                                              "scored": 0, "events": 0, "top1pct": 0,
                                              "worst_line": -1, "worst_window": -1, "_key": None})
             entry["events"] += 1
-            if row["loss"] == "":
+            if row.loss is None:
                 continue
-            loss = float(row["loss"])
+            loss = row.loss
             entry["scored"] += 1
             entry["sum"] += loss
             entry["top1pct"] += id(row) in top_ids
             key = _rank_key(row)
             if entry["_key"] is None or key < entry["_key"]:
                 entry.update(_key=key, max_loss=loss, worst_line=line_number(row),
-                             worst_window=window_number(row))
+                             worst_window=row.window)
     ranking = []
     for entry in stats.values():
         if not entry["scored"]:
@@ -125,12 +116,12 @@ def _table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
     return "\n".join("  ".join(cell(i, c) for i, c in enumerate(r)).rstrip() for r in rows)
 
 
-def format_top_events(rows: list[dict[str, str]], limit: int, input_path: str | Path | None = None) -> str:
+def format_top_events(rows: list[ScoreRow], limit: int, input_path: str | Path | None = None) -> str:
     table = top_events_table(rows, limit, input_path)
     return _table(table) if len(table) > 1 else "no scored events"
 
 
-def top_events_table(rows: list[dict[str, str]], limit: int,
+def top_events_table(rows: list[ScoreRow], limit: int,
                      input_path: str | Path | None = None) -> list[list[str]]:
     """Header and one row per top event (raw, unescaped cells)."""
     top = top_events(rows, limit)
@@ -140,21 +131,21 @@ def top_events_table(rows: list[dict[str, str]], limit: int,
     header = ["rank", "loss", "line", "window", *columns] + (["raw line"] if raw else [])
     table = [header]
     for rank, row in enumerate(top, start=1):
-        cells = [str(rank), f"{float(row['loss']):.3f}", row["line"], row["window"],
-                 *(row[c] for c in columns)]
+        cells = [str(rank), f"{row.loss:.3f}", row["line"], row["window"],
+                 *(row.entities[c] for c in columns)]
         if raw:
             cells.append(raw.get(line_number(row), ""))
         table.append(cells)
     return table
 
 
-def format_entity_ranking(rows: list[dict[str, str]], entity: str, limit: int,
+def format_entity_ranking(rows: list[ScoreRow], entity: str, limit: int,
                           input_path: str | Path | None = None) -> str:
     table = entity_ranking_table(rows, entity, limit, input_path)
     return _table(table, right={0, 2, 3, 4, 5, 6, 7}) if len(table) > 1 else "no scored events"
 
 
-def entity_ranking_table(rows: list[dict[str, str]], entity: str, limit: int,
+def entity_ranking_table(rows: list[ScoreRow], entity: str, limit: int,
                          input_path: str | Path | None = None) -> list[list[str]]:
     """Header and one row per ranked entity (raw, unescaped cells)."""
     ranking = entity_ranking(rows, entity, limit)
@@ -172,7 +163,7 @@ def entity_ranking_table(rows: list[dict[str, str]], entity: str, limit: int,
     return table
 
 
-def format_top(rows: list[dict[str, str]], limit: int, by: str = "event",
+def format_top(rows: list[ScoreRow], limit: int, by: str = "event",
                input_path: str | Path | None = None) -> str:
     """The terminal table of ``pipeline top --by``: the highest-loss events (``event``), or the users
     or hosts whose worst event is the most anomalous (``user``, ``host``; any entity column name or
@@ -182,7 +173,7 @@ def format_top(rows: list[dict[str, str]], limit: int, by: str = "event",
     return format_entity_ranking(rows, by, limit, input_path)
 
 
-def write_top_csv(path: str | Path, rows: list[dict[str, str]], limit: int, by: str = "event",
+def write_top_csv(path: str | Path, rows: list[ScoreRow], limit: int, by: str = "event",
                   input_path: str | Path | None = None) -> int:
     """The ``pipeline top`` table as a plain CSV for a spreadsheet (an export humans open):
     formula-leading cells are neutralised with :func:`pipeline.safetext.csv_cell`. Returns the

@@ -1,0 +1,39 @@
+"""What the config says the tokenizer and the model are: Config -> nn's constructor arguments.
+
+No torch here, so the tokenizer stage and ``pipeline check`` can build a tokenizer without it.
+"""
+
+from __future__ import annotations
+
+from nn.tokenizers import AnyTokenizer, build_tokenizer
+from pipeline.config import Config
+
+
+def make_tokenizer(config: Config) -> AnyTokenizer:
+    tc = config.tokenizer
+    if tc.kind == "word":
+        return build_tokenizer("word", **vars(tc.word))
+    if tc.kind == "bpe":
+        return build_tokenizer("bpe", **vars(tc.bpe))
+    return build_tokenizer("char")
+
+
+def model_args_for(config: Config, vocab_size: int) -> dict:
+    """The ``model_args`` dict nn.training.build_model takes (and checkpoints store)."""
+    mc = config.model
+    # Encoded events are BOS + at most max_tokens tokens + EOS. The GPT reads all but the last
+    # (EOS is only a target), so max_tokens + 1 positions would do; block_size is the whole
+    # sequence's length, one spare position, because changing it would change the seeded
+    # initialisation of every GPT, and so every score of an existing configuration.
+    block_size = config.tokenizer.max_tokens + 2
+    if mc.kind == "gpt":
+        g = mc.gpt
+        return {
+            "kind": "gpt", "vocab_size": vocab_size, "block_size": block_size,
+            "n_layer": g.n_layer, "n_head": g.n_head, "n_embd": g.n_embd, "dropout": g.dropout,
+        }
+    r = mc.rnn
+    return {
+        "kind": "rnn", "vocab_size": vocab_size, "cell": r.cell, "hidden_size": r.hidden_size,
+        "n_layer": r.n_layer, "bidirectional": r.bidirectional, "dropout": r.dropout,
+    }
