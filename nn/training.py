@@ -21,24 +21,57 @@ from pipeline.atomic import atomic_write
 CHECKPOINT_FORMAT = "salka-checkpoint-v1"
 
 
+# model_args["kind"] -> (config dataclass, model class); a new model registers here.
+MODELS: dict[str, tuple[type, type[torch.nn.Module]]] = {
+    "rnn": (RNNLMConfig, RNNLM),
+    "gpt": (GPTConfig, GPT),
+}
+
+
 def build_model(model_args: dict) -> torch.nn.Module:
     """Rebuild a model from the plain ``model_args`` dict stored next to its weights."""
     args = dict(model_args)
     kind = args.pop("kind")
-    if kind == "rnn":
-        return RNNLM(RNNLMConfig(**args))
-    if kind == "gpt":
-        return GPT(GPTConfig(**args))
-    raise ValueError(f"unknown model kind {kind!r}")
+    if kind not in MODELS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(MODELS)}")
+    config_class, model_class = MODELS[kind]
+    return model_class(config_class(**args))
 
 
 def model_args_of(model: torch.nn.Module) -> dict:
-    kind = "gpt" if isinstance(model, GPT) else "rnn"
-    return {"kind": kind, **asdict(model.config)}
+    kinds = [kind for kind, (_, model_class) in MODELS.items() if type(model) is model_class]
+    if not kinds:
+        raise ValueError(f"{type(model).__name__} is not a registered model ({sorted(MODELS)})")
+    return {"kind": kinds[0], **asdict(model.config)}
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """nanoGPT's two groups: weight decay on the matrices of linear and recurrent layers only;
+    none on biases, LayerNorm and embeddings (the embedding is also the tied output projection)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # a tied parameter appears once
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float):
-    return torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=learning_rate)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, state: dict) -> None:
+    """Load a saved optimizer state; one saved with a single group over ``model.parameters()``
+    (checkpoints from before ``parameter_groups``) is mapped onto the groups, so it still resumes
+    (with its saved hyperparameters, as any checkpoint does; decay now spares the no-decay group)."""
+    if len(state["param_groups"]) == 1 < len(optimizer.param_groups):
+        position = {id(p): i for i, p in enumerate(model.parameters())}
+        grouped = [position[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        saved, (old,) = state["state"], state["param_groups"]
+        groups = [{**old, "params": g["params"], "weight_decay": old["weight_decay"] if i == 0 else 0.0}
+                  for i, g in enumerate(optimizer.state_dict()["param_groups"])]
+        state = {"state": {new: saved[i] for new, i in enumerate(grouped) if i in saved},
+                 "param_groups": groups}
+    optimizer.load_state_dict(state)
 
 
 def train_sequences(

@@ -19,6 +19,7 @@ from nn.training import (
     CheckpointError,
     build_model,
     load_checkpoint,
+    load_optimizer_state,
     make_optimizer,
     model_args_of,
     save_checkpoint,
@@ -172,7 +173,7 @@ class WindowLearner:
                 learner.model.load_state_dict(data["model"])
                 tc = config.training
                 learner.optimizer = make_optimizer(learner.model, tc.learning_rate, tc.weight_decay)
-                learner.optimizer.load_state_dict(data["optimizer"])
+                load_optimizer_state(learner.optimizer, learner.model, data["optimizer"])
             learner.last_window = data["last_window"]
         except CheckpointError:
             raise
