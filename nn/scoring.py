@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
+from nn.device import autocast
 from nn.tokenizers import PAD
 
 
@@ -19,10 +20,14 @@ def pad_batch(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     return out
 
 
-def token_losses(model: torch.nn.Module, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy at every predicted position, (B, L), and the mask of real targets."""
+def token_losses(model: torch.nn.Module, seq: torch.Tensor,
+                 precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy at every predicted position, (B, L), and the mask of real targets. The
+    forward pass runs in ``precision``; the loss is always taken in fp32 (a no-op for fp32)."""
     idx, targets = model.inputs_and_targets(seq)
-    logits, _ = model(idx)
+    with autocast(seq.device, precision):
+        logits, _ = model(idx)
+    logits = logits.float()
     losses = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none"
     ).view(targets.shape)
@@ -31,15 +36,22 @@ def token_losses(model: torch.nn.Module, seq: torch.Tensor) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def score_sequences(
-    model: torch.nn.Module, seqs: Sequence[Sequence[int]], batch_size: int = 256
+    model: torch.nn.Module, seqs: Sequence[Sequence[int]], batch_size: int = 256,
+    device: torch.device | None = None, precision: str = "fp32",
 ) -> list[tuple[float, float, list[float]]]:
-    """(mean loss, total loss, per-token losses) per sequence, in order, in eval mode."""
+    """(mean loss, total loss, per-token losses) per sequence, in order, in eval mode. Batches go
+    to ``device`` (the model's; None: the CPU); the results come back as Python floats."""
     was_training = model.training
     model.eval()
     results = []
     try:
         for start in range(0, len(seqs), batch_size):
-            losses, mask = token_losses(model, pad_batch(seqs[start : start + batch_size]))
+            batch = pad_batch(seqs[start : start + batch_size])
+            if device is not None:
+                batch = batch.to(device, non_blocking=True)
+            losses, mask = token_losses(model, batch, precision)
+            if losses.device.type != "cpu":  # one transfer per batch, not one per .tolist()
+                losses, mask = losses.cpu(), mask.cpu()
             losses = losses * mask
             totals = losses.sum(1).tolist()
             counts = mask.sum(1).clamp(min=1).tolist()

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from nn.device import autocast, to_cpu
 from nn.gpt import GPT, GPTConfig
 from nn.rnn import RNNLM, RNNLMConfig
 from nn.scoring import pad_batch
@@ -84,9 +85,13 @@ def train_sequences(
     grad_clip: float,
     seed: int,
     on_batch: Callable[[int, int, int], None] | None = None,
+    device: torch.device | None = None,
+    precision: str = "fp32",
 ) -> float:
     """Train on ``seqs`` (shuffled by ``seed``, so runs repeat exactly); mean batch loss.
-    ``on_batch(epoch, batches done in it, batches per epoch)`` follows progress (epoch from 0)."""
+    ``on_batch(epoch, batches done in it, batches per epoch)`` follows progress (epoch from 0).
+    Batches go to ``device`` (the model's; None: leave them on the CPU); ``precision`` is the
+    forward pass's (nn/device.py: bf16 autocast, fp32 master weights)."""
     model.train()
     generator = torch.Generator().manual_seed(seed)
     losses = []
@@ -98,17 +103,21 @@ def train_sequences(
                 on_batch(epoch, number - 1, batches)
             batch = pad_batch([seqs[i] for i in order[start : start + batch_size]])
             idx, targets = model.inputs_and_targets(batch)
-            if not (targets != -1).any():
+            if not (targets != -1).any():  # checked on the CPU: no wait for a GPU
                 continue
-            _, loss = model(idx, targets)
+            if device is not None:
+                idx, targets = idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with autocast(idx.device, precision):
+                _, loss = model(idx, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())  # no .item() here: that waits for a GPU every step
         if on_batch is not None:
             on_batch(epoch, batches, batches)
+    losses = torch.stack(losses).tolist() if losses else []  # the same floats .item() gives
     return sum(losses) / len(losses) if losses else float("nan")
 
 
@@ -117,9 +126,10 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, **payload: Any) -> None:
-    """Write atomically: a reader sees the old file or the new one, never half of one."""
+    """Write atomically: a reader sees the old file or the new one, never half of one. Tensors
+    are saved on the CPU, so a checkpoint written on a GPU resumes on a machine without one."""
     with atomic_write(path) as handle:
-        torch.save({"format": CHECKPOINT_FORMAT, **payload}, handle)
+        torch.save({"format": CHECKPOINT_FORMAT, **to_cpu(payload)}, handle)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -3,8 +3,8 @@
 ``atomic_write``: the new content goes to a temporary file in the same directory, is fsynced,
 renamed over the target and the directory is fsynced, so after a crash or power loss a reader
 finds the old file or the new one, never half of one; the temporary file is removed on any
-exception, KeyboardInterrupt included. Checkpoints, windower and alerter state and score files
-all use it.
+exception, KeyboardInterrupt included. Checkpoints, windower and alerter state, score files and
+the stages' remembered topic ids all use it.
 
 ``quarantine``: a state file a stage cannot use (truncated, corrupt, not salka's, or made by
 another configuration) is moved aside to ``<name>.corrupt-<UTC time>`` with one error line, and
@@ -14,6 +14,7 @@ file is kept for forensics and can be moved back; the stage never crash-loops on
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -45,8 +46,19 @@ def fsync_dir(directory: str | Path) -> None:
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """A binary handle whose content replaces ``path`` whole when the block ends without error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_symlink():  # write where the link points, as open() would; never replace the link
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():  # a rename would replace /dev/..., a FIFO or a socket
+        raise FileExistsError(errno.EEXIST, "exists and is not a regular file (a directory, "
+                              "device, pipe or socket); name a file", str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a file where a directory of the path should be
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), exc.filename) from exc
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # name the file the caller asked for, not the hidden temporary one
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide archives from readers
         with os.fdopen(fd, "wb") as handle:

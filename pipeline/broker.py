@@ -33,6 +33,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The storage engines compiled into the shipped Tansu (KAFKA-NOTES.md): any other URL never starts.
+STORAGE_SCHEMES = ("memory://", "s3://")
+
+
+def port_in_use(port: int) -> bool:
+    """Something already listens on 127.0.0.1:``port`` (a broker started earlier): a new broker
+    would fail to bind, and waiting for the port would find the old one instead."""
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_for_port(port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -91,15 +102,18 @@ class EmbeddedBroker:
     def _wait_for_metadata(self, timeout: float) -> None:
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        # log_level 0: a broker that accepts connections but cannot serve (s3:// without
+        # credentials) would make librdkafka log every failed attempt, ~20 lines a second.
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
         deadline = time.monotonic() + timeout
         while True:
             try:
                 admin.list_topics(timeout=2)
                 return
-            except Exception:
+            except Exception as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    raise TimeoutError(f"broker on port {self.port} did not answer metadata "
+                                       f"requests within {timeout}s") from exc
                 time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> None:

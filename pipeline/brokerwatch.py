@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import click
 from confluent_kafka import KafkaError, KafkaException, TopicCollection
+
+from pipeline.atomic import write_bytes_atomic  # the one atomic writer (fsync, rename, fsync dir)
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +185,7 @@ class TopicGuard:
     def _save(self) -> None:
         if self.id_file is None:
             return
-        self.id_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.id_file.with_name(f".{self.id_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.known, indent=1, sort_keys=True))
-        os.replace(tmp, self.id_file)
+        write_bytes_atomic(self.id_file, json.dumps(self.known, indent=1, sort_keys=True).encode())
 
 
 class BrokerWatch:

@@ -78,3 +78,24 @@ def check_lines(config: Config, path: str | Path, limit: int) -> list[str]:
         out.append(f"replay would stop: {problem}" if problem else
                    "replay would accept lines like these")
     return out
+
+
+def require_fit(config: Config, path: str | Path, limit: int = 10_000) -> None:
+    """Stop with replay's one line (``InputError``) when the first ``limit`` lines show that the
+    config does not fit the file: the demo checks its --input this way before it starts a broker
+    and five processes that would dead-letter every line."""
+    from pipeline.errors import InputError
+
+    parser = LineParser(config.input)
+    report = ParseReport()
+    for number, raw in islice(read_lines(path), limit):
+        result = parser.parse(raw, number)
+        if isinstance(result, HeaderRow):
+            report.header_rows += 1
+        elif isinstance(result, Malformed):
+            report.errors.append(result)
+        else:
+            report.events += 1
+    problem = malformed_problem(report, str(path), config.input.max_malformed_fraction)
+    if problem:
+        raise InputError(problem)

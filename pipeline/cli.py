@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.errors import SalkaGroup
 
 log = logging.getLogger("pipeline")
 
@@ -38,7 +39,27 @@ def with_config(command):
     return wrapper
 
 
-@click.group(context_settings={"auto_envvar_prefix": "SALKA", "help_option_names": ["-h", "--help"]})
+def workdir_config(workdir: str) -> Config:
+    """The effective config a ``pipeline demo`` wrote into its work directory."""
+    try:
+        return load_config(Path(workdir) / "effective-config.yaml")
+    except ConfigError as exc:
+        raise ConfigProblem(str(exc)) from exc
+
+
+def start_torch(config: Config, role: str) -> None:
+    """Device check and torch threads (pipeline/compute.py) before any work; a device that is
+    not there is a config problem (one line, exit 2)."""
+    from pipeline.compute import start_torch as start
+
+    try:
+        start(config.training, role)
+    except ConfigError as exc:
+        raise ConfigProblem(str(exc)) from exc
+
+
+@click.group(cls=SalkaGroup,
+             context_settings={"auto_envvar_prefix": "SALKA", "help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
@@ -63,14 +84,22 @@ def cli(verbose: int, quiet: bool, log_format: str) -> None:
 @click.option("--events-per-day", default=6000, show_default=True, type=click.IntRange(min=100))
 @click.option("--redteam-events", default=60, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=7, show_default=True, type=int)
+@click.option("--profile", default="simple", show_default=True,
+              type=click.Choice(["simple", "realistic"]),
+              help="simple: tidy habits; realistic: onboarding, admins, backup sweep, hot-desking, "
+                   "red team over known hosts (needs --users >= 10, --computers >= 30).")
 @click.option("--no-header", is_flag=True, help="Do not write a header row.")
 def generate_command(config: Config, output, labels, users, computers, days, events_per_day, redteam_events,
-                     seed, no_header) -> None:
+                     seed, profile, no_header) -> None:
     """Write a synthetic authentication log (LANL format) and its labels file."""
     from pipeline.generate import GenerateSpec, write_log
 
+    if profile == "realistic" and (users < 10 or computers < 30):
+        raise click.BadParameter("the realistic profile needs --users >= 10 and --computers >= 30",
+                                 param_hint="--profile")
     spec = GenerateSpec(users=users, computers=computers, days=days,
-                        events_per_day=events_per_day, redteam_events=redteam_events, seed=seed)
+                        events_per_day=events_per_day, redteam_events=redteam_events, seed=seed,
+                        profile=profile)
     summary = write_log(spec, Path(output), Path(labels), header=not no_header)
     click.echo(f"wrote {summary['events']} events ({summary['redteam']} red-team) to {output}; "
                f"labels in {labels}")
@@ -88,6 +117,7 @@ def replay_command(config: Config, input_path, output_path, progress) -> None:
     train on it; write one row per event to a gzip CSV."""
     from pipeline.replay import replay
 
+    start_torch(config, "replay")
     count, report = replay(input_path, output_path, config, progress=progress)
     click.echo(f"scored {count} events into {output_path} "
                f"({len(report.errors)} malformed lines skipped)", err=True)
@@ -237,6 +267,8 @@ def run_command(config: Config, stage: str, metrics_port: int | None) -> None:
     from pipeline.runner import StageRunner
 
     set_stage(stage)
+    if stage in ("trainer", "scorer"):  # the stages that run models
+        start_torch(config, "stage")
     try:  # before the runner: a port taken fails at once, not after the broker answers
         metrics = start_metrics(config, stage, metrics_port)
     except MetricsPortError as exc:
@@ -288,14 +320,17 @@ def create_topics_command(config: Config) -> None:
 
 @cli.command("status", short_help="Lag of every stage's consumer group, and the last trained window.")
 @with_config
+@click.option("--workdir", type=click.Path(file_okay=False, exists=True),
+              help="A demo work directory (a demo run with KAFKA_BOOTSTRAP_SERVERS): use its "
+                   "effective config.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def status_command(config: Config, as_json: bool) -> None:
+def status_command(config: Config, workdir, as_json: bool) -> None:
     """Per stage consumer group: each input partition's committed offset, end offset and lag;
     then the window the trainer's newest checkpoint (in streaming.state_dir) trained through.
     Exits 1 with one line when the broker cannot be reached."""
     from pipeline.status import collect
 
-    report = collect(config)
+    report = collect(workdir_config(workdir) if workdir is not None else config)
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.format())
 
 
@@ -309,11 +344,22 @@ def broker_command(config: Config, port: int, storage: str) -> None:
     import signal
     import threading
 
-    from pipeline.broker import EmbeddedBroker, storage_note
+    from pipeline.broker import STORAGE_SCHEMES, EmbeddedBroker, port_in_use, storage_note
 
+    if not storage.startswith(STORAGE_SCHEMES):
+        raise click.BadParameter(f"{storage!r}: the embedded broker stores in memory://NAME/ or "
+                                 f"s3://BUCKET/", param_hint="--storage")
+    if port_in_use(port):
+        raise click.ClickException(f"port {port} on 127.0.0.1 is already in use (another broker?): "
+                                   f"stop it, or pick another with --port")
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    with EmbeddedBroker(port=port, storage=storage) as broker:
+    try:
+        broker = EmbeddedBroker(port=port, storage=storage).start()
+    except TimeoutError as exc:
+        raise click.ClickException(f"{exc}: check --storage {storage} (s3:// needs AWS_ENDPOINT "
+                                   f"and credentials in the environment)") from exc
+    with broker:
         click.echo(f"broker listening on {broker.bootstrap}; {storage_note(storage)} "
                    f"(Ctrl-C to stop)", err=True)
         try:
@@ -341,10 +387,7 @@ def audit_command(config: Config, workdir, archive_dir, input_path, as_json) -> 
     from pipeline.kafka import require_reachable
 
     if workdir is not None:
-        try:
-            config = load_config(Path(workdir) / "effective-config.yaml")
-        except ConfigError as exc:
-            raise ConfigProblem(str(exc)) from exc
+        config = workdir_config(workdir)
     require_reachable(config)  # an absent broker said in one line, in seconds
     from pipeline.audit import audit
 
@@ -367,8 +410,17 @@ def audit_command(config: Config, workdir, archive_dir, input_path, as_json) -> 
 def demo_command(config: Config, input_path, labels_path, workdir, tokenizers) -> None:
     """Start a broker, every stage as its own process, stream the log through, wait until every
     event is archived, print a summary, and stop everything."""
+    from pipeline.check import require_fit
     from pipeline.demo import run_demo
+    from pipeline.evaluate import read_labels
 
+    # The user's files are checked before a broker and five processes start, not after the run.
+    if labels_path and not input_path:
+        raise click.UsageError("--labels goes with --input (the generated log brings its own labels)")
+    if input_path:
+        require_fit(config, input_path)
+    if labels_path:
+        read_labels(labels_path)
     raise SystemExit(run_demo(config, Path(workdir), input_path and Path(input_path),
                               labels_path and Path(labels_path), tokenizers=tokenizers))
 

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.logs import redact
+
 
 class ConfigError(ValueError):
     """A configuration problem, with the offending key path in the message."""
@@ -183,8 +185,17 @@ class TrainingConfig:
     grad_clip: float = field(default=1.0, metadata=_check(_non_negative))
     # Events scored per forward pass (no gradients, so larger than the training batch).
     score_batch_size: int = field(default=256, metadata=_check(_positive))
+    # The same on a GPU, where big batches are what makes scoring fast.
+    score_batch_size_gpu: int = field(default=4096, metadata=_check(_positive))
     # A window with more events than this is trained in chunks of this size, one after another.
     max_chunk_events: int = field(default=200_000, metadata=_check(_positive))
+    # auto: CUDA when torch sees a GPU, else the CPU; cuda without a GPU fails at start-up.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Forward passes in fp32, or bf16 autocast (fp32 master weights) for GPU speed.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # Torch intra- and inter-op threads; 0: the default policy (pipeline/compute.py). A set
+    # OMP_NUM_THREADS wins over both.
+    threads: int = field(default=0, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True)
@@ -434,7 +445,8 @@ def _build(cls: type, data: dict, path: str) -> Any:
         if expected:
             if hints[name] is int:
                 expected = expected.replace("number", "integer")
-            raise ConfigError(f"{key}: expected {expected}, got {_describe(value)}")
+            # redact: a kafka: mapping may hold sasl.password and the like (never echoed).
+            raise ConfigError(f"{key}: expected {expected}, got {_describe(redact(value))}")
         kwargs[name] = converted
     return cls(**kwargs)
 
@@ -480,6 +492,16 @@ def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] =
     return _build(Config, data, "")
 
 
+def yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: file:line:column and the parser's own words (its default
+    message spans several lines and quotes the source)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    context = getattr(exc, "context", None)
+    return f"{where}: not valid YAML: {what}{f' ({context})' if context else ''}; fix the YAML syntax there"
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
                 environ: Mapping[str, str] | None = None) -> Config:
     """Read YAML (safe_load only), then the environment (``SALKA__SECTION__KEY``, see
@@ -494,8 +516,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a YAML config (not UTF-8 text at byte {exc.start})") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(yaml_problem(path, exc)) from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     return apply_environment(data, overrides, os.environ if environ is None else environ)

@@ -28,6 +28,8 @@ from pipeline.kafka import create_topics
 from pipeline.progress import LogTail, shorten
 from pipeline.safetext import printable
 from pipeline.serde import DecodeError, codec
+from pipeline.status import collect as collect_status
+from pipeline.status import lag_line
 from pipeline.topicread import TopicReader, read_topic
 from pipeline.topicrecords import identity
 
@@ -189,6 +191,7 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
         alerts = _wait_for_alerts(config, archive)
         stages.stop()  # stopped cleanly before the audit reads the topics
         audit_report = audit(config, input_path=input_path)  # and against the file, line by line
+        lag = collect_status(config)  # the final commits, while the broker is still there
     finally:
         if stages is not None:
             stages.stop()
@@ -214,6 +217,7 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
         click.echo(format_report(evaluate(archive, labels_path)))
     click.echo("")
     click.echo(audit_report.format())
+    click.echo(lag_line(lag))
     click.echo(next_steps(config_path, input_path, archive, labels_path))
     return 0 if audit_report.ok else 1
 
@@ -241,7 +245,10 @@ def _wait_for_alerts(config: Config, archive: Path, timeout: float = 120.0) -> l
     """Once the alerter has judged the last archived window, every alert it will raise."""
     from pipeline.stages.alerter import judged_through
 
-    last = max(int(p.name[len("window-"):-len(".csv.gz")]) for p in archive.glob("window-*.csv.gz"))
+    last = max((int(p.name[len("window-"):-len(".csv.gz")]) for p in archive.glob("window-*.csv.gz")),
+               default=None)
+    if last is None:  # every event dead-lettered or late: no window to wait for
+        return []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if judged_through(config) == last:

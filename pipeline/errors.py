@@ -7,6 +7,8 @@ names the file and row (``labels.csv:7``) and says what to do.
 
 from __future__ import annotations
 
+import errno
+
 import click
 
 
@@ -14,3 +16,39 @@ class InputError(click.ClickException):
     """A file given on the command line is not what the command expects."""
 
     exit_code = 1
+
+
+# What a path the user named can be wrong with: said in one line, never a traceback.
+_PATH_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOENT", "EACCES", "EPERM", "EISDIR", "ENOTDIR", "ENOSPC", "EDQUOT", "EROFS", "ENAMETOOLONG",
+    "ELOOP", "EFBIG", "EEXIST", "EBUSY") if hasattr(errno, name))
+
+
+class FileProblem(click.ClickException):
+    """A file or directory the command reads or writes is not usable (missing directory, no
+    permission, a directory where a file belongs, disk full): exit 1."""
+
+    exit_code = 1
+
+
+class SalkaGroup(click.Group):
+    """The ``pipeline`` group: an OS error about a named path, anywhere under a command, becomes
+    ``Error: PATH: problem; ...`` (an unwritable --output is the user's to fix, not a bug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            if exc.filename is None or exc.errno not in _PATH_ERRNOS:
+                raise
+            raise FileProblem(f"{exc.filename}: {exc.strerror}{_hint(exc.errno)}") from exc
+
+
+def _hint(code: int) -> str:
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG):
+        return "; free some disk space or write elsewhere"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "; check its permissions or write elsewhere"
+    if code in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP):
+        return "; check the path"
+    return ""

@@ -68,6 +68,13 @@ def scored_truth(rows: list[ScoreRow], labels: Mapping[int, int]) -> tuple[np.nd
             np.array([1 if labels.get(r.line, 0) else 0 for r in scored], dtype=np.int64))
 
 
+def precision_at_k(truth: np.ndarray, losses: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    """{k: share of labelled events among the k highest losses} for each k <= the events; ties
+    keep their order (a stable sort), so the result does not depend on the sort algorithm."""
+    ranked = truth[np.argsort(-losses, kind="stable")]
+    return {str(k): float(ranked[:k].mean()) for k in ks if k <= len(ranked)}
+
+
 def evaluate(scores_path: str | Path, labels_path: str | Path, ks: tuple[int, ...] = (10, 50, 100)) -> dict:
     """ROC AUC, average precision, precision@k and the average red-team percentile.
 
@@ -90,8 +97,7 @@ def evaluate(scores_path: str | Path, labels_path: str | Path, ks: tuple[int, ..
         result["error"] = "need both labelled and normal scored events"
         return result
     result["roc_auc"], result["average_precision"] = detection
-    ranked = truth[np.argsort(-losses, kind="stable")]
-    result["precision_at_k"] = {str(k): float(ranked[:k].mean()) for k in ks if k <= len(ranked)}
+    result["precision_at_k"] = precision_at_k(truth, losses, ks)
     result["mean_percentile_of_positives"] = float(midrank_percentiles(losses)[truth == 1].mean())
     return result
 

@@ -31,6 +31,7 @@ SHARE = {"human": 0.68, "machine": 0.20, "system": 0.10, "anon": 0.02}
 # Human event kinds: local logon, local logoff, network logon, ticket, server logoff, RDP.
 KIND_P = np.array([0.20, 0.12, 0.40, 0.14, 0.11, 0.03])
 FAIL_P = 0.015
+PROFILES = ("simple", "realistic")  # realistic: pipeline/generate_realistic.py
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class GenerateSpec:
     events_per_day: int = 6000  # approximate normal events per day
     redteam_events: int = 60  # planted lateral-movement events in total
     seed: int = 7
+    profile: str = "simple"  # simple, or realistic (pipeline.generate_realistic)
 
 
 class _World:
@@ -204,12 +206,19 @@ def generate_events(spec: GenerateSpec) -> list[tuple[list[str], bool]]:
     The sort is stable, so events sharing a second keep their generation order and the output
     stays identical across runs.
     """
-    rng = np.random.default_rng(spec.seed)
-    world = _World(spec, rng)
-    events: list[tuple[int, list[str], bool]] = []
-    for day in range(spec.days):
-        events.extend((t, row, False) for t, row in _normal_day(spec, world, rng, day))
-    events.extend((t, row, True) for t, row in _redteam(spec, world, rng))
+    if spec.profile not in PROFILES:
+        raise ValueError(f"unknown generator profile {spec.profile!r}; use one of {', '.join(PROFILES)}")
+    if spec.profile == "realistic":
+        from pipeline.generate_realistic import realistic_events
+
+        events = realistic_events(spec)
+    else:
+        rng = np.random.default_rng(spec.seed)
+        world = _World(spec, rng)
+        events = []
+        for day in range(spec.days):
+            events.extend((t, row, False) for t, row in _normal_day(spec, world, rng, day))
+        events.extend((t, row, True) for t, row in _redteam(spec, world, rng))
     events.sort(key=lambda e: e[0])
     return [([str(t), *row], red) for t, row, red in events]
 

@@ -13,6 +13,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.brokerwatch import RepeatFilter, require_broker
 from pipeline.config import Config
+from pipeline.logs import redact
 
 log = logging.getLogger(__name__)
 # librdkafka repeats a connection error on every reconnect (~20 lines/s while a broker is down).
@@ -41,16 +42,18 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 # Settings a stage relies on for at-least-once: never overridable from the config.
 CONSUMER_FORCED: dict[str, Any] = {"enable.auto.commit": False, "enable.auto.offset.store": False}
-SECRET_WORDS = ("password", "secret", "sasl.oauthbearer.config", "ssl.key")
+# A kafka: section (or one --set kafka.KEY) adds to these, as every other section adds to its
+# defaults: --set kafka.client.id=x alone must not lose bootstrap.servers.
+DEFAULT_SETTINGS: dict[str, Any] = dict(Config().kafka)
 
 
 def user_settings(config: Config) -> dict[str, Any]:
     # KAFKA_BOOTSTRAP_SERVERS is read with the config (pipeline/configenv.py), below --set.
-    return dict(config.kafka)
+    return {**DEFAULT_SETTINGS, **config.kafka}
 
 
 def redacted(settings: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("***" if any(w in k for w in SECRET_WORDS) else v) for k, v in settings.items()}
+    return redact(settings)  # the one list of secret-named keys: pipeline/logs.py
 
 
 def consumer_config(config: Config, group: str, **explicit: Any) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from nn.training import (
     save_checkpoint,
     train_sequences,
 )
-from pipeline.config import RENAMED_KEYS, Config, config_to_dict
+from pipeline.compute import score_batch_size, training_device
+from pipeline.config import RENAMED_KEYS, Config, ConfigError, config_to_dict
 from pipeline.modelspec import make_tokenizer, model_args_for
 from pipeline.parsing import Event
 from pipeline.score import Score
@@ -60,6 +61,7 @@ class WindowLearner:
 
     def __init__(self, config: Config):
         self.config = config
+        self.device = training_device(config.training)  # ConfigError: cuda without a GPU
         # Where the stage that saved the checkpoint stopped reading its input (None: from the start).
         self.resume_offset: int | None = None
         self.tokenizer = make_tokenizer(config)
@@ -78,7 +80,8 @@ class WindowLearner:
         if needs_fit(self.tokenizer):  # vocabulary / merges learned from the first window only
             self.tokenizer.fit([e.text_fields for e in events])
         torch.manual_seed(self.config.seed)
-        self.model = build_model(model_args_for(self.config, self.tokenizer.vocab_size))
+        # Initialised on the CPU, then moved: the same first weights on every device.
+        self.model = build_model(model_args_for(self.config, self.tokenizer.vocab_size)).to(self.device)
         tc = self.config.training
         self.optimizer = make_optimizer(self.model, tc.learning_rate, tc.weight_decay)
 
@@ -96,7 +99,9 @@ class WindowLearner:
         if not self.ready:
             return [Score(e, window, None, None) for e in events]
         encoded = self.encode(events)  # ids only: a few bytes per token
-        results = score_sequences(self.model, encoded, self.config.training.score_batch_size)
+        tc = self.config.training
+        results = score_sequences(self.model, encoded, score_batch_size(tc, self.device),
+                                  device=self.device, precision=tc.precision)
         if not self.config.scores.explain:
             return [Score(e, window, mean, total) for e, (mean, total, _) in zip(events, results)]
         # The predicted tokens: all after BOS (EOS included), or for the bidirectional model
@@ -130,6 +135,7 @@ class WindowLearner:
                 self.model, self.optimizer, self.encode(chunk),
                 epochs=tc.epochs, batch_size=tc.batch_size, grad_clip=tc.grad_clip,
                 seed=seed + 7919 * index, on_batch=on_batch,
+                device=self.device, precision=tc.precision,
             ))
         self.last_window = window
         return sum(losses) / len(losses) if losses else float("nan")
@@ -170,12 +176,13 @@ class WindowLearner:
             learner.tokenizer = tokenizer_from_state(data["tokenizer"])
             if data["model_args"] is not None:
                 learner.model = build_model(data["model_args"])
-                learner.model.load_state_dict(data["model"])
+                learner.model.load_state_dict(data["model"])  # CPU tensors, whatever wrote them
+                learner.model.to(learner.device)  # before the optimizer: its state follows
                 tc = config.training
                 learner.optimizer = make_optimizer(learner.model, tc.learning_rate, tc.weight_decay)
                 load_optimizer_state(learner.optimizer, learner.model, data["optimizer"])
             learner.last_window = data["last_window"]
-        except CheckpointError:
+        except (CheckpointError, ConfigError):  # a ConfigError is ours (the device), not the file's
             raise
         except Exception as exc:  # missing keys, wrong shapes, a tokenizer state that is not ours
             raise CheckpointError(f"{path}: inconsistent checkpoint ({exc.__class__.__name__}: "

@@ -153,7 +153,19 @@ def parse_row(cells: Mapping[str, str | None]) -> ScoreRow:
 def read_scores(path: str | Path) -> list[ScoreRow]:
     """Rows of a scores file, or of every window file of an archive directory, in file order.
     Anything that is not a readable scores file stops with one line naming the file (and row)."""
+    path = Path(path)
+    # A directory without window files is a wrong path (the demo's workdir for its archive), not
+    # an archive with no events: analysing it would print "no scored events" and exit 0.
+    if path.is_dir() and not any(path.glob("window-*.csv.gz")):
+        raise InputError(f"{path}: no window-*.csv.gz files, so not a score archive; pass the "
+                         f"archiver's directory (streaming.archive_dir, e.g. demo/archive) or a "
+                         f"scores file written by pipeline replay --output")
     return list(iter_scores(path))
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
 
 
 def iter_scores(path: str | Path) -> Iterator[ScoreRow]:
@@ -163,8 +175,9 @@ def iter_scores(path: str | Path) -> Iterator[ScoreRow]:
         for part in sorted(path.glob("window-*.csv.gz")):
             yield from iter_scores(part)
         return
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
+        # Replay writes gzip whatever the name (--output scores.csv too): the magic bytes decide.
+        opener = gzip.open if path.suffix == ".gz" or _is_gzip(path) else open
         with opener(path, "rt", newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             check_scores_header(path, reader.fieldnames)

@@ -144,6 +144,12 @@ def _cell(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
+def lag_line(report: StatusReport) -> str:
+    """One line for the demo's summary: each stage group's lag."""
+    groups = ", ".join(f"{g.stage} {g.lag}" for g in report.groups)
+    return f"consumer lag per group: {groups} (total {report.total_lag}; pipeline status for more)"
+
+
 def format_report(report: StatusReport) -> str:
     lines = [f"Kafka at {report.bootstrap}; total lag {report.total_lag} record(s)", ""]
     header = f"{'stage':<10} {'group':<28} {'topic':<28} {'part':>4} {'committed':>10} {'end':>10} {'lag':>8}"

@@ -3,6 +3,7 @@ names the busy stage, and where to go next, in well under the 90 s budget of `ma
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -11,6 +12,9 @@ import time
 
 import pytest
 from helpers import ROOT
+
+from pipeline.broker import EmbeddedBroker
+from pipeline.generate import GenerateSpec, write_log
 
 pytestmark = pytest.mark.skipif(bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS")),
                                 reason="the demo's fixed topic names need its own embedded broker")
@@ -34,7 +38,14 @@ def test_demo_tells_the_whole_story_and_says_what_is_busy(tmp_path):
     assert auc >= 0.95, out
     assert int(re.search(r"alerts: (\d+)", out).group(1)) > 0
     assert "audit: OK, every raw record accounted for exactly once" in out
+    # pipeline status's figures, taken after the stages stopped, while the broker still runs
+    assert ("consumer lag per group: tokenizer 0, windower 0, trainer 0, archiver 0, alerter 0 "
+            "(total 0;") in out, out
     assert "next steps:" in out and "pipeline replay" in out and "pipeline report" in out
+    # The audit reconciles against the produced file too (issue 9 item 3), and the next steps
+    # show how to bring one's own logs (issue 10 item 1).
+    assert "input audit: OK, every line accounted for exactly once" in out
+    assert "--input YOUR.log" in out and "examples/" in out
     # Status lines name the stage at work, and are not one line repeated every 2 s.
     status = [line for line in out.splitlines() if re.match(r"\s+\[\s*[0-9.]+s\] archived", line)]
     busy = {m.group(1) for line in status if (m := re.search(r"\| ([a-z]+)(-\d+)?: ", line))}
@@ -42,3 +53,43 @@ def test_demo_tells_the_whole_story_and_says_what_is_busy(tmp_path):
     texts = [line.split("] ", 1)[1] for line in status]
     assert len(texts) - len(set(texts)) <= elapsed / 10 + 1, status  # repeats only as a heartbeat
     print(f"demo took {elapsed:.1f}s")
+
+
+@pytest.mark.slow
+def test_status_against_a_finished_demo_shows_lag_0_for_every_group(tmp_path):
+    """The operator's first command, `pipeline status --workdir`, after a demo that ran against a
+    broker that outlives it (KAFKA_BOOTSTRAP_SERVERS): every group read everything it was given."""
+    log, labels = tmp_path / "auth.csv", tmp_path / "labels.csv"
+    summary = write_log(GenerateSpec(users=8, computers=20, days=3, events_per_day=300,
+                                     redteam_events=4, seed=3), log, labels)
+    workdir = tmp_path / "demo"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with EmbeddedBroker(log_file=tmp_path / "broker.log") as broker:
+        env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
+        demo = subprocess.run(
+            [sys.executable, "-m", "pipeline", "demo", "--input", str(log), "--labels", str(labels),
+             "--workdir", str(workdir), "--tokenizers", "1"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        del env["KAFKA_BOOTSTRAP_SERVERS"]  # status finds the broker in the workdir's config
+        status = subprocess.run(
+            [sys.executable, "-m", "pipeline", "status", "--workdir", str(workdir), "--json"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+        text = subprocess.run(
+            [sys.executable, "-m", "pipeline", "status", "--workdir", str(workdir)],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert status.returncode == 0, status.stdout + status.stderr
+    report = json.loads(status.stdout)
+    groups = {g["stage"]: g for g in report["groups"]}
+    assert set(groups) == {"tokenizer", "windower", "trainer", "archiver", "alerter"}
+    for stage, group in groups.items():
+        assert group["partitions"] and group["lag"] == 0, (stage, group)
+        assert all(p["exact"] and p["committed"] == p["end"] > 0 for p in group["partitions"]), group
+    assert report["total_lag"] == 0
+    raw_end = sum(p["end"] for p in groups["tokenizer"]["partitions"])
+    assert raw_end == summary["events"] + len(groups["tokenizer"]["partitions"])  # + end markers
+    assert report["model"]["window"] == 2  # 3 days, 1-day windows: trained through the last
+    assert text.returncode == 0 and "total lag 0 record(s)" in text.stdout
+    group_lines = re.findall(r"^([a-z]+) +lag (\d+)", text.stdout, re.M)
+    assert group_lines == [(stage, "0") for stage in groups], text.stdout
+    assert "trained through window 2" in text.stdout, text.stdout

@@ -1,0 +1,169 @@
+"""Train and score events/s on a device: salka's own functions against a plain PyTorch loop.
+
+Run: python benchmarks/gpu.py [--device auto|cpu|cuda] [--precision bf16|fp32] [--batch 4096]
+                              [--events 131072] [--small]
+Models: char-LSTM d128 (1 layer) and GPT d128x2 (4 heads), on char-tokenized synthetic LANL
+events (pipeline.generate). For each model, side by side in one process on the same batches:
+- salka: nn.training.train_sequences and nn.scoring.score_sequences (padding on the host, one
+  transfer per batch, per-event results back as Python floats), as the trainer and scorers run;
+- plain: the reference loop: batches padded and moved to the device before the clock starts,
+  then forward (autocast) / backward / clip / AdamW step, or forward + masked per-event loss sums.
+The ratio salka / plain is what to compare (issue 13's goal: >= 0.8x of the plain loop).
+--small: tiny sizes (d16 models, batch 64, 512 events) so it runs in seconds on a CPU.
+Say which card gave a figure: the first line prints the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from nn.device import autocast, resolve_device  # noqa: E402
+from nn.scoring import pad_batch, score_sequences  # noqa: E402
+from nn.tokenizers import encode_event  # noqa: E402
+from nn.training import build_model, make_optimizer, train_sequences  # noqa: E402
+from pipeline.config import config_from_dict  # noqa: E402
+from pipeline.generate import GenerateSpec, write_log  # noqa: E402
+from pipeline.modelspec import make_tokenizer  # noqa: E402
+from pipeline.replay import parse_file  # noqa: E402
+
+MAX_TOKENS = 120
+
+
+def model_args(kind: str, width: int, vocab_size: int) -> dict:
+    if kind == "lstm":
+        return {"kind": "rnn", "vocab_size": vocab_size, "cell": "lstm", "hidden_size": width, "n_layer": 1}
+    return {"kind": "gpt", "vocab_size": vocab_size, "block_size": MAX_TOKENS + 2,
+            "n_layer": 2, "n_head": 4 if width % 4 == 0 else 1, "n_embd": width}
+
+
+def char_events(count: int) -> tuple[list[list[int]], int]:
+    """``count`` encoded LANL-style events (BOS .. EOS, char ids) and the vocabulary size."""
+    config = config_from_dict({"tokenizer": {"kind": "char", "max_tokens": MAX_TOKENS}})
+    with tempfile.TemporaryDirectory() as folder:
+        log, labels = Path(folder) / "auth.csv", Path(folder) / "labels.csv"
+        days = max(1, -(-count // 20_000))
+        write_log(GenerateSpec(days=days, events_per_day=min(count, 20_000) + 500, seed=11), log, labels)
+        windows, _ = parse_file(log, config)
+    tokenizer = make_tokenizer(config)
+    events = [e for index in sorted(windows) for e in windows[index]][:count]
+    seqs = [encode_event(tokenizer, e.text_fields, MAX_TOKENS) for e in events]
+    while len(seqs) < count:  # a short log repeats (only the timing matters here)
+        seqs += seqs[: count - len(seqs)]
+    return seqs, tokenizer.vocab_size
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, work) -> float:
+    sync(device)
+    start = time.perf_counter()
+    work()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def fresh(args: dict, device: torch.device):
+    torch.manual_seed(0)
+    model = build_model(args).to(device)
+    return model, make_optimizer(model, 3e-3, 0.0)
+
+
+def salka_rates(args, seqs, batch, device, precision) -> tuple[float, float]:
+    model, optimizer = fresh(args, device)
+    train_sequences(model, optimizer, seqs[:batch], epochs=1, batch_size=batch, grad_clip=1.0,
+                    seed=0, device=device, precision=precision)  # warm-up (kernels, allocator)
+    train_s = timed(device, lambda: train_sequences(
+        model, optimizer, seqs, epochs=1, batch_size=batch, grad_clip=1.0, seed=1,
+        device=device, precision=precision))
+    score_sequences(model, seqs[:batch], batch, device=device, precision=precision)
+    score_s = timed(device, lambda: score_sequences(model, seqs, batch, device=device, precision=precision))
+    return len(seqs) / train_s, len(seqs) / score_s
+
+
+def plain_rates(args, seqs, batch, device, precision) -> tuple[float, float]:
+    """The reference: the same model, batch order and padding, with the batches on the device
+    before timing starts and nothing but the framework's own loop inside the timing."""
+    model, optimizer = fresh(args, device)
+    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(1)).tolist()
+    shuffled = [pad_batch([seqs[i] for i in order[s : s + batch]]).to(device)
+                for s in range(0, len(seqs), batch)]
+    in_order = [pad_batch(seqs[s : s + batch]).to(device) for s in range(0, len(seqs), batch)]
+
+    def train(batches) -> None:
+        model.train()
+        for seq in batches:
+            idx, targets = model.inputs_and_targets(seq)
+            with autocast(device, precision):
+                _, loss = model(idx, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+
+    @torch.no_grad()
+    def score(batches) -> None:
+        model.eval()
+        for seq in batches:
+            idx, targets = model.inputs_and_targets(seq)
+            with autocast(device, precision):
+                logits, _ = model(idx)
+            losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
+                                     reduction="none").view(targets.shape)
+            mask = targets != -1
+            (losses * mask).sum(1).cpu(), mask.sum(1).cpu()  # per-event totals reach the host
+
+    train(shuffled[:1])
+    train_s = timed(device, lambda: train(shuffled))
+    score(in_order[:1])
+    score_s = timed(device, lambda: score(in_order))
+    return len(seqs) / train_s, len(seqs) / score_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--events", type=int, default=131_072)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--small", action="store_true", help="tiny sizes: a CPU smoke run")
+    opts = parser.parse_args()
+    if opts.small:
+        opts.batch, opts.events, opts.width = 64, 512, 16
+    device = resolve_device(opts.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {device} ({name}), torch {torch.__version__}, precision {opts.precision}, "
+          f"batch {opts.batch}, {opts.events} events, width {opts.width}, "
+          f"threads {torch.get_num_threads()}")
+    seqs, vocab_size = char_events(opts.events)
+    mean_len = sum(map(len, seqs)) / len(seqs)
+    print(f"char events: mean {mean_len:.1f} tokens (BOS/EOS included)")
+    print(f"{'model':<12} {'loop':<6} {'train ev/s':>12} {'score ev/s':>12}")
+    ratios = []
+    for kind in ("lstm", "gpt"):
+        label = f"{kind}-d{opts.width}" + ("x2" if kind == "gpt" else "")
+        args = model_args(kind, opts.width, vocab_size)
+        ours = salka_rates(args, seqs, opts.batch, device, opts.precision)
+        plain = plain_rates(args, seqs, opts.batch, device, opts.precision)
+        for loop, (train, score) in (("salka", ours), ("plain", plain)):
+            print(f"{label:<12} {loop:<6} {train:>12.0f} {score:>12.0f}")
+        ratios.append(f"salka/plain {label}: train {ours[0] / plain[0]:.2f}x, "
+                      f"score {ours[1] / plain[1]:.2f}x")
+    print("\n".join(ratios))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""User mistakes beyond issue 10's table: bad --set syntax, a missing or binary or empty input, a
+directory where a file belongs (and the other way round), an output that cannot be written, a
+config that is not YAML, the demo's --input / --labels. Each is one ``Error:`` line naming the
+file or key, a non-zero exit, never a traceback, and nothing left half-written."""
+
+import os
+import stat
+
+import pytest
+from click.testing import CliRunner
+from helpers import ROOT
+
+from pipeline.cli import cli
+from pipeline.scorefile import write_rows
+
+DATA = ROOT / "tests" / "data"
+TINY = ["--set", "model.rnn.hidden_size=8", "--set", "training.epochs=1"]
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
+
+
+def one_error_line(result, code):
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+@pytest.fixture
+def scores(tmp_path):
+    path = tmp_path / "scores.csv.gz"
+    columns = ["line", "event_time", "window", "user", "src_host", "dst_host", "loss", "loss_total"]
+    write_rows(path, columns, ([str(n), str(n), "1", f"U{n}", "C1", "C2", f"{n / 10:.6f}",
+                                f"{n / 5:.6f}"] for n in range(2, 12)))
+    return path
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.kind", "--set 'model.kind': expected key.path=value"),
+    ("=3", "--set '=3': empty key in path"),
+    ("nosuch.key=1", "nosuch: unknown key"),
+    ("window.size_seconds=-5", "window.size_seconds: expected a positive number, got -5"),
+])
+def test_bad_set_syntax_names_the_setting(setting, message):
+    error = one_error_line(invoke("check", "--input", DATA / "lanl.csv", "--set", setting), 2)
+    assert message in error
+
+
+@pytest.mark.parametrize("name, path", [("missing", "nothere.csv"), ("directory", ".")])
+def test_input_that_is_missing_or_a_directory(name, path, tmp_path):
+    error = one_error_line(invoke("replay", "--input", tmp_path / path, "--output",
+                                  tmp_path / "s.csv.gz"), 2)
+    assert "Invalid value for '--input'" in error
+    assert ("does not exist" if name == "missing" else "is a directory") in error
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "no events (the file is empty or only header / comment lines)"),
+    (b"\x7fELF\x02\x01\x01\x00\xf0\x9f\x00\xff\xfe\n\x00\x01\x02\xc3\x28\n",
+     "2 of 2 lines malformed (all), most often line 1: invalid UTF-8"),
+])
+def test_empty_or_binary_input_to_replay_writes_nothing(content, message, tmp_path):
+    log, out = tmp_path / "in.log", tmp_path / "s.csv.gz"
+    log.write_bytes(content)
+    error = one_error_line(invoke("replay", "--input", log, "--output", out, *TINY), 1)
+    assert f"{log}: {message}" in error
+    assert not out.exists() and os.listdir(tmp_path) == ["in.log"]
+
+
+def test_output_under_a_file_is_one_line_for_every_command_that_writes(scores, tmp_path):
+    """A path whose directory is a file (ENOTDIR / EEXIST: no root needed to make one)."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory\n")
+    commands = {
+        "replay": ["--input", DATA / "lanl.csv", "--output", blocker / "s.csv.gz", *TINY],
+        "report": ["--scores", scores, "--output", blocker / "r.html"],
+        "generate": ["--output", blocker / "a.csv", "--labels", blocker / "l.csv", "--days", "1",
+                     "--events-per-day", "100"],
+    }
+    for name, args in commands.items():
+        error = one_error_line(invoke(name, *args), 1)
+        assert error.startswith(f"Error: {blocker}") and "; check the path" in error, (name, error)
+    assert blocker.read_text() == "not a directory\n" and os.listdir(tmp_path) == ["file.txt",
+                                                                                  "scores.csv.gz"]
+
+
+def test_output_onto_a_fifo_is_refused_and_the_fifo_is_left_alone(tmp_path):
+    """Renaming over it (as root, over /dev/full) would replace the special file itself."""
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    error = one_error_line(invoke("replay", "--input", DATA / "lanl.csv", "--output", fifo, *TINY), 1)
+    assert f"{fifo}: exists and is not a regular file" in error
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_output_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path):
+    target, link = tmp_path / "real.csv.gz", tmp_path / "link.csv.gz"
+    target.write_bytes(b"old")
+    link.symlink_to(target.name)
+    result = invoke("replay", "--input", DATA / "lanl.csv", "--output", link, *TINY)
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and target.read_bytes()[:2] == b"\x1f\x8b"  # gzip now
+
+
+@pytest.mark.parametrize("content, message", [
+    ("model:\n  kind: rnn\n   x: 1\n", "cfg.yaml:3:5: not valid YAML: mapping values are not allowed here"),
+    ("model:\n  kind: [\n", "cfg.yaml:3:1: not valid YAML: expected the node content"),
+    ("a: b\n\tc: d\n", "cfg.yaml:2:1: not valid YAML: found character '\\t' that cannot start any token"),
+])
+def test_yaml_syntax_error_is_one_line_with_line_and_column(content, message, tmp_path):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(content)
+    error = one_error_line(invoke("check", "--config", config, "--input", DATA / "lanl.csv"), 2)
+    assert message in error and error.endswith("fix the YAML syntax there")
+
+
+def test_binary_config_is_one_line(tmp_path):
+    config = tmp_path / "cfg.yaml"
+    config.write_bytes(b"model:\n  kind: \xff\xfe\n")
+    error = one_error_line(invoke("check", "--config", config, "--input", DATA / "lanl.csv"), 2)
+    assert f"{config}: not a YAML config (not UTF-8 text at byte 15)" in error
+
+
+@pytest.mark.parametrize("command", [["top", "--archive"], ["report", "--output", "r.html", "--archive"],
+                                     ["eval", "--labels", "LABELS", "--scores"], ["alerts", "--scores"]])
+def test_a_directory_without_window_files_is_not_an_archive(command, tmp_path):
+    """The demo's workdir instead of its archive: not "no scored events" and exit 0."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("line,label\n3,1\n")
+    (tmp_path / "archive").mkdir()
+    args = [labels if a == "LABELS" else tmp_path / a if a == "r.html" else a for a in command]
+    error = one_error_line(invoke(*args, tmp_path), 1)
+    assert f"{tmp_path}: no window-*.csv.gz files, so not a score archive" in error
+    assert "e.g. demo/archive" in error
+
+
+def test_demo_checks_its_input_and_labels_before_starting_anything(tmp_path):
+    workdir = tmp_path / "demo"
+    error = one_error_line(invoke("demo", "--input", DATA / "apache.log", "--workdir", workdir), 1)
+    assert f"{DATA / 'apache.log'}: 9 of 9 lines malformed (all)" in error and "pipeline check" in error
+    bad_labels = tmp_path / "labels.csv"
+    bad_labels.write_text("line;label\n3;1\n")
+    error = one_error_line(invoke("demo", "--input", DATA / "lanl.csv", "--labels", bad_labels,
+                                  "--workdir", workdir), 1)
+    assert f"{bad_labels}:1: header" in error
+    error = one_error_line(invoke("demo", "--labels", bad_labels, "--workdir", workdir), 2)
+    assert "--labels goes with --input" in error
+    assert not workdir.exists()  # no broker, no stage, no generated log
+
+
+def test_scores_file_named_without_gz_is_still_read(tmp_path):
+    """Replay writes gzip whatever the name; the readers used to go by the suffix and refused
+    replay's own output as "not a readable scores file"."""
+    out, labels = tmp_path / "scores.csv", tmp_path / "labels.csv"
+    assert invoke("replay", "--input", DATA / "lanl.csv", "--output", out, *TINY).exit_code == 0
+    assert out.read_bytes()[:2] == b"\x1f\x8b"
+    labels.write_text("line,label\n9,1\n")
+    top = invoke("top", "--scores", out, "-n", "3")
+    assert top.exit_code == 0 and top.output.splitlines()[0].startswith("rank"), top.output
+    assert invoke("eval", "--scores", out, "--labels", labels).exit_code == 0
+
+
+def test_broker_on_a_port_in_use_says_so_instead_of_reporting_the_other_listener():
+    """It used to wait for the port, find the other listener open, print "listening", then
+    "broker exited with code 0"."""
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        error = one_error_line(invoke("broker", "--port", port), 1)
+    assert f"port {port} on 127.0.0.1 is already in use (another broker?)" in error
+
+
+def test_broker_with_a_storage_engine_it_does_not_have():
+    error = one_error_line(invoke("broker", "--storage", "file:///tmp/x"), 2)
+    assert "--storage: 'file:///tmp/x': the embedded broker stores in memory://NAME/ or s3://BUCKET/" in error
