@@ -7,6 +7,7 @@ made a sequence. State is plain JSON-able data (saved inside checkpoints, loaded
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from collections import Counter
@@ -15,6 +16,7 @@ from collections.abc import Iterable, Sequence
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
 N_SPECIAL = len(SPECIAL_TOKENS)
+MIN_FREE_SLOTS = 16  # a growing word field reserves at least this many ids for later values
 
 Fields = Sequence[tuple[str, str]]  # (field name, value) pairs, in model order
 
@@ -56,10 +58,17 @@ def stable_bucket(value: str, buckets: int) -> int:
 
 
 class WordTokenizer:
-    """Field-aware words: a vocabulary per field, learned once and frozen, plus OOV buckets.
+    """Field-aware words: a vocabulary per field, learned from the first window, plus OOV buckets.
 
-    Field f owns the id range [offset_f, offset_f + len(vocab_f) + oov_buckets); an unseen value
-    hashes into one of its field's buckets, so "new user" and "new host" stay distinguishable.
+    With ``grow`` (tokenizer.word.grow), field f owns the fixed id range [offset_f, offset_f +
+    capacity_f + oov_buckets), allocated at fit: ``grow()`` gives values first seen later the
+    field's next free ids, so vocab_size (the model's size) never changes and old ids never
+    move. capacity_f is the first window's n_f values plus max(ceil(grow_reserve * n_f), 16)
+    free slots, at most max_vocab_per_field: a field of two values does not reserve thousands
+    (every slot is a row of the output softmax, which every token pays for). Without ``grow``
+    (and in checkpoints older than growth) capacity_f = n_f and the vocabulary is frozen. An
+    unseen value hashes into one of its field's buckets, so "new user" and "new host" stay
+    distinguishable.
     """
 
     kind = "word"
@@ -70,13 +79,25 @@ class WordTokenizer:
         max_vocab_per_field: int = 5000,
         min_count: int = 1,
         oov_buckets: int = 8,
+        grow: bool = False,
+        grow_reserve: float = 1.0,
     ):
         self.split = split
         self.max_vocab_per_field = max_vocab_per_field
         self.min_count = min_count
         self.oov_buckets = oov_buckets
+        self.grow_enabled = grow
+        self.grow_reserve = grow_reserve
         self.vocabs: dict[str, list[str]] = {}
+        self.capacities: dict[str, int] = {}  # fixed at fit when growing
         self._rebuild()
+
+    def capacity(self, name: str) -> int:
+        """Id slots of field ``name`` before its OOV buckets."""
+        return self.capacities[name] if self.grow_enabled else len(self.vocabs[name])
+
+    def oov_start(self, name: str) -> int:
+        return self.offsets[name] + self.capacity(name)
 
     def _rebuild(self) -> None:
         self.offsets: dict[str, int] = {}
@@ -85,7 +106,7 @@ class WordTokenizer:
         for name, words in self.vocabs.items():
             self.offsets[name] = next_id
             self.index[name] = {w: next_id + i for i, w in enumerate(words)}
-            next_id += len(words) + self.oov_buckets
+            next_id += self.capacity(name) + self.oov_buckets
         self.vocab_size = next_id
 
     def _words(self, value: str) -> list[str]:
@@ -104,7 +125,36 @@ class WordTokenizer:
             self.vocabs[name] = [
                 w for w, c in ranked[: self.max_vocab_per_field] if c >= self.min_count
             ]
+            n = len(self.vocabs[name])
+            free = max(math.ceil(self.grow_reserve * n), MIN_FREE_SLOTS)
+            self.capacities[name] = min(self.max_vocab_per_field, n + free)
         self._rebuild()
+
+    def grow(self, samples: Iterable[Fields]) -> dict[str, list[str]]:
+        """Give values not yet in the vocabulary, seen at least ``min_count`` times in
+        ``samples``, their field's next free ids (by count, then text: the same in every
+        process), until the field's capacity is full; the rest stay in the OOV buckets.
+        Returns the values added per field. A no-op before fit, without ``grow``, and for fields
+        fit never saw (they have no id range)."""
+        if not self.grow_enabled or not self.vocabs:
+            return {}
+        counts: dict[str, Counter] = {name: Counter() for name in self.vocabs}
+        for fields in samples:
+            for name, value in fields:
+                index = self.index.get(name)
+                if index is not None:
+                    counts[name].update(w for w in self._words(value) if w not in index)
+        added: dict[str, list[str]] = {}
+        for name, counter in counts.items():
+            free = self.capacity(name) - len(self.vocabs[name])
+            ranked = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+            new = [w for w, c in ranked if c >= self.min_count][:max(free, 0)]
+            if new:
+                start = self.offsets[name] + len(self.vocabs[name])
+                self.vocabs[name].extend(new)
+                self.index[name].update((w, start + i) for i, w in enumerate(new))
+                added[name] = new
+        return added
 
     def encode(self, fields: Fields) -> list[int]:
         ids = []
@@ -112,7 +162,7 @@ class WordTokenizer:
             if name not in self.index:
                 ids.extend(UNK for _ in self._words(value))
                 continue
-            vocab, oov_start = self.index[name], self.offsets[name] + len(self.vocabs[name])
+            vocab, oov_start = self.index[name], self.oov_start(name)
             for word in self._words(value):
                 token = vocab.get(word)
                 ids.append(token if token is not None else oov_start + stable_bucket(word, self.oov_buckets))
@@ -123,7 +173,7 @@ class WordTokenizer:
         for name, words in self.vocabs.items():
             start = self.offsets[name]
             names.update({start + i: w for i, w in enumerate(words)})
-            names.update({start + len(words) + b: f"<{name}:oov{b}>" for b in range(self.oov_buckets)})
+            names.update({self.oov_start(name) + b: f"<{name}:oov{b}>" for b in range(self.oov_buckets)})
         return [SPECIAL_TOKENS[i] if i < N_SPECIAL else names.get(i, "[?]") for i in ids]
 
     def state_dict(self) -> dict:
@@ -133,13 +183,21 @@ class WordTokenizer:
             "max_vocab_per_field": self.max_vocab_per_field,
             "min_count": self.min_count,
             "oov_buckets": self.oov_buckets,
+            # The id layout: True, fixed capacity per field; False, frozen (len(vocab) per field).
+            "grow": self.grow_enabled,
+            "grow_reserve": self.grow_reserve,
+            "capacities": dict(self.capacities),
             "vocabs": {name: list(words) for name, words in self.vocabs.items()},
         }
 
     @classmethod
     def from_state(cls, state: dict) -> WordTokenizer:
-        tok = cls(state["split"], state["max_vocab_per_field"], state["min_count"], state["oov_buckets"])
+        # A state saved before growth existed has no "grow": it keeps its frozen layout, so its
+        # ids, vocab_size and model stay valid.
+        tok = cls(state["split"], state["max_vocab_per_field"], state["min_count"], state["oov_buckets"],
+                  bool(state.get("grow", False)), state.get("grow_reserve", 1.0))
         tok.vocabs = {name: list(words) for name, words in state["vocabs"].items()}
+        tok.capacities = {name: int(n) for name, n in state.get("capacities", {}).items()}
         tok._rebuild()
         return tok
 

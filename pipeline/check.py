@@ -37,9 +37,9 @@ def _time(seconds: float | None) -> str:
 def check_lines(config: Config, path: str | Path, limit: int) -> list[str]:
     """The report for the first ``limit`` physical lines of ``path``, as printable lines."""
     from nn.tokenizers import encode_event
-    from pipeline.modelspec import make_tokenizer
+    from pipeline.modelspec import make_masker, make_tokenizer
 
-    parser = LineParser(config.input)
+    parser = LineParser(config.input, masker=make_masker(config))
     results = [parser.parse(raw, number) for number, raw in islice(read_lines(path), limit)]
     events = [r for r in results if isinstance(r, Event)]
     tokenizer = make_tokenizer(config)

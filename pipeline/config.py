@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from nn.masking import DEFAULT_PATTERNS as DEFAULT_MASK_PATTERNS
+from nn.masking import pattern_problem as mask_pattern_problem
 from pipeline.logs import redact
 
 
@@ -130,6 +132,12 @@ class WordTokenizerConfig:
     min_count: int = field(default=1, metadata=_check(_positive))
     # Unseen values hash (stably) into this many per-field buckets instead of one shared UNK.
     oov_buckets: int = field(default=8, metadata=_check(_positive))
+    # Each field gets id slots up front (its first-window values + max(ceil(grow_reserve x them),
+    # 16), at most max_vocab_per_field); values first seen in a later window take free slots
+    # (nn/tokenizers.py WordTokenizer.grow). False: frozen after the first window (the default:
+    # benchmarks/detect.py on the realistic profile ranks better without growth; README).
+    grow: bool = False
+    grow_reserve: float = field(default=1.0, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True)
@@ -139,12 +147,42 @@ class BpeTokenizerConfig:
 
 
 @dataclass(frozen=True)
+class MaskPattern:
+    # The mask token is "<name>" (letters, digits, _; starting with a letter).
+    name: str = ""
+    # Python regular expression; its matches in the model's text become "<name>".
+    regex: str = ""
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    # Replace variable parts of the model's text by mask tokens before tokenizing (nn/masking.py).
+    enabled: bool = False
+    # Applied in order; a later pattern never sees what an earlier one masked.
+    patterns: list[MaskPattern] = field(
+        default_factory=lambda: [MaskPattern(n, r) for n, r in DEFAULT_MASK_PATTERNS]
+    )
+
+    def __post_init__(self) -> None:
+        seen: dict[str, int] = {}
+        for i, pattern in enumerate(self.patterns):
+            problem = mask_pattern_problem(pattern.name, pattern.regex)
+            if problem is None and pattern.name in seen:
+                problem = (f"name: {pattern.name!r} is already the name of patterns[{seen[pattern.name]}]; "
+                           f"give each pattern its own name")
+            if problem:
+                raise ConfigError(f"tokenizer.mask.patterns[{i}].{problem}")
+            seen[pattern.name] = i
+
+
+@dataclass(frozen=True)
 class TokenizerConfig:
     kind: Literal["char", "word", "bpe"] = "word"
     # Longest event in tokens (without BOS/EOS); longer events are truncated.
     max_tokens: int = field(default=120, metadata=_check(_positive))
     word: WordTokenizerConfig = field(default_factory=WordTokenizerConfig)
     bpe: BpeTokenizerConfig = field(default_factory=BpeTokenizerConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
 
 
 @dataclass(frozen=True)

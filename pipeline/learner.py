@@ -8,13 +8,14 @@ a function of the config and the window's events alone, so offline and online ru
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from nn.scoring import score_sequences
-from nn.tokenizers import encode_event, needs_fit, tokenizer_from_state
+from nn.tokenizers import WordTokenizer, encode_event, needs_fit, stable_bucket, tokenizer_from_state
 from nn.training import (
     CheckpointError,
     build_model,
@@ -31,6 +32,11 @@ from pipeline.modelspec import make_tokenizer, model_args_for
 from pipeline.parsing import Event
 from pipeline.score import Score
 from pipeline.windowing import event_order
+
+log = logging.getLogger(__name__)
+# Config keys added since checkpoints were first written: a checkpoint without one was made
+# before it existed and is compared as if it had the running config's value.
+ADDED_KEYS = ("tokenizer.word.grow", "tokenizer.word.grow_reserve")
 
 
 def _chunk_progress(on_progress: Callable[[int, float, float], None], epochs: int, start: int,
@@ -53,6 +59,19 @@ def renamed_keys_applied(saved: dict) -> dict:
             node = node.get(name) if isinstance(node, dict) else None
         if isinstance(node, dict) and old_name in node:
             node[new.rsplit(".", 1)[1]] = node.pop(old_name)
+    return saved
+
+
+def added_keys_filled(saved: dict, current: dict) -> dict:
+    """A checkpoint's config with ``ADDED_KEYS`` it lacks taken from the running config."""
+    for key in ADDED_KEYS:
+        *parents, name = key.split(".")
+        node, now = saved, current
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+            now = now.get(part) if isinstance(now, dict) else None
+        if isinstance(node, dict) and isinstance(now, dict) and name not in node and name in now:
+            node[name] = now[name]
     return saved
 
 
@@ -118,7 +137,14 @@ class WindowLearner:
         """Train on the window; ``on_progress(epoch from 1, fraction of that epoch, fraction of
         the window)`` after every batch, for progress displays."""
         events = sorted(events, key=event_order)
+        fitted = needs_fit(self.tokenizer)
         self._ensure_model(events)
+        # The window was scored with the old vocabulary; its new values get ids now, before
+        # training, so the ids they use from the next window on are trained on this one. Here,
+        # not in the callers, so replay and the streaming trainer cannot differ.
+        grown = 0 if fitted else self.grow(events)
+        if grown:
+            log.info("window %d: %d new word values in the vocabulary", window, grown)
         tc = self.config.training
         # Seeds depend on (seed, window) only, so a resumed run repeats an uninterrupted one.
         seed = self.config.seed * 1_000_003 + window
@@ -139,6 +165,27 @@ class WindowLearner:
             ))
         self.last_window = window
         return sum(losses) / len(losses) if losses else float("nan")
+
+    def grow(self, events: Sequence[Event]) -> int:
+        """Give the window's new word values ids of their own (nn/tokenizers.py
+        WordTokenizer.grow); returns how many. Each new id's embedding row (tied to its output
+        row) starts as a copy of the OOV bucket the value hashed to until now, so the model
+        first treats it as it treated the unknown value, not as an untrained row whose logit
+        every earlier window pushed down."""
+        if not isinstance(self.tokenizer, WordTokenizer) or self.model is None:
+            return 0
+        added = self.tokenizer.grow(e.text_fields for e in events)
+        if not added:
+            return 0
+        tok = self.tokenizer
+        new = [tok.index[name][w] for name, words in added.items() for w in words]
+        buckets = [tok.oov_start(name) + stable_bucket(w, tok.oov_buckets)
+                   for name, words in added.items() for w in words]
+        weight = self.model.wte.weight
+        with torch.no_grad():
+            weight[torch.tensor(new, device=weight.device)] = weight[
+                torch.tensor(buckets, device=weight.device)]
+        return len(new)
 
     def process_window(self, window: int, events: Sequence[Event]) -> list[Score]:
         scores = self.score(window, events)
@@ -167,13 +214,20 @@ class WindowLearner:
         different model / tokenizer / seed configuration (its scores would not continue ours)."""
         data = load_checkpoint(path)
         try:
-            saved = renamed_keys_applied(data["config"])
+            current = config_to_dict(config)
+            saved = added_keys_filled(renamed_keys_applied(data["config"]), current)
+            # A checkpoint from before tokenizer.mask existed read unmasked text: masking off.
+            saved.get("tokenizer", {}).setdefault("mask", config_to_dict(Config())["tokenizer"]["mask"])
             for section in ("model", "tokenizer", "seed"):
-                if saved[section] != config_to_dict(config)[section]:
+                if saved[section] != current[section]:
                     raise CheckpointError(f"{path}: made with a different {section} configuration "
                                           f"({saved[section]!r})")
             learner = cls(config)
             learner.tokenizer = tokenizer_from_state(data["tokenizer"])
+            if (isinstance(learner.tokenizer, WordTokenizer) and config.tokenizer.word.grow
+                    and not learner.tokenizer.grow_enabled):
+                log.warning("%s predates tokenizer.word.grow: its vocabulary stays frozen (its ids "
+                            "fill the model); start from an empty state dir to grow one", path)
             if data["model_args"] is not None:
                 learner.model = build_model(data["model_args"])
                 learner.model.load_state_dict(data["model"])  # CPU tensors, whatever wrote them

@@ -5,8 +5,16 @@ No torch here, so the tokenizer stage and ``pipeline check`` can build a tokeniz
 
 from __future__ import annotations
 
+from nn.masking import Masker
 from nn.tokenizers import AnyTokenizer, build_tokenizer
 from pipeline.config import Config
+
+
+def make_masker(config: Config) -> Masker | None:
+    """The masker of ``tokenizer.mask``, or None when masking is off. Every place that makes the
+    model's text (LineParser, record_to_event) takes it, so all stages and replay mask alike."""
+    mask = config.tokenizer.mask
+    return Masker([(p.name, p.regex) for p in mask.patterns]) if mask.enabled else None
 
 
 def make_tokenizer(config: Config) -> AnyTokenizer:

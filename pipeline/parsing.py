@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from nn.masking import Masker
 from pipeline.config import InputConfig
 
 # Times past this are almost surely garbage (year 2200); rejecting them keeps one bad record from
@@ -107,9 +108,11 @@ def future_problem(seconds: float, now: float, max_future: float) -> str | None:
 class LineParser:
     """Turns raw lines into Events per the ``input`` config section."""
 
-    def __init__(self, config: InputConfig, clock: Callable[[], float] = _time.time):
+    def __init__(self, config: InputConfig, clock: Callable[[], float] = _time.time,
+                 masker: Masker | None = None):
         self.config = config
         self.clock = clock  # wall clock for the far-future bound; tests pass a fixed one
+        self.masker = masker  # tokenizer.mask (pipeline.modelspec.make_masker); None: off
         self.pattern = re.compile(config.text.pattern) if config.text.pattern else None
         if config.format == "csv":
             names = list(config.csv.columns)
@@ -150,6 +153,8 @@ class LineParser:
             if problem:
                 return Malformed(line, f"bad time in field {self.config.time_field!r}: {problem}")
         text_fields = tuple((name, fields.get(name, "")) for name in self.model_fields)
+        if self.masker is not None:
+            text_fields = self.masker.mask_fields(text_fields)
         return Event(line=line, time=time, fields=fields, text_fields=text_fields)
 
     def _time(self, value: str) -> float:

@@ -17,6 +17,7 @@ from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.interrupt import interruptible
 from pipeline.learner import WindowLearner
+from pipeline.modelspec import make_masker
 from pipeline.parsing import Event, HeaderRow, LineParser, Malformed, read_lines
 from pipeline.score import Score
 from pipeline.scorefile import explain_cells, format_loss, format_number, score_columns, write_rows
@@ -83,7 +84,7 @@ def malformed_problem(report: ParseReport, source: str, max_fraction: float) -> 
 
 def parse_file(path: str | Path, config: Config) -> tuple[dict[int, list[Event]], ParseReport]:
     """Events grouped by window, and what could not be parsed (never fatal)."""
-    parser = LineParser(config.input)
+    parser = LineParser(config.input, masker=make_masker(config))
     windows: dict[int, list[Event]] = defaultdict(list)
     report = ParseReport()
     for number, raw in read_lines(path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 
+from nn.masking import Masker
 from pipeline.config import Config
 from pipeline.parsing import Event
 from pipeline.score import Score
@@ -35,15 +36,17 @@ def event_to_record(event: Event) -> dict:
     }
 
 
-def record_to_event(record: dict, model_fields: list[str]) -> Event:
+def record_to_event(record: dict, model_fields: list[str], masker: Masker | None = None) -> Event:
+    """The Event back; ``masker`` (tokenizer.mask) masks its model text as LineParser does."""
     fields = {f["name"]: f["value"] for f in record["fields"]}
+    text_fields = tuple((name, fields.get(name, "")) for name in model_fields)
     source = record["source"]
     ids = record["token_ids"]
     return Event(
         line=record["line"] or 0,
         time=record["event_time"],
         fields=fields,
-        text_fields=tuple((name, fields.get(name, "")) for name in model_fields),
+        text_fields=masker.mask_fields(text_fields) if masker is not None else text_fields,
         token_ids=tuple(ids) if ids is not None else None,
         source=(source["topic"], source["partition"], source["offset"]),
         raw=record["raw"],

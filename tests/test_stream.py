@@ -72,7 +72,10 @@ def streamed_run(kafka_bootstrap, tmp_path_factory):
     log.write_text("\n".join(lines) + "\n")
     bad_line_numbers = {i + 1: text for i, text in enumerate(lines) if text in BAD_LINES}
 
-    config, config_path = stream_config(tmp, kafka_bootstrap, {"topics": {"partitions": 3}})
+    # A growing word vocabulary (tokenizer.word.grow): the trainer's tokenizer changes after every
+    # window, and streaming must still give replay's numbers.
+    config, config_path = stream_config(tmp, kafka_bootstrap, {"topics": {"partitions": 3},
+                                                               "tokenizer": {"word": {"grow": True}}})
     replay_out = tmp / "replay.csv.gz"
     replay(log, replay_out, config, progress=False)
 

@@ -15,7 +15,7 @@ from confluent_kafka import Message, TopicPartition
 from nn.tokenizers import encode_event
 from pipeline.config import Config
 from pipeline.kafka import partition_count
-from pipeline.modelspec import make_tokenizer
+from pipeline.modelspec import make_masker, make_tokenizer
 from pipeline.parsing import Event, LineParser, Malformed
 from pipeline.runner import Output, header, send_to_dead_letters
 from pipeline.stages.base import BaseStage
@@ -30,7 +30,7 @@ class TokenizerStage(BaseStage):
 
     def __init__(self, config: Config):
         super().__init__(config)
-        self.parser = LineParser(config.input)
+        self.parser = LineParser(config.input, masker=make_masker(config))
         # Only a fixed tokenizer can encode before the first window is seen; word and BPE
         # vocabularies are learned by the trainer, which encodes those events itself.
         self.fixed_tokenizer = make_tokenizer(config) if config.tokenizer.kind == "char" else None

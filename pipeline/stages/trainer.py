@@ -21,6 +21,7 @@ from nn.training import CheckpointError
 from pipeline.atomic import quarantine
 from pipeline.config import Config
 from pipeline.learner import WindowLearner
+from pipeline.modelspec import make_masker
 from pipeline.parsing import Event, LineParser
 from pipeline.progress import training_logger
 from pipeline.runner import Output
@@ -71,6 +72,7 @@ class TrainerStage(WindowStage):
     def __init__(self, config: Config):
         super().__init__(config, config.topics.windows, "events")
         self.model_fields = LineParser(config.input).model_fields
+        self.masker = make_masker(config)  # the model text as the tokenizer stage / replay make it
         self.learner = load_newest_checkpoint(config) or WindowLearner(config)
         # Where the checkpoint's model stopped reading; None: from the start of the topic.
         self.resume_offset = self.learner.resume_offset
@@ -83,7 +85,7 @@ class TrainerStage(WindowStage):
         return last is not None and window <= last
 
     def item(self, record: dict) -> tuple[tuple, Event]:
-        return identity(record["event"]), record_to_event(record["event"], self.model_fields)
+        return identity(record["event"]), record_to_event(record["event"], self.model_fields, self.masker)
 
     def window_complete(self, out: Output, window: int, items: list, msg: Message,
                         complete: dict) -> None:
