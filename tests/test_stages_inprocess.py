@@ -429,6 +429,9 @@ def test_alerter_across_a_restart_alerts_as_the_offline_rules_do(tmp_path):
     assert got == offline
     assert {w for w, _, _ in got} >= {3, 4, 5}  # the outliers were flagged
     assert stage.counts["alerts"] + resumed.counts["alerts"] == len(offline)
+    # windows 1 and 2, judged before the restart, are skipped, not counted as judged again
+    assert stage.counts["windows"] + resumed.counts["windows"] == len(windows)
+    assert resumed.counts["skipped"] > 0
     assert all(s.key == str(w).encode() for s, (w, _, _) in zip(out.sent, got))
 
 

@@ -43,8 +43,12 @@ class AlerterStage(WindowStage):
                 quarantine(self.state_path, f"unreadable alerter state ({exc})",
                            "starting with empty histories from the committed offsets")
         self.unsaved = False
-        self.counts = {"windows": 0, "alerts": 0, "dead_letters": 0}
+        self.counts = {"windows": 0, "alerts": 0, "dead_letters": 0, "skipped": 0}
         self.observer = None  # pipeline/metrics.AlerterObserver when metrics are on
+
+    def already_done(self, window: int) -> bool:
+        last = self.engine.last_window  # judged before a restart: its alerts went out already
+        return last is not None and window <= last
 
     def window_complete(self, out: Output, window: int, items: list, msg: Message,
                         complete: dict) -> None:
