@@ -133,6 +133,10 @@ class EmbeddedBroker:
             self.process.wait()
 
     def __enter__(self) -> EmbeddedBroker:
+        # A broker started already (to handle its start-up errors first) is not started twice:
+        # a second process would be left running on its own when this one stops.
+        if self.process is not None and self.process.poll() is None:
+            return self
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -83,6 +83,8 @@ def test_broker_command_says_whether_its_storage_is_durable():
     finally:
         broker.send_signal(signal.SIGTERM)
         broker.wait(20)
+    from pipeline.broker import port_in_use
+    assert not port_in_use(port), "the command left a broker running after it stopped"
     assert f"127.0.0.1:{port}" in line
     assert "memory://tansu/ is not durable: data is lost when the broker stops" in line
 
