@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.parsing import CommentRow, Event, HeaderRow, LineParser, Malformed, read_lines
-from pipeline.replay import ParseReport, malformed_problem
+from pipeline.replay import ParseReport, malformed_problem, parse_file
 from pipeline.safetext import printable
 from pipeline.scorefile import format_number
 from pipeline.windowing import window_of
@@ -86,16 +86,7 @@ def require_fit(config: Config, path: str | Path, limit: int = 10_000) -> None:
     and five processes that would dead-letter every line."""
     from pipeline.errors import InputError
 
-    parser = LineParser(config.input)
-    report = ParseReport()
-    for number, raw in islice(read_lines(path), limit):
-        result = parser.parse(raw, number)
-        if isinstance(result, HeaderRow):
-            report.header_rows += 1
-        elif isinstance(result, Malformed):
-            report.errors.append(result)
-        else:
-            report.events += 1
+    _, report = parse_file(path, config, limit)
     problem = malformed_problem(report, str(path), config.input.max_malformed_fraction)
     if problem:
         raise InputError(problem)

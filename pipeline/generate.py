@@ -47,18 +47,22 @@ class GenerateSpec:
     profile: str = "simple"  # simple, or realistic (pipeline.generate_realistic)
 
 
+def split_hosts(computers: int, n_servers: int, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """(servers, workstations): ``n_servers`` of C1..C<computers> drawn as servers, in host order."""
+    chosen = np.sort(rng.choice(computers, n_servers, replace=False))
+    servers = {int(i) for i in chosen}
+    return [f"C{i + 1}" for i in chosen], [f"C{i + 1}" for i in range(computers) if i not in servers]
+
+
 class _World:
     """Fixed topology (servers, homes, habits), drawn once so every day reuses the same habits."""
 
     def __init__(self, spec: GenerateSpec, rng: np.random.Generator) -> None:
         if spec.users < 3 or spec.computers < 16:
             raise ValueError("need at least 3 users and 16 computers for a meaningful topology")
-        n_srv = min(10, max(5, spec.computers // 12))
-        srv_idx = np.sort(rng.choice(spec.computers, n_srv, replace=False))
-        self.servers = [f"C{i + 1}" for i in srv_idx]
+        n_servers = min(10, max(5, spec.computers // 12))
+        self.servers, self.workstations = split_hosts(spec.computers, n_servers, rng)
         self.dcs = self.servers[:2]
-        srv_set = {int(i) for i in srv_idx}
-        self.workstations = [f"C{i + 1}" for i in range(spec.computers) if i not in srv_set]
         perm = rng.permutation(len(self.workstations))
         self.home = [self.workstations[perm[u % len(perm)]] for u in range(spec.users)]
         for u in range(spec.users):  # a few users share a desk (shift work, hot-desking)
@@ -73,7 +77,7 @@ class _World:
         self.activity = rng.gamma(2.0, size=spec.users)
         self.activity /= self.activity.sum()
         self.machines = [w for w in self.workstations if rng.random() < 0.5] or self.workstations
-        self.anon_dsts = [self.servers[int(i)] for i in rng.choice(n_srv, 2, replace=False)]
+        self.anon_dsts = [self.servers[int(i)] for i in rng.choice(len(self.servers), 2, replace=False)]
         # Batch jobs every `period` s (2 rows each) come to ~5% of the daily budget.
         period = max(300, 300 * round(60 * DAY / max(spec.events_per_day, 1) / 300))
         self.svc = [(f"SVC{j + 1}@DOM1", self.servers[2 + j], period * (j + 1)) for j in range(2)]

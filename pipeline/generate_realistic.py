@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.generate import DAY, FAIL_P, HOURLY, KIND_P, GenerateSpec, _machine
+from pipeline.generate import DAY, FAIL_P, HOURLY, KIND_P, GenerateSpec, _machine, split_hosts
 
 BACKUP_ACCOUNT = "BACKUP@DOM1"
 ONBOARD_SHARE = 0.2  # users whose first day is a later one
@@ -37,14 +37,11 @@ class _World:
     def __init__(self, spec: GenerateSpec, rng: np.random.Generator) -> None:
         if spec.users < 10 or spec.computers < 30:
             raise ValueError("the realistic profile needs at least 10 users and 30 computers")
-        n_srv = min(12, max(6, spec.computers // 10))
-        srv_idx = np.sort(rng.choice(spec.computers, n_srv, replace=False))
-        self.servers = [f"C{i + 1}" for i in srv_idx]
+        n_servers = min(12, max(6, spec.computers // 10))
+        self.servers, self.workstations = split_hosts(spec.computers, n_servers, rng)
         self.dcs = self.servers[:2]
         self.backup_server = self.servers[2]
         self.app_servers = self.servers[3:]
-        srv_set = {int(i) for i in srv_idx}
-        self.workstations = [f"C{i + 1}" for i in range(spec.computers) if i not in srv_set]
         n_ws = len(self.workstations)
         order = [int(u) for u in rng.permutation(spec.users)]
         n_admin = max(2, round(spec.users * ADMIN_SHARE))
@@ -70,7 +67,7 @@ class _World:
                                + [self.app_servers[int(i)] for i in picks])
         self.activity = rng.gamma(2.0, size=spec.users)
         self.machines = [w for w in self.workstations if rng.random() < 0.5] or self.workstations
-        self.anon_dsts = [self.servers[int(i)] for i in rng.choice(n_srv, 2, replace=False)]
+        self.anon_dsts = [self.servers[int(i)] for i in rng.choice(len(self.servers), 2, replace=False)]
         period = max(300, 300 * round(60 * DAY / max(spec.events_per_day, 1) / 300))
         self.svc = [(f"SVC{j + 1}@DOM1", self.app_servers[j], period * (j + 1)) for j in range(2)]
 

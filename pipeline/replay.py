@@ -9,6 +9,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from tqdm import tqdm
@@ -82,12 +83,14 @@ def malformed_problem(report: ParseReport, source: str, max_fraction: float) -> 
     return None
 
 
-def parse_file(path: str | Path, config: Config) -> tuple[dict[int, list[Event]], ParseReport]:
-    """Events grouped by window, and what could not be parsed (never fatal)."""
+def parse_file(path: str | Path, config: Config,
+               limit: int | None = None) -> tuple[dict[int, list[Event]], ParseReport]:
+    """Events grouped by window, and what could not be parsed (never fatal); only the first
+    ``limit`` lines when given."""
     parser = LineParser(config.input, masker=make_masker(config))
     windows: dict[int, list[Event]] = defaultdict(list)
     report = ParseReport()
-    for number, raw in read_lines(path):
+    for number, raw in islice(read_lines(path), limit):
         result = parser.parse(raw, number)
         if isinstance(result, HeaderRow):
             report.header_rows += 1

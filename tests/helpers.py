@@ -116,3 +116,23 @@ def wait_for(predicate, timeout: float = 120.0, interval: float = 0.3, what: str
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def invoke(*args):
+    """``pipeline ARGS`` in-process: never a traceback, never an exception other than the exit."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
+
+
+def one_error_line(result, code):
+    """The exit code, and the message as the single line that starts with Error:."""
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    return errors[0]

@@ -6,8 +6,7 @@ import logging
 from datetime import datetime, timezone
 
 import pytest
-from click.testing import CliRunner
-from helpers import ROOT
+from helpers import ROOT, invoke, one_error_line
 
 from pipeline.cli import cli
 from pipeline.config import config_from_dict
@@ -17,21 +16,6 @@ from pipeline.scorefile import write_rows
 
 EXAMPLES, DATA = ROOT / "examples", ROOT / "tests" / "data"
 TINY = ["--set", "model.rnn.hidden_size=8", "--set", "training.epochs=1"]
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result
-
-
-def one_error_line(result, code):
-    """The exit code, and the message as the single line that starts with Error:."""
-    assert result.exit_code == code, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 @pytest.fixture

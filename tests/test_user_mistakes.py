@@ -7,28 +7,12 @@ import os
 import stat
 
 import pytest
-from click.testing import CliRunner
-from helpers import ROOT
+from helpers import ROOT, invoke, one_error_line
 
-from pipeline.cli import cli
 from pipeline.scorefile import write_rows
 
 DATA = ROOT / "tests" / "data"
 TINY = ["--set", "model.rnn.hidden_size=8", "--set", "training.epochs=1"]
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
-
-
-def one_error_line(result, code):
-    assert result.exit_code == code, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 @pytest.fixture
