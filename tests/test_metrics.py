@@ -24,6 +24,7 @@ from helpers import delete_topics, stream_config, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.alerting import Alert
+from pipeline.broker import free_port
 from pipeline.cli import cli
 from pipeline.demo import ArchiveCounter, stage_env
 from pipeline.generate import GenerateSpec, write_log
@@ -41,12 +42,6 @@ def get(port: int, path: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
