@@ -33,7 +33,7 @@ from pipeline.replay import replay
 from pipeline.scorefile import read_scores
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["tokenizer", "tokenizer", "windower", "trainer", "archiver"]
+STAGES = ["tokenizer", "tokenizer", "windower", "trainer", "scorer", "archiver"]
 
 
 def main() -> int:

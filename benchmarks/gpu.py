@@ -1,11 +1,12 @@
 """Train and score events/s on a device: salka's own functions against a plain PyTorch loop.
 
 Run: python benchmarks/gpu.py [--device auto|cpu|cuda] [--precision bf16|fp32] [--batch 4096]
-                              [--events 131072] [--small]
+                              [--events 131072] [--width 128] [--explain] [--small]
 Models: char-LSTM d128 (1 layer) and GPT d128x2 (4 heads), on char-tokenized synthetic LANL
 events (pipeline.generate). For each model, side by side in one process on the same batches:
 - salka: nn.training.train_sequences and nn.scoring.score_sequences (padding on the host, one
-  transfer per batch, per-event results back as Python floats), as the trainer and scorers run;
+  transfer per batch, per-event results back as Python floats), as the trainer and scorers run:
+  means and totals only; --explain also brings back the per-token losses (scores.explain: true);
 - plain: the reference loop: batches padded and moved to the device before the clock starts,
   then forward (autocast) / backward / clip / AdamW step, or forward + masked per-event loss sums.
 The ratio salka / plain is what to compare (issue 13's goal: >= 0.8x of the plain loop).
@@ -81,15 +82,16 @@ def fresh(args: dict, device: torch.device):
     return model, make_optimizer(model, 3e-3, 0.0)
 
 
-def salka_rates(args, seqs, batch, device, precision) -> tuple[float, float]:
+def salka_rates(args, seqs, batch, device, precision, per_token=False) -> tuple[float, float]:
     model, optimizer = fresh(args, device)
     train_sequences(model, optimizer, seqs[:batch], epochs=1, batch_size=batch, grad_clip=1.0,
                     seed=0, device=device, precision=precision)  # warm-up (kernels, allocator)
     train_s = timed(device, lambda: train_sequences(
         model, optimizer, seqs, epochs=1, batch_size=batch, grad_clip=1.0, seed=1,
         device=device, precision=precision))
-    score_sequences(model, seqs[:batch], batch, device=device, precision=precision)
-    score_s = timed(device, lambda: score_sequences(model, seqs, batch, device=device, precision=precision))
+    score_sequences(model, seqs[:batch], batch, device=device, precision=precision, per_token=per_token)
+    score_s = timed(device, lambda: score_sequences(model, seqs, batch, device=device, precision=precision,
+                                                    per_token=per_token))
     return len(seqs) / train_s, len(seqs) / score_s
 
 
@@ -139,6 +141,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--events", type=int, default=131_072)
     parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--explain", action="store_true",
+                        help="salka scoring also returns per-token losses (as with scores.explain)")
     parser.add_argument("--small", action="store_true", help="tiny sizes: a CPU smoke run")
     opts = parser.parse_args()
     if opts.small:
@@ -147,7 +151,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}), torch {torch.__version__}, precision {opts.precision}, "
           f"batch {opts.batch}, {opts.events} events, width {opts.width}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, per-token losses {'on' if opts.explain else 'off'}")
     seqs, vocab_size = char_events(opts.events)
     mean_len = sum(map(len, seqs)) / len(seqs)
     print(f"char events: mean {mean_len:.1f} tokens (BOS/EOS included)")
@@ -156,7 +160,7 @@ def main() -> None:
     for kind in ("lstm", "gpt"):
         label = f"{kind}-d{opts.width}" + ("x2" if kind == "gpt" else "")
         args = model_args(kind, opts.width, vocab_size)
-        ours = salka_rates(args, seqs, opts.batch, device, opts.precision)
+        ours = salka_rates(args, seqs, opts.batch, device, opts.precision, opts.explain)
         plain = plain_rates(args, seqs, opts.batch, device, opts.precision)
         for loop, (train, score) in (("salka", ours), ("plain", plain)):
             print(f"{label:<12} {loop:<6} {train:>12.0f} {score:>12.0f}")

@@ -198,9 +198,9 @@ def main() -> None:
             config, path = fresh_config(base, work, bootstrap)
             stages = StageProcesses(path, work / "logs-whole")
             try:
-                for stage in ("tokenizer", "windower", "trainer", "archiver"):
+                for stage in ("tokenizer", "windower", "trainer", "scorer", "archiver"):
                     stages.start(stage)
-                for stage in ("tokenizer", "windower", "trainer", "archiver"):
+                for stage in ("tokenizer", "windower", "trainer", "scorer", "archiver"):
                     assigned_at(work / "logs-whole" / f"{stage}-0.log", stage)
                 archive = ArchiveCounter(Path(config.streaming.archive_dir))
                 t0 = time.time()

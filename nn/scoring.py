@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -11,12 +13,17 @@ from nn.device import autocast
 from nn.tokenizers import PAD
 
 
-def pad_batch(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
-    """(B, T) LongTensor, right-padded with PAD to the longest sequence."""
-    T = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), T), PAD, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+def pad_batch(seqs: Sequence[Sequence[int]], pin_memory: bool = False) -> torch.Tensor:
+    """(B, T) LongTensor, right-padded with PAD to the longest sequence. ``pin_memory``: in
+    page-locked memory, so that a ``non_blocking`` copy to a GPU does not stall the host.
+
+    One pass over the ids in C (np.fromiter), one vectorised assignment: a tensor per row cost
+    ~15 us each, which at GPU batch sizes (4096) kept the GPU waiting for the host."""
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
+    T = int(lengths.max())
+    out = torch.full((len(seqs), T), PAD, dtype=torch.long, pin_memory=pin_memory)
+    out.numpy()[np.arange(T) < lengths[:, None]] = flat  # the mask is row-major, as flat is
     return out
 
 
@@ -34,29 +41,64 @@ def token_losses(model: torch.nn.Module, seq: torch.Tensor,
     return losses, targets != -1
 
 
+def _launch(model: torch.nn.Module, batch: torch.Tensor, precision: str, per_token: bool):
+    """Start scoring one batch; returns what ``_collect`` needs. On a GPU nothing here waits: the
+    results go to pinned host memory asynchronously and an event marks when they are there, so
+    the host pads the next batch while the GPU works on this one."""
+    losses, mask = token_losses(model, batch, precision)
+    losses = losses * mask
+    # The reductions run where the losses are, in the order they always did (CPU: bit-identical).
+    parts = [losses.sum(1), mask.sum(1), *((losses, mask) if per_token else ())]
+    if batch.device.type != "cuda":
+        return parts, None
+    parts = [t.to("cpu", non_blocking=True) for t in parts]
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(batch.device))
+    return parts, done
+
+
+def _collect(launched, per_token: bool) -> list[tuple[float, float, list[float]]]:
+    """(mean, total, per-token losses) per row of a launched batch, as Python floats: one
+    ``.tolist()`` per batch for each, never one per row."""
+    parts, done = launched
+    if done is not None:
+        done.synchronize()
+    totals, counts = parts[0].tolist(), parts[1].tolist()
+    if not per_token:
+        return [(total / max(count, 1), total, []) for total, count in zip(totals, counts)]
+    losses, mask = parts[2], parts[3]
+    flat = losses[mask].tolist()  # the real positions, row after row (any mask shape)
+    ends = list(itertools.accumulate(counts))
+    return [(total / max(count, 1), total, flat[end - count : end])
+            for total, count, end in zip(totals, counts, ends)]
+
+
 @torch.no_grad()
 def score_sequences(
     model: torch.nn.Module, seqs: Sequence[Sequence[int]], batch_size: int = 256,
-    device: torch.device | None = None, precision: str = "fp32",
+    device: torch.device | None = None, precision: str = "fp32", per_token: bool = True,
 ) -> list[tuple[float, float, list[float]]]:
     """(mean loss, total loss, per-token losses) per sequence, in order, in eval mode. Batches go
-    to ``device`` (the model's; None: the CPU); the results come back as Python floats."""
+    to ``device`` (the model's; None: the CPU); the results come back as Python floats.
+    ``per_token=False``: the per-token lists are empty (the means and totals are the same floats),
+    and no per-token data leaves the device. On a GPU, batch k+1 is padded and launched before
+    the results of batch k are read, so host and device work side by side."""
     was_training = model.training
     model.eval()
-    results = []
+    cuda = device is not None and device.type == "cuda"
+    results: list[tuple[float, float, list[float]]] = []
+    pending = None
     try:
         for start in range(0, len(seqs), batch_size):
-            batch = pad_batch(seqs[start : start + batch_size])
+            batch = pad_batch(seqs[start : start + batch_size], pin_memory=cuda)
             if device is not None:
                 batch = batch.to(device, non_blocking=True)
-            losses, mask = token_losses(model, batch, precision)
-            if losses.device.type != "cpu":  # one transfer per batch, not one per .tolist()
-                losses, mask = losses.cpu(), mask.cpu()
-            losses = losses * mask
-            totals = losses.sum(1).tolist()
-            counts = mask.sum(1).clamp(min=1).tolist()
-            for row, real, total, count in zip(losses, mask, totals, counts):
-                results.append((total / count, total, row[real].tolist()))
+            launched = _launch(model, batch, precision, per_token)
+            if pending is not None:
+                results += _collect(pending, per_token)
+            pending = launched
+        if pending is not None:
+            results += _collect(pending, per_token)
     finally:
         model.train(was_training)
     return results

@@ -94,6 +94,7 @@ def train_sequences(
     forward pass's (nn/device.py: bf16 autocast, fp32 master weights)."""
     model.train()
     generator = torch.Generator().manual_seed(seed)
+    cuda = device is not None and device.type == "cuda"
     losses = []
     batches = -(-len(seqs) // batch_size)
     for epoch in range(epochs):
@@ -101,12 +102,14 @@ def train_sequences(
         for number, start in enumerate(range(0, len(order), batch_size), start=1):
             if on_batch is not None and number > 1:  # here, so a skipped batch counts as done
                 on_batch(epoch, number - 1, batches)
-            batch = pad_batch([seqs[i] for i in order[start : start + batch_size]])
+            batch = pad_batch([seqs[i] for i in order[start : start + batch_size]], pin_memory=cuda)
             idx, targets = model.inputs_and_targets(batch)
             if not (targets != -1).any():  # checked on the CPU: no wait for a GPU
                 continue
-            if device is not None:
-                idx, targets = idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            if cuda:  # one copy from pinned memory: the host pads the next batch meanwhile
+                idx, targets = model.inputs_and_targets(batch.to(device, non_blocking=True))
+            elif device is not None:
+                idx, targets = idx.to(device), targets.to(device)
             with autocast(idx.device, precision):
                 _, loss = model(idx, targets)
             optimizer.zero_grad(set_to_none=True)

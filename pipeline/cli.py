@@ -236,7 +236,7 @@ def report_command(config: Config, rows, labels_path, input_path, output_path, t
     click.echo(f"wrote {output_path}: {summary['events']} events, {summary['plots']} plots", err=True)
 
 
-STAGES = ("tokenizer", "windower", "trainer", "archiver", "alerter")
+STAGES = ("tokenizer", "windower", "trainer", "scorer", "archiver", "alerter")
 
 
 def make_stage(name: str, config: Config):
@@ -246,6 +246,8 @@ def make_stage(name: str, config: Config):
         from pipeline.stages.windower import WindowerStage as stage
     elif name == "trainer":
         from pipeline.stages.trainer import TrainerStage as stage
+    elif name == "scorer":
+        from pipeline.stages.scorer import ScorerStage as stage
     elif name == "alerter":
         from pipeline.stages.alerter import AlerterStage as stage
     else:

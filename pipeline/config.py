@@ -252,7 +252,10 @@ class TopicsConfig:
     dead_letters: str = "salka.dead-letters"
     late: str = "salka.late"
     alerts: str = "salka.alerts"
-    # Partitions of raw and tokens when salka creates them (scale tokenizers up to this many).
+    # Compacted: the trainer announces each model here (window, file, sha256, fingerprint).
+    models: str = "salka.models"
+    # Partitions of raw, tokens and windows when salka creates them (scale tokenizers and
+    # scorers up to this many).
     partitions: int = field(default=3, metadata=_check(_positive))
     replication_factor: int = field(default=1, metadata=_check(_positive))
 
@@ -272,6 +275,9 @@ class StreamingConfig:
     poll_batch: int = field(default=500, metadata=_check(_positive))
     # Trainer checkpoints kept; a damaged newest one falls back to the one before.
     keep_checkpoints: int = field(default=3, metadata=_check(_positive))
+    # Where the trainer puts each window's model for the scorers: a directory (empty:
+    # <state_dir>/models) or an fsspec URL such as s3://bucket/salka/models. Scorers read it.
+    model_store: str = ""
 
 
 @dataclass(frozen=True)

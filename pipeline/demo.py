@@ -35,7 +35,7 @@ from pipeline.topicrecords import identity
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("alerter", "archiver", "trainer", "windower", "tokenizer")
+STAGE_ORDER = ("alerter", "archiver", "scorer", "trainer", "windower", "tokenizer")
 # The generated log: 3 days of ~2,000 events with 40 planted red-team events tells the whole story
 # (alerts, ROC AUC ~0.99, audit) in well under a minute on 2 cores; `pipeline generate` makes more.
 DEMO_DATA = GenerateSpec(days=3, events_per_day=2000, redteam_events=40)
@@ -178,9 +178,9 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
         stages = StageProcesses(config_path, workdir / "logs")
         for i in range(tokenizers):
             stages.start("tokenizer", i)
-        for stage in ("windower", "trainer", "archiver", "alerter"):
+        for stage in ("windower", "trainer", "scorer", "archiver", "alerter"):
             stages.start(stage)
-        click.echo(f"started {tokenizers} tokenizer(s), windower, trainer, archiver, alerter; "
+        click.echo(f"started {tokenizers} tokenizer(s), windower, trainer, scorer, archiver, alerter; "
                    f"logs in {workdir / 'logs'}")
         started = time.monotonic()
         produced = produce_file(config, input_path)

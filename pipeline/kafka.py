@@ -97,12 +97,14 @@ def require_reachable(config: Config) -> None:
 
 
 def topic_plan(config: Config) -> dict[str, int]:
-    """Topic -> partitions. Windows and scores keep one partition: their order carries meaning."""
+    """Topic -> partitions. Windows has as many as tokens (the windower forwards each event to its
+    tokens partition's number; scorers share them); scores keeps one: the archiver reads it whole."""
     t = config.topics
     return {
         t.raw: t.partitions,
         t.tokens: t.partitions,
-        t.windows: 1,
+        t.windows: t.partitions,
+        t.models: 1,
         t.scores: 1,
         t.dead_letters: 1,
         t.late: 1,
@@ -114,8 +116,12 @@ def create_topics(config: Config, timeout: float = 30.0) -> list[str]:
     """Create salka's topics that do not exist yet; returns the names created."""
     admin = make_admin(config)
     existing = set(require_broker(admin, bootstrap_servers(config)).topics)
+    # Only the newest announcement per model matters; a broker that ignores the setting (the
+    # embedded one) keeps them all, which scorers read the same way.
+    settings = {config.topics.models: {"cleanup.policy": "compact"}}
     wanted = [
-        NewTopic(name, num_partitions=parts, replication_factor=config.topics.replication_factor)
+        NewTopic(name, num_partitions=parts, replication_factor=config.topics.replication_factor,
+                 config=settings.get(name, {}))
         for name, parts in topic_plan(config).items()
         if name not in existing
     ]

@@ -81,8 +81,9 @@ class WindowLearner:
     def __init__(self, config: Config):
         self.config = config
         self.device = training_device(config.training)  # ConfigError: cuda without a GPU
-        # Where the stage that saved the checkpoint stopped reading its input (None: from the start).
-        self.resume_offset: int | None = None
+        # Where the stage that saved the checkpoint stopped reading its input: partition -> offset
+        # (an int: partition 0, from before the windows topic had partitions; None: the start).
+        self.resume_offset: dict[int, int] | int | None = None
         self.tokenizer = make_tokenizer(config)
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -120,7 +121,8 @@ class WindowLearner:
         encoded = self.encode(events)  # ids only: a few bytes per token
         tc = self.config.training
         results = score_sequences(self.model, encoded, score_batch_size(tc, self.device),
-                                  device=self.device, precision=tc.precision)
+                                  device=self.device, precision=tc.precision,
+                                  per_token=self.config.scores.explain)  # lists only to explain
         if not self.config.scores.explain:
             return [Score(e, window, mean, total) for e, (mean, total, _) in zip(events, results)]
         # The predicted tokens: all after BOS (EOS included), or for the bidirectional model
@@ -194,7 +196,7 @@ class WindowLearner:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, path: str | Path, resume_offset: int | None = None) -> None:
+    def save(self, path: str | Path, resume_offset: dict[int, int] | int | None = None) -> None:
         """Checkpoint the model, optimizer, tokenizer and last window, with the input position
         the saving stage resumes from (the trainer's windows-topic offset)."""
         save_checkpoint(

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline import poison
 from pipeline.brokerwatch import UNREACHABLE_CODES, BrokerLost, stage_watch
@@ -386,11 +386,3 @@ def send_to_dead_letters(stage, msg: Message, out: Output, reason: str, line: in
                          msg.value(), line or None)
     out.send_dead_letter(stage.config.topics.dead_letters, record, key=msg.key())
     stage.counts["dead_letters"] = stage.counts.get("dead_letters", 0) + 1
-
-
-def assign_from(consumer, partitions: list[TopicPartition], offset: int | None) -> None:
-    """Take the assigned partitions from the position a stage saved with its state (None: from
-    the start), not from the group's committed offset, so state and input position agree."""
-    for tp in partitions:
-        tp.offset = offset if offset is not None else OFFSET_BEGINNING
-    consumer.assign(partitions)

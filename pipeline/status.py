@@ -38,7 +38,7 @@ def stage_inputs(config: Config) -> dict[str, list[str]]:
     """Stage -> the topics its consumer group reads (each stage's ``topics()``)."""
     t = config.topics
     return {"tokenizer": [t.raw], "windower": [t.tokens], "trainer": [t.windows],
-            "archiver": [t.scores], "alerter": [t.scores]}
+            "scorer": [t.windows, t.late], "archiver": [t.scores], "alerter": [t.scores]}
 
 
 def group_id(config: Config, stage: str) -> str:

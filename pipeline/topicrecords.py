@@ -59,7 +59,7 @@ def identity(record: dict) -> tuple[str, int, int]:
     return (source["topic"], source["partition"], source["offset"])
 
 
-def score_to_record(score: Score, config: Config) -> dict:
+def score_to_record(score: Score, config: Config, late: bool = False) -> dict:
     event = score.event
     topic, partition, offset = event.source
     return {
@@ -73,6 +73,7 @@ def score_to_record(score: Score, config: Config) -> dict:
         "raw": event.raw,
         "tokens": list(score.tokens) if score.token_losses else None,
         "token_losses": list(score.token_losses) if score.token_losses else None,
+        "late": late,
     }
 
 

@@ -53,6 +53,18 @@ def window_end(index: int, window: WindowConfig, timed: bool) -> float:
     return float((index + 1) * window.size_lines + 1)
 
 
+def first_open_window(closed_through: float, window: WindowConfig, timed: bool) -> int:
+    """The lowest window whose end is past ``closed_through`` (finite): every window before it is
+    closed."""
+    size = window.size_seconds if timed else window.size_lines
+    index = math.floor(closed_through / size) if timed else math.floor((closed_through - 1) / size)
+    while window_end(index - 1, window, timed) > closed_through:  # settle float rounding
+        index -= 1
+    while window_end(index, window, timed) <= closed_through:
+        index += 1
+    return index
+
+
 class Watermark:
     """Event-clock watermark: the minimum over input partitions of the newest clock seen there,
     minus the allowed lateness. A partition with no data yet holds it back (-inf); one that

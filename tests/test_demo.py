@@ -81,7 +81,7 @@ def test_status_against_a_finished_demo_shows_lag_0_for_every_group(tmp_path):
     assert status.returncode == 0, status.stdout + status.stderr
     report = json.loads(status.stdout)
     groups = {g["stage"]: g for g in report["groups"]}
-    assert set(groups) == {"tokenizer", "windower", "trainer", "archiver", "alerter"}
+    assert set(groups) == {"tokenizer", "windower", "trainer", "scorer", "archiver", "alerter"}
     for stage, group in groups.items():
         assert group["partitions"] and group["lag"] == 0, (stage, group)
         assert all(p["exact"] and p["committed"] == p["end"] > 0 for p in group["partitions"]), group

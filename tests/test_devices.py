@@ -3,6 +3,7 @@ error, CPU fp32 unchanged, bf16 close to fp32, device-free checkpoints, torch th
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import os
@@ -27,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--set", "model.rnn.hidden_size=16", "--set", "window.size_seconds=3600",
         "--set", "training.epochs=1"]
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,7 @@ def test_big_scoring_batches_only_on_a_gpu():
 # ------------------------------------------------------------------ precision
 
 
+@needs_no_gpu  # the default device is auto: a GPU where there is one (compared below)
 def test_cpu_fp32_replay_is_bit_identical_to_the_default_path(tiny_log, tmp_path):
     default, explicit = tmp_path / "default.csv.gz", tmp_path / "cpu.csv.gz"
     for out, extra in ((default, []), (explicit, ["--set", "training.device=cpu",
@@ -114,6 +117,53 @@ def test_cpu_fp32_replay_is_bit_identical_to_the_default_path(tiny_log, tmp_path
         assert result.exit_code == 0, result.output
     a, b = gzip.decompress(default.read_bytes()), gzip.decompress(explicit.read_bytes())
     assert a.count(b"\n") > 300 and a == b
+
+
+def _replay_losses(log, out, *extra: str) -> list[str]:
+    result = CliRunner().invoke(cli, ["replay", "--input", str(log), "--output", str(out), *TINY, *extra],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    with gzip.open(out, "rt", newline="") as handle:
+        return [row["loss"] for row in csv.DictReader(handle)]
+
+
+@needs_gpu
+def test_cuda_fp32_replay_is_within_1e_4_of_cpu(tiny_log, tmp_path):
+    cpu = _replay_losses(tiny_log, tmp_path / "cpu.csv.gz", "--set", "training.device=cpu")
+    gpu = _replay_losses(tiny_log, tmp_path / "cuda.csv.gz", "--set", "training.device=cuda",
+                         "--set", "training.precision=fp32")
+    assert len(cpu) == len(gpu) > 300
+    assert [a == "" for a in cpu] == [b == "" for b in gpu]  # the first window: no model, no loss
+    pairs = [(float(a), float(b)) for a, b in zip(cpu, gpu) if a]
+    assert len(pairs) > 300 and max(abs(a - b) for a, b in pairs) < 1e-4
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["rnn", "gpt"])
+def test_cuda_batches_score_and_train_like_the_cpu(kind):
+    """The GPU path (pinned batches, asynchronous read-back one batch behind) keeps the order
+    and the values: per-token losses and means against the CPU's, several batches deep."""
+    args = {"kind": kind, "vocab_size": 32, **({"hidden_size": 16} if kind == "rnn" else
+                                                {"n_embd": 16, "n_head": 2, "n_layer": 1, "block_size": 12})}
+    seqs = _sequences()
+    torch.manual_seed(0)
+    model = build_model(args)
+    cpu = score_sequences(model, seqs, 16, device=torch.device("cpu"))
+    model.to("cuda")
+    gpu = score_sequences(model, seqs, 16, device=torch.device("cuda"))
+    gpu_means = score_sequences(model, seqs, 16, device=torch.device("cuda"), per_token=False)
+    for (m0, t0, p0), (m1, t1, p1), (m2, t2, p2) in zip(cpu, gpu, gpu_means):
+        assert (m1, t1) == (m2, t2) and p2 == [] and len(p0) == len(p1)
+        assert abs(m0 - m1) < 1e-5 and abs(t0 - t1) < 1e-4
+        assert max(abs(a - b) for a, b in zip(p0, p1)) < 1e-5
+    results = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = build_model(args).to(device)
+        optimizer = make_optimizer(model, 3e-3, 0.0)
+        results[device] = train_sequences(model, optimizer, seqs, epochs=2, batch_size=16, grad_clip=1.0,
+                                          seed=1, device=torch.device(device))
+    assert results["cuda"] == pytest.approx(results["cpu"], abs=1e-4)
 
 
 def _sequences(n: int = 96) -> list[list[int]]:

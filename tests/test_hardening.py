@@ -318,7 +318,7 @@ def test_far_future_event_is_dead_lettered_and_later_events_are_scored(kafka_boo
     archive = Path(config.streaming.archive_dir)
     try:
         stages.start("tokenizer")
-        for stage in ("windower", "trainer", "archiver"):
+        for stage in ("windower", "trainer", "scorer", "archiver"):
             stages.start(stage)
         produce_file(config, log)
         wait_for(lambda: ArchiveCounter(archive).count()[0] >= good or stages.dead(), 180,

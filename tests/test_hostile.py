@@ -180,7 +180,7 @@ def test_92_hostile_kinds_are_dead_lettered_or_scored_and_nothing_else_is_lost(k
     try:
         for i in range(2):
             stages.start("tokenizer", i)
-        for stage in ("windower", "trainer", "archiver"):
+        for stage in ("windower", "trainer", "scorer", "archiver"):
             stages.start(stage)
         produce_file(config, log)
         wait_for(lambda: len(archived_lines(archive)) >= expected_archived or stages.dead(), 180,

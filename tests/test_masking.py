@@ -271,7 +271,7 @@ def test_stream_archive_equals_replay_with_masking(kafka_bootstrap, tmp_path, ki
     archive = Path(config.streaming.archive_dir)
     stages = StageProcesses(config_path, tmp_path / "logs")
     try:
-        for stage in ("tokenizer", "windower", "trainer", "archiver"):
+        for stage in ("tokenizer", "windower", "trainer", "scorer", "archiver"):
             stages.start(stage)
         produce_file(config, log)
         wait_for(lambda: (archive.exists() and ArchiveCounter(archive).count()[0] >= 240)

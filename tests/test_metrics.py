@@ -33,7 +33,7 @@ from pipeline.metrics import MetricsServer, StageMetrics, alert_kinds
 from pipeline.produce import produce_file
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docker/grafana/dashboards/salka.json"
-STAGES = ("tokenizer", "windower", "trainer", "archiver", "alerter")
+STAGES = ("tokenizer", "windower", "trainer", "scorer", "archiver", "alerter")
 
 
 def get(port: int, path: str) -> tuple[int, str]:

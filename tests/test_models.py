@@ -394,6 +394,54 @@ def test_scores_do_not_depend_on_batch_padding(kind):
     assert model.training is False
 
 
+def reference_pad_batch(seqs) -> torch.Tensor:
+    """The per-row loop pad_batch replaced: its output is the contract."""
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def reference_scores(model, seqs, batch_size: int) -> list[tuple[float, float, list[float]]]:
+    """score_sequences before batches were read back with one ``.tolist()``: per-row indexing."""
+    results = []
+    with torch.no_grad():
+        for start in range(0, len(seqs), batch_size):
+            losses, mask = token_losses(model, reference_pad_batch(seqs[start : start + batch_size]))
+            losses = losses * mask
+            totals, counts = losses.sum(1).tolist(), mask.sum(1).clamp(min=1).tolist()
+            for row, real, total, count in zip(losses, mask, totals, counts):
+                results.append((total / count, total, row[real].tolist()))
+    return results
+
+
+def test_pad_batch_equals_the_per_row_reference_on_ragged_input():
+    rng = random.Random(3)
+    for trial in range(30):
+        rows = rng.choice([1, 2, 7, 64])
+        seqs = [[rng.randrange(N_SPECIAL, 300) for _ in range(rng.choice([1, 2, rng.randrange(1, 90)]))]
+                for _ in range(rows)]
+        if trial % 3 == 0:
+            seqs = [tuple(s) for s in seqs]  # any sequence of ints, as the docstring says
+        got, want = pad_batch(seqs), reference_pad_batch(seqs)
+        assert got.dtype == torch.long and got.shape == want.shape and torch.equal(got, want), trial
+        assert (got[:, -1] != PAD).any()  # control: padded to the longest row, no wider
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_per_token_losses_off_gives_the_very_same_means_and_totals(kind):
+    model = make_model(kind)
+    events = random_events([1, 3, 14, 6, 0, 10, 2, 9, 5], seed=8)  # 0 and 1: nothing to predict
+    for batch_size in (4, len(events)):
+        want = reference_scores(model, events, batch_size)
+        with_tokens = score_sequences(model, events, batch_size=batch_size)
+        without = score_sequences(model, events, batch_size=batch_size, per_token=False)
+        assert with_tokens == want  # exact floats, per-token lists included
+        assert [(m, t) for m, t, _ in without] == [(m, t) for m, t, _ in want]
+        assert all(per_token == [] for _, _, per_token in without)
+    assert sum(len(p) for _, _, p in want) > 30 and len({t for _, t, _ in want}) > 5  # control
+
+
 @pytest.mark.parametrize("kind", ALL)
 def test_training_loss_ignores_padding(kind):
     model = make_model(kind)

@@ -50,7 +50,7 @@ def test_stages_ride_out_a_broker_restart(tmp_path):
         stages = StageProcesses(config_path, tmp_path / "logs")
         archive = Path(config.streaming.archive_dir)
         try:
-            for stage in ("tokenizer", "windower", "trainer", "archiver"):
+            for stage in ("tokenizer", "windower", "trainer", "scorer", "archiver"):
                 stages.start(stage)
             half = 2 + sum(1 for t in times if t < 86400 + 43200)
             produce_file(config, log, lines=range(1, half), end_marker=False)

@@ -252,7 +252,7 @@ def _pipeline_run(tmp_path, kafka_bootstrap, skip: int | None = None, duplicate:
     stages = StageProcesses(config_path, tmp_path / "logs")
     archive = Path(config.streaming.archive_dir)
     try:
-        for stage in ("tokenizer", "windower", "trainer", "archiver"):
+        for stage in ("tokenizer", "windower", "trainer", "scorer", "archiver"):
             stages.start(stage)
         # Line after line, as the broker would have stored them: `skip` left out, `duplicate`
         # stored twice in a row (so both copies are in time for their window and archived).

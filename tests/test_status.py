@@ -135,7 +135,7 @@ def test_after_a_finished_streaming_run_every_group_has_lag_0(kafka_bootstrap, t
                            seed=5), log, labels)
     stages = StageProcesses(config_path, tmp_path / "logs")
     try:
-        for stage in ("tokenizer", "windower", "trainer", "archiver", "alerter"):
+        for stage in ("tokenizer", "windower", "trainer", "scorer", "archiver", "alerter"):
             stages.start(stage)
         report = produce_file(config, log)
         archive = Path(config.streaming.archive_dir)
@@ -151,7 +151,7 @@ def test_after_a_finished_streaming_run_every_group_has_lag_0(kafka_bootstrap, t
     finally:
         delete_topics(config)
     groups = {g["stage"]: g for g in status["groups"]}
-    assert set(groups) == {"tokenizer", "windower", "trainer", "archiver", "alerter"}
+    assert set(groups) == {"tokenizer", "windower", "trainer", "scorer", "archiver", "alerter"}
     for stage, group in groups.items():
         assert group["partitions"], stage
         for part in group["partitions"]:

@@ -83,7 +83,7 @@ def streamed_run(kafka_bootstrap, tmp_path_factory):
     try:
         for i in range(2):
             stages.start("tokenizer", i)
-        for stage in ("windower", "trainer", "archiver"):
+        for stage in ("windower", "trainer", "scorer", "archiver"):
             stages.start(stage)
         wait_for(lambda: tokenizers_assigned(tmp / "logs", 2), 60, what="both tokenizers assigned")
         report = produce_file(config, log)
@@ -177,7 +177,7 @@ def test_trainer_restart_resumes_from_its_checkpoint(kafka_bootstrap, tmp_path, 
     stages = StageProcesses(config_path, tmp_path / "logs")
     archive = Path(config.streaming.archive_dir)
     try:
-        for stage in ("tokenizer", "windower", "trainer", "archiver"):
+        for stage in ("tokenizer", "windower", "trainer", "scorer", "archiver"):
             stages.start(stage)
         produce_file(config, log, lines=first_part, end_marker=False)
         wait_for(lambda: (archive / "window-000001.csv.gz").exists(), 120, what="window 1 archived")

@@ -50,6 +50,9 @@ class AlerterStage(WindowStage):
         last = self.engine.last_window  # judged before a restart: its alerts went out already
         return last is not None and window <= last
 
+    def item(self, record: dict) -> tuple[tuple, dict] | None:
+        return None if record["late"] else super().item(record)  # its window was judged whole
+
     def window_complete(self, out: Output, window: int, items: list, msg: Message,
                         complete: dict) -> None:
         alerts = self.engine.judge_window(window, items)
@@ -71,7 +74,7 @@ class AlerterStage(WindowStage):
     def after_flush(self) -> None:
         if not self.unsaved:
             return
-        self.resume_offset = self.safe_offset
+        self.resume_offset = self.safe_positions()
         write_bytes_atomic(self.state_path,
                            encode_state(self.engine, {"resume_offset": self.resume_offset}))
         self.unsaved = False

@@ -1,14 +1,21 @@
-"""Gathering a window's records from a topic that carries them followed by a completion record:
-the collector, and the stage base of the trainer, archiver and alerter built on it."""
+"""Gathering a window's records from a topic that carries them and, somewhere, a completion record
+saying how many there are: the collector, and the stage base of the trainer, archiver and alerter
+built on it.
+
+The records of a window may come before or after its completion record, and from any partition
+(the windower forwards events as they arrive; scorers publish scores as they score them). A window
+is handed over once its completion record arrived and that many distinct records did, windows in
+the order of their numbers.
+"""
 
 from __future__ import annotations
 
 import logging
 
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
 from pipeline.config import Config
-from pipeline.runner import Output, assign_from, decode_or_dead_letter
+from pipeline.runner import Output, decode_or_dead_letter
 from pipeline.stages.base import BaseStage
 from pipeline.topicrecords import identity
 from pipeline.windowing import event_order
@@ -19,39 +26,84 @@ COMPLETE = "salka.WindowComplete"
 
 class WindowCollector:
     """Records of each window keyed by event identity (so a redelivered record replaces itself),
-    handed over once the window's completion record says all of them are there."""
+    the counts completion records announced, and per window and partition the lowest offset a
+    record of it came from (where a restart must read again while it is pending)."""
 
     def __init__(self, what: str):
         self.what = what
         self.windows: dict[int, dict[tuple, object]] = {}
+        self.expected: dict[int, int] = {}
+        self.first_offsets: dict[int, dict[int, int]] = {}
+        self.waiting_logged: set[int] = set()
 
-    def add(self, window: int, key: tuple, item: object) -> None:
+    def _seen_at(self, window: int, partition: int, offset: int) -> None:
+        firsts = self.first_offsets.setdefault(window, {})
+        firsts[partition] = min(firsts.get(partition, offset), offset)
+
+    def add(self, window: int, key: tuple, item: object, partition: int = 0, offset: int = 0) -> None:
         self.windows.setdefault(window, {})[key] = item
+        self._seen_at(window, partition, offset)
 
-    def complete(self, window: int, count: int) -> list | None:
-        """The window's items, or None while fewer than ``count`` arrived (a re-emission or
-        redelivery will bring the rest and a new completion record). Hands over once: this and
-        older windows are forgotten."""
-        items = self.windows.get(window, {})
-        if len(items) < count:
-            log.warning("window %d: completion says %d %s, %d received: waiting", window, count,
-                        self.what, len(items))
+    def expect(self, window: int, count: int, partition: int = 0, offset: int = 0) -> None:
+        self.expected[window] = count
+        self._seen_at(window, partition, offset)
+
+    def next_complete(self) -> tuple[int, list] | None:
+        """The lowest window whose completion record arrived, with its items, once all of them
+        are there (None while some are missing: they are on their way, or a re-emission brings
+        them). Hands over once: this and older windows are forgotten."""
+        if not self.expected:
             return None
-        for w in [w for w in self.windows if w <= window]:
-            del self.windows[w]
-        return list(items.values())
+        window = min(self.expected)
+        items = self.windows.get(window, {})
+        if len(items) < self.expected[window]:
+            if window not in self.waiting_logged:
+                self.waiting_logged.add(window)
+                log.info("window %d: completion says %d %s, %d received so far: waiting", window,
+                         self.expected[window], self.what, len(items))
+            return None
+        self.forget_through(window)
+        return window, list(items.values())
+
+    def forget_through(self, window: int) -> None:
+        for table in (self.windows, self.expected, self.first_offsets):
+            for w in [w for w in table if w <= window]:
+                del table[w]
+        self.waiting_logged = {w for w in self.waiting_logged if w > window}
+
+    def oldest_pending(self) -> dict[int, int]:
+        """Partition -> the lowest offset of a record of a window not handed over yet."""
+        oldest: dict[int, int] = {}
+        for firsts in self.first_offsets.values():
+            for partition, offset in firsts.items():
+                oldest[partition] = min(oldest.get(partition, offset), offset)
+        return oldest
 
     def clear(self) -> None:
         self.windows.clear()
+        self.expected.clear()
+        self.first_offsets.clear()
+        self.waiting_logged.clear()
+
+
+def resume_positions(saved) -> dict[int, int] | None:
+    """A saved input position as partition -> offset: a stage's state written before its input
+    had several partitions holds one offset, of partition 0. None: read from the start."""
+    if saved is None:
+        return None
+    if isinstance(saved, int):
+        return {0: saved}
+    return {int(p): int(o) for p, o in dict(saved).items()}
 
 
 class WindowStage(BaseStage):
-    """A stage that reads one single-partition topic of windows (each window's records, then
-    its completion record), gathers a window whole (``WindowCollector``), hands it over in event
-    order, and is safe to commit up to the completion record of the last window it handled.
+    """A stage that reads a topic of windows' records and completion records (``WindowCollector``),
+    hands each window over whole, in window order and its items in event order, and is safe to
+    commit, per partition, up to the first record of a window it has not handled yet.
 
     A subclass sets ``record_schema`` and implements ``window_complete``; it may override
-    ``item`` (what is kept of a record) and ``already_done`` (windows to skip)."""
+    ``item`` (what is kept of a record; None: the record is not one of a window's, skip it)
+    and ``already_done`` (windows to skip)."""
 
     record_schema: str
     # True: the stage saves its input position with its state and reads from there
@@ -63,22 +115,28 @@ class WindowStage(BaseStage):
         super().__init__(config)
         self.input_topic = input_topic
         self.pending = WindowCollector(what)
-        self.safe_offset: int | None = None  # input topic, partition 0
-        self.resume_offset: int | None = None
+        self.next_offsets: dict[int, int] = {}  # partition -> offset after the last one read
+        self.completions: dict[int, dict] = {}  # window -> its completion record, while pending
+        self.resume_offset: dict[int, int] | None = None
 
     def topics(self) -> list[str]:
         return [self.input_topic]
 
     def on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
-        if self.resumes_from_state:
-            assign_from(consumer, partitions, self.resume_offset)
+        if not self.resumes_from_state:
+            return
+        saved = resume_positions(self.resume_offset) or {}
+        for tp in partitions:
+            tp.offset = saved.get(tp.partition, OFFSET_BEGINNING)
+        consumer.assign(partitions)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         # The next assignment reads again from the saved position (or the committed offset).
         self.pending.clear()
-        self.safe_offset = None
+        self.next_offsets.clear()
+        self.completions.clear()
 
-    def item(self, record: dict) -> tuple[tuple, object]:
+    def item(self, record: dict) -> tuple[tuple, object] | None:
         """(identity, what to keep) of one record of a window."""
         return identity(record), record
 
@@ -92,26 +150,37 @@ class WindowStage(BaseStage):
         raise NotImplementedError
 
     def handle(self, msg: Message, out: Output) -> None:
+        partition, offset = msg.partition(), msg.offset()
+        self.next_offsets[partition] = offset + 1
         decoded = decode_or_dead_letter(self, msg, out, (self.record_schema, COMPLETE))
         if decoded is None:
             return
         name, record = decoded
         window = record["window"]
         if self.already_done(window):
-            self.counts["skipped"] += 1
-            if name == COMPLETE:
-                self.safe_offset = msg.offset() + 1
+            self.counts["skipped"] = self.counts.get("skipped", 0) + 1
             return
-        if name != COMPLETE:
-            self.pending.add(window, *self.item(record))
-            return
-        items = self.pending.complete(window, record["count"])
-        if items is None:
-            return
-        self.window_complete(out, window, sorted(items, key=event_order), msg, record)
-        self.safe_offset = msg.offset() + 1
+        if name == COMPLETE:
+            self.pending.expect(window, record["count"], partition, offset)
+            self.completions[window] = record
+        else:
+            kept = self.item(record)
+            if kept is None:
+                return
+            self.pending.add(window, *kept, partition, offset)
+        while (done := self.pending.next_complete()) is not None:
+            window, items = done
+            self.window_complete(out, window, sorted(items, key=event_order), msg,
+                                 self.completions.pop(window))
+            for w in [w for w in self.completions if w < window]:
+                del self.completions[w]
+
+    def safe_positions(self) -> dict[int, int]:
+        """Partition -> where a restart must read from: the first record of a window not yet
+        handed over, else after the last record read."""
+        positions = dict(self.next_offsets)
+        positions.update(self.pending.oldest_pending())
+        return positions
 
     def safe_offsets(self) -> list[TopicPartition]:
-        if self.safe_offset is None:
-            return []
-        return [TopicPartition(self.input_topic, 0, self.safe_offset)]
+        return [TopicPartition(self.input_topic, p, o) for p, o in sorted(self.safe_positions().items())]

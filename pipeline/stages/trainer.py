@@ -1,12 +1,16 @@
-"""Trainer stage: complete windows, in order -> one score per event, then train on the window.
+"""Trainer stage: closed windows, in order, read back from the windows topic -> train on each,
+hand the model to the scorers.
 
-Per window: score with the model trained through the previous window, publish the scores and a
-completion record, train, then (once the scores are acknowledged) checkpoint model + optimizer +
-tokenizer + last window + the input position to resume from, atomically, and only then commit the
-input offsets. The checkpoint, not the group's committed offset, decides where a restarted trainer
-reads from, so model and input position always agree: a crash anywhere, or falling back to an
-older checkpoint because the newest is damaged, replays windows from that checkpoint and gives the
-same scores again; the archiver deduplicates them.
+Per window: publish its completion record (how many scores the archiver is to expect), make sure
+the model that scores it is announced, train, write the new model to the model store and announce
+it on the models topic (pipeline/modelstore.py) as the one for the next window; then (once all of
+that is acknowledged) checkpoint model + optimizer + tokenizer + last window + the input positions
+to resume from, atomically, and only then commit the input offsets. The checkpoint, not the group's
+committed offsets, decides where a restarted trainer reads from, so model and input position always
+agree: a crash anywhere, or falling back to an older checkpoint because the newest is damaged,
+replays windows from that checkpoint and trains the same models again.
+
+The scorers, not the trainer, score: each event as it arrives, with the announced model.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from pipeline.atomic import quarantine
 from pipeline.config import Config
 from pipeline.learner import WindowLearner
 from pipeline.modelspec import make_masker
+from pipeline.modelstore import announcement, announcement_key, config_fingerprint, publish
 from pipeline.parsing import Event, LineParser
 from pipeline.progress import training_logger
 from pipeline.runner import Output
 from pipeline.stages.collect import WindowStage
-from pipeline.topicrecords import identity, record_to_event, score_to_record
+from pipeline.topicrecords import identity, record_to_event
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,7 @@ def load_newest_checkpoint(config: Config) -> WindowLearner | None:
 class TrainerStage(WindowStage):
     name = "trainer"
     record_schema = "salka.WindowedEvent"
-    resumes_from_state = True  # the checkpoint holds the position its model stopped reading at
+    resumes_from_state = True  # the checkpoint holds the positions its model stopped reading at
 
     def __init__(self, config: Config):
         super().__init__(config, config.topics.windows, "events")
@@ -77,7 +82,9 @@ class TrainerStage(WindowStage):
         # Where the checkpoint's model stopped reading; None: from the start of the topic.
         self.resume_offset = self.learner.resume_offset
         self.unsaved = False
-        self.counts = {"windows": 0, "scored": 0, "dead_letters": 0, "skipped": 0}
+        # The announcement of the model now serving (the learner's), once made.
+        self.serving: dict | None = None
+        self.counts = {"windows": 0, "trained": 0, "models": 0, "dead_letters": 0, "skipped": 0}
         self.observer = None  # pipeline/metrics.TrainerObserver when metrics are on
 
     def already_done(self, window: int) -> bool:
@@ -89,32 +96,51 @@ class TrainerStage(WindowStage):
 
     def window_complete(self, out: Output, window: int, items: list, msg: Message,
                         complete: dict) -> None:
+        if not items:  # windows through this one closed empty: the model serves the next one
+            self._serve_through(out, window + 1)
+            return
         self._process(out, window, items, complete["watermark"], published=published_at(msg))
 
-    def _process(self, out: Output, window: int, events: list[Event], watermark,
+    def _announce(self, out: Output, record: dict) -> None:
+        out.send_record(self.config.topics.models, "salka.ModelAnnouncement", record,
+                        key=announcement_key(record["trained_through"]), partition=0)
+        self.serving = record
+
+    def _serve_through(self, out: Output, window: int) -> None:
+        """Announce that the current model (or no model, before the first window) scores the
+        windows up to ``window``: every window between it and its training data is closed."""
+        if self.serving is not None and self.serving["serves_through"] >= window:
+            return
+        if self.serving is not None and self.serving["trained_through"] == self.learner.last_window:
+            self._announce(out, {**self.serving, "serves_through": window})
+        elif self.learner.ready:  # resumed from a checkpoint: its model goes to the store again
+            self._announce(out, publish(self.config, self.learner, window))
+        else:
+            self._announce(out, announcement(None, window, fingerprint=config_fingerprint(self.config)))
+
+    def _process(self, out: Output, window: int, events: list[Event], watermark: float | None,
                  published: float | None = None) -> None:
         started = time.monotonic()
-        scores = self.learner.score(window, events)
-        for score in scores:
-            out.send_record(self.config.topics.scores, "salka.ScoredEvent",
-                            score_to_record(score, self.config), partition=0)
+        self._serve_through(out, window)  # its events are scored with the model so far
         out.send_record(self.config.topics.scores, "salka.WindowComplete",
-                        {"window": window, "count": len(scores), "watermark": watermark,
+                        {"window": window, "count": len(events), "watermark": watermark,
                          "stage": self.name}, partition=0)
-        scored, scored_at = time.monotonic(), time.time()
         progress = training_logger(log, window, self.config.training.epochs)
         if self.observer is not None:  # a long training still counts as a live loop
             progress = self.observer.training(progress)
         loss = self.learner.train(window, events, progress)
+        trained = time.monotonic()
+        self._announce(out, publish(self.config, self.learner, window + 1))
         self.unsaved = True
         self.counts["windows"] += 1
-        self.counts["scored"] += len(scores)
-        log.info("window %d: scored %d events in %.1fs, trained in %.1fs (loss %.4f)", window,
-                 len(scores), scored - started, time.monotonic() - scored, loss,
-                 extra={"window": window, "events": len(scores), "loss": loss})
+        self.counts["trained"] += len(events)
+        self.counts["models"] += 1
+        log.info("window %d: trained on %d events in %.1fs (loss %.4f), model published in %.1fs",
+                 window, len(events), trained - started, loss, time.monotonic() - trained,
+                 extra={"window": window, "events": len(events), "loss": loss})
         if self.observer is not None:
-            self.observer.window_done(window, len(events), scored - started, time.monotonic() - scored,
-                                      loss, published, scored_at)
+            self.observer.window_done(window, len(events), 0.0, trained - started, loss, published,
+                                      time.time())
 
     def tick(self, out: Output) -> bool:
         return self.unsaved  # commit (and so checkpoint) right after each window
@@ -125,8 +151,9 @@ class TrainerStage(WindowStage):
         window = self.learner.last_window
         path = checkpoint_dir(self.config) / f"checkpoint-{window:012d}.pt"
         started = time.monotonic()
-        self.learner.save(path, resume_offset=self.safe_offset)
-        self.resume_offset = self.safe_offset  # where a revoked trainer reads from again
+        positions = self.safe_positions()
+        self.learner.save(path, resume_offset=positions)
+        self.resume_offset = positions  # where a revoked trainer reads from again
         if self.observer is not None:
             self.observer.checkpoint_done(time.monotonic() - started)
         for old in checkpoint_files(self.config)[self.config.streaming.keep_checkpoints:]:

@@ -1,18 +1,23 @@
-"""Windower stage: tokenized events -> closed event-time windows (events + completion record).
+"""Windower stage: tokenized events -> the windows topic, each on-time event forwarded as it arrives
+with its window, and a completion record per window once it closes.
 
 A window closes when the watermark (minimum over the tokens partitions of the newest event time
 seen there, minus the allowed lateness) passes its end. An event whose window has closed goes to
 the late topic with how late it was. Exactly one windower runs (the watermark is global).
 
-Crash safety without a transaction: input offsets are committed only up to the oldest event still
-buffered in an open window. Redelivered events (a restarted tokenizer or windower reads again) are
-recognised by their raw record's offset: a tokenizer writes each raw partition's events in offset
-order, so an event at or below the highest raw offset already seen from its raw partition is a
-repeat. A repeat of an open window's event replaces itself (same identity); a repeat of a closed
-window's event was emitted or routed as late already and is dropped, so it is never mistaken for
-a late event. A small state file (last closed window, highest raw offset seen per raw partition)
-carries this across restarts. A crash between emitting and saving state re-emits the window; the
-trainer deduplicates by event identity.
+Nothing is held per event: an on-time event is forwarded at once (to the windows partition of its
+tokens partition, where scorers score it), and only a count per open window is kept. When a
+window closes its completion record (partition 0) says how many distinct events it has, and the
+trainer reads them back from the topic. When windows close that had no events, a completion record
+with count 0 says so, so that scorers know the newest model also serves the window after them.
+
+Redelivered events (a restarted tokenizer or windower reads again) are recognised by their raw
+record's offset: a tokenizer writes each raw partition's events in offset order, so an event at or
+below the highest raw offset already seen from its raw partition is a repeat, and is dropped. A
+small state file (counts of the open windows, the highest raw offset seen per raw partition, the
+newest clock and read position per tokens partition) is saved once the forwarded events are
+acknowledged, before the input offsets are committed. A crash before the save forwards some events
+again; every reader deduplicates by event identity.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 from confluent_kafka import Message, TopicPartition
@@ -32,8 +36,8 @@ from pipeline.parsing import LineParser
 from pipeline.runner import Output, decode_or_dead_letter, header
 from pipeline.serde import windowed_event_value
 from pipeline.stages.base import BaseStage
-from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, identity, record_to_event
-from pipeline.windowing import Watermark, event_clock, event_order, window_end, window_of
+from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, record_to_event
+from pipeline.windowing import Watermark, event_clock, first_open_window, window_end, window_of
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +51,7 @@ class WindowerStage(BaseStage):
         self.model_fields = LineParser(config.input).model_fields
         self.state_path = Path(config.streaming.state_dir) / "windower.json"
         self.watermark: Watermark | None = None
-        # window -> identity -> (event order, encoded TokenizedEvent, tokens partition, offset):
-        # the bytes as read, not decoded dicts, so a buffered event costs ~0.5 KB, not ~5.6 KB.
-        self.open: dict[int, dict[tuple, tuple]] = {}
+        self.windows_partitions: int | None = None
         self.next_offsets: dict[int, int] = {}
         self.counts = {"events": 0, "late": 0, "dead_letters": 0, "windows": 0, "repeats": 0}
         self._load_state()
@@ -59,42 +61,41 @@ class WindowerStage(BaseStage):
     def _load_state(self) -> None:
         # Every window ending at or before closed_through is closed (emitted, or passed empty).
         self.closed_through = -math.inf
+        self.reported_through: int | None = None  # last window a completion record covers
+        self.open: dict[int, int] = {}  # open window -> distinct events forwarded
         self.seen: dict[tuple[str, int], int] = {}  # raw (topic, partition) -> highest raw offset
-        # Per tokens partition: the newest clock, where reading resumes (the oldest event still
-        # in an open window) and how far it had read. The newest clock is restored because a
-        # partition whose input was all consumed (its end-of-input marker included) is not read
-        # again; but only once the re-read has caught up, or the restored watermark would close
-        # windows whose buffered events have not been re-read yet.
+        # Per tokens partition: the newest clock and where reading resumes (everything before it
+        # was forwarded or routed, and acknowledged).
         self.restored_newest: dict[int, float] = {}
         self.resume: dict[int, int] = {}
-        self.read_to: dict[int, int] = {}
-        self.pending_restore: dict[int, tuple[int, float]] = {}
         if self.state_path.exists():
             try:
                 state = json.loads(self.state_path.read_text())
                 self.closed_through = _float(state["closed_through"])
+                self.reported_through = state.get("reported_through")
+                self.open = {int(w): int(c) for w, c in state.get("open", {}).items()}
                 self.seen = {(t, int(p)): int(o) for t, p, o in state["seen"]}
                 self.restored_newest = {int(p): _float(c) for p, c in state["newest"].items()}
                 self.resume = {int(p): int(o) for p, o in state["resume"].items()}
-                self.read_to = {int(p): int(o) for p, o in state["read_to"].items()}
-                log.info("windower resumes: windows ending by %s are closed", self.closed_through)
+                log.info("windower resumes: windows ending by %s are closed, %d open",
+                         self.closed_through, len(self.open))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                self.closed_through, self.seen = -math.inf, {}
-                self.restored_newest, self.resume, self.read_to = {}, {}, {}
+                self.closed_through, self.reported_through, self.open, self.seen = -math.inf, None, {}, {}
+                self.restored_newest, self.resume = {}, {}
                 quarantine(self.state_path, f"unreadable windower state ({exc.__class__.__name__}: "
                            f"{exc})", "rebuilding from the committed offsets")
         self.saved = self._state()
 
     def _state(self) -> dict:
-        newest = dict(self.watermark.newest) if self.watermark is not None else {}
-        newest.update({p: c for p, (_, c) in self.pending_restore.items()})
-        resume = {tp.partition: tp.offset for tp in self.safe_offsets()}
-        read_to = {**self.read_to, **self.next_offsets}
+        newest = dict(self.restored_newest)
+        if self.watermark is not None:
+            newest.update(self.watermark.newest)
         return {"closed_through": _json_float(self.closed_through),
+                "reported_through": self.reported_through,
+                "open": {str(w): c for w, c in sorted(self.open.items())},
                 "seen": [[t, p, o] for (t, p), o in sorted(self.seen.items())],
                 "newest": {str(p): _json_float(c) for p, c in sorted(newest.items())},
-                "resume": {str(p): o for p, o in sorted({**self.resume, **resume}.items())},
-                "read_to": {str(p): o for p, o in sorted(read_to.items())}}
+                "resume": {str(p): o for p, o in sorted({**self.resume, **self.next_offsets}.items())}}
 
     def after_flush(self) -> None:
         state = self._state()
@@ -113,35 +114,23 @@ class WindowerStage(BaseStage):
             count = partition_count(consumer, self.config.topics.tokens)
             self.watermark = Watermark(count, self.config.window.allowed_lateness_seconds
                                        if self.timed else 0.0)
+            self.windows_partitions = partition_count(consumer, self.config.topics.windows)
         for tp in partitions:
             if tp.partition in self.resume:  # the state file, not the group, says where to read
                 tp.offset = self.resume[tp.partition]
             clock = self.restored_newest.get(tp.partition)
-            if clock is None:
-                continue
-            if self.resume.get(tp.partition, 0) >= self.read_to.get(tp.partition, 0):
-                self.watermark.newest[tp.partition] = clock  # nothing to re-read there
-            else:
-                self.pending_restore[tp.partition] = (self.read_to[tp.partition], clock)
+            if clock is not None:  # nothing before the resume position is read again
+                self.watermark.newest[tp.partition] = clock
         consumer.assign(partitions)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         # Another windower joined (unsupported) or the group rebalanced: start over from the
-        # committed offsets and the saved state; re-read events are recognised as repeats.
-        self.open.clear()
+        # saved state; events forwarded since are forwarded again and deduplicated downstream.
         self.next_offsets.clear()
-        self.pending_restore.clear()
         self.watermark = None
         self._load_state()
 
     def handle(self, msg: Message, out: Output) -> None:
-        self._handle(msg, out)
-        restore = self.pending_restore.get(msg.partition())
-        if restore is not None and msg.offset() + 1 >= restore[0]:  # re-read caught up
-            self.watermark.observe(msg.partition(), restore[1])
-            del self.pending_restore[msg.partition()]
-
-    def _handle(self, msg: Message, out: Output) -> None:
         partition, offset = msg.partition(), msg.offset()
         self.next_offsets[partition] = offset + 1
         if header(msg, CONTROL_HEADER) == END_OF_INPUT:
@@ -156,24 +145,20 @@ class WindowerStage(BaseStage):
         window = window_of(event, self.config.window)
         end = window_end(window, self.config.window, self.timed)
         raw = event.source[:2]
-        repeat = event.source[2] <= self.seen.get(raw, -1)
-        self.seen[raw] = max(event.source[2], self.seen.get(raw, -1))
-        key = identity(record)
-        key = (sys.intern(key[0]), key[1], key[2])  # one topic string for all buffered events
-        member = ((*event_order(event)[:2], key), msg.value(), partition, offset)
-        if repeat and window in self.open:  # buffered already: replaces itself
-            self.open[window][key] = member
-        elif repeat and end <= self.closed_through:
-            self.counts["repeats"] += 1  # emitted or routed as late the first time
-        elif end <= max(self.closed_through, self.watermark.value):
+        if event.source[2] <= self.seen.get(raw, -1):
+            self.counts["repeats"] += 1  # forwarded or routed as late the first time
+            return
+        self.seen[raw] = event.source[2]
+        self.counts["events"] += 1
+        if end <= max(self.closed_through, self.watermark.value):
             # The watermark passed the window's end before this event came: late, even if the
-            # window is still waiting to be emitted at the end of this batch, so that batch
+            # window is still waiting to be closed at the end of this batch, so that batch
             # boundaries never decide what is late.
             self._late(out, record, window, end)
-        else:
-            self.open.setdefault(window, {})[key] = member
-        if not repeat:
-            self.counts["events"] += 1
+            return
+        out.send(self.config.topics.windows, windowed_event_value(window, msg.value()),
+                 partition=partition % (self.windows_partitions or 1))
+        self.open[window] = self.open.get(window, 0) + 1
 
     def _late(self, out: Output, record: dict, window: int, end: float) -> None:
         mark = max(self.closed_through, self.watermark.value)
@@ -188,37 +173,38 @@ class WindowerStage(BaseStage):
         if self.watermark is None:
             return False
         mark = self.watermark.value
-        ready = sorted(w for w in self.open
-                       if window_end(w, self.config.window, self.timed) <= mark)
+        ready = sorted(w for w in self.open if window_end(w, self.config.window, self.timed) <= mark)
         for window in ready:
-            self._emit(out, window, mark)
+            self._complete(out, window, self.open.pop(window), mark)
         if math.isfinite(mark):
             self.closed_through = max(self.closed_through, mark)
         elif ready:  # end of input: closed up to the last window, and live again on new data
             last = window_end(ready[-1], self.config.window, self.timed)
             self.closed_through = max(self.closed_through, last)
+        if not math.isfinite(self.closed_through):
+            return bool(ready)
+        # Windows that closed without events: say so, so that the newest model serves past them.
+        last_closed = first_open_window(self.closed_through, self.config.window, self.timed) - 1
+        if self.reported_through is None or last_closed > self.reported_through:
+            self._complete(out, last_closed, 0, mark)
+            return True
         return bool(ready)
 
-    def _emit(self, out: Output, window: int, mark: float) -> None:
-        members = sorted(self.open.pop(window).values(), key=lambda m: m[0])
-        topic = self.config.topics.windows
-        for _, value, _, _ in members:
-            out.send(topic, windowed_event_value(window, value), partition=0)
-        done = {"window": window, "count": len(members),
+    def _complete(self, out: Output, window: int, count: int, mark: float) -> None:
+        done = {"window": window, "count": count,
                 "watermark": mark if math.isfinite(mark) else None, "stage": self.name}
-        out.send_record(topic, "salka.WindowComplete", done, partition=0)
-        self.counts["windows"] += 1
-        log.info("window %d closed: %d events (watermark %s)", window, len(members), mark,
-                 extra={"window": window, "events": len(members)})
+        out.send_record(self.config.topics.windows, "salka.WindowComplete", done, partition=0)
+        self.reported_through = max(window, self.reported_through if self.reported_through is not None
+                                    else window)
+        if count:
+            self.counts["windows"] += 1
+            log.info("window %d closed: %d events (watermark %s)", window, count, mark,
+                     extra={"window": window, "events": count})
 
     def safe_offsets(self) -> list[TopicPartition]:
-        """Up to the oldest event still buffered in an open window, per partition."""
-        oldest = dict(self.next_offsets)
-        for members in self.open.values():
-            for _, _, partition, offset in members.values():
-                oldest[partition] = min(oldest.get(partition, offset), offset)
+        """Everything read was forwarded or routed: commit it all (once acknowledged)."""
         topic = self.config.topics.tokens
-        return [TopicPartition(topic, p, o) for p, o in oldest.items()]
+        return [TopicPartition(topic, p, o) for p, o in sorted(self.next_offsets.items())]
 
     def close(self, out: Output) -> None:
         log.info("windower totals: %s; %d windows still open", self.counts, len(self.open))
