@@ -58,8 +58,11 @@ def to_cpu(state: Any, _copies: dict[tuple, torch.Tensor] | None = None) -> Any:
         if key not in copies:
             copies[key] = state.detach().cpu()
         return copies[key]
-    if type(state) is dict:
-        return {key: to_cpu(value, copies) for key, value in state.items()}
+    if isinstance(state, dict):  # module state_dicts are OrderedDicts with _metadata: keep both
+        out = type(state)((key, to_cpu(value, copies)) for key, value in state.items())
+        if hasattr(state, "_metadata"):
+            out._metadata = state._metadata
+        return out
     if type(state) in (list, tuple):
         return type(state)(to_cpu(value, copies) for value in state)
     return state

@@ -57,19 +57,21 @@ def _launch(model: torch.nn.Module, batch: torch.Tensor, precision: str, per_tok
     return parts, done
 
 
-def _collect(launched, per_token: bool) -> list[tuple[float, float, list[float]]]:
+def _collect(launched, per_token: bool) -> list[tuple[float, float, tuple[float, ...]]]:
     """(mean, total, per-token losses) per row of a launched batch, as Python floats: one
-    ``.tolist()`` per batch for each, never one per row."""
+    ``.tolist()`` per batch for each, never one per row. Tuples of floats only: the garbage
+    collector stops tracking them, where lists made its full passes over a growing result
+    list cost up to ~0.1 s per batch of 4096 (measured on an H200 host)."""
     parts, done = launched
     if done is not None:
         done.synchronize()
     totals, counts = parts[0].tolist(), parts[1].tolist()
     if not per_token:
-        return [(total / max(count, 1), total, []) for total, count in zip(totals, counts)]
+        return [(total / max(count, 1), total, ()) for total, count in zip(totals, counts)]
     losses, mask = parts[2], parts[3]
     flat = losses[mask].tolist()  # the real positions, row after row (any mask shape)
     ends = list(itertools.accumulate(counts))
-    return [(total / max(count, 1), total, flat[end - count : end])
+    return [(total / max(count, 1), total, tuple(flat[end - count : end]))
             for total, count, end in zip(totals, counts, ends)]
 
 
@@ -77,16 +79,16 @@ def _collect(launched, per_token: bool) -> list[tuple[float, float, list[float]]
 def score_sequences(
     model: torch.nn.Module, seqs: Sequence[Sequence[int]], batch_size: int = 256,
     device: torch.device | None = None, precision: str = "fp32", per_token: bool = True,
-) -> list[tuple[float, float, list[float]]]:
+) -> list[tuple[float, float, tuple[float, ...]]]:
     """(mean loss, total loss, per-token losses) per sequence, in order, in eval mode. Batches go
     to ``device`` (the model's; None: the CPU); the results come back as Python floats.
-    ``per_token=False``: the per-token lists are empty (the means and totals are the same floats),
+    ``per_token=False``: the per-token tuples are empty (the means and totals are the same floats),
     and no per-token data leaves the device. On a GPU, batch k+1 is padded and launched before
     the results of batch k are read, so host and device work side by side."""
     was_training = model.training
     model.eval()
     cuda = device is not None and device.type == "cuda"
-    results: list[tuple[float, float, list[float]]] = []
+    results: list[tuple[float, float, tuple[float, ...]]] = []
     pending = None
     try:
         for start in range(0, len(seqs), batch_size):

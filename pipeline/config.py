@@ -227,6 +227,9 @@ class TrainingConfig:
     score_batch_size_gpu: int = field(default=4096, metadata=_check(_positive))
     # A window with more events than this is trained in chunks of this size, one after another.
     max_chunk_events: int = field(default=200_000, metadata=_check(_positive))
+    # Train on a deterministic sample of at most this many events per window (0: all of them);
+    # every event is still scored.
+    sample_events: int = field(default=0, metadata=_check(_non_negative))
     # auto: CUDA when torch sees a GPU, else the CPU; cuda without a GPU fails at start-up.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Forward passes in fp32, or bf16 autocast (fp32 master weights) for GPU speed.
@@ -278,6 +281,9 @@ class StreamingConfig:
     # Where the trainer puts each window's model for the scorers: a directory (empty:
     # <state_dir>/models) or an fsspec URL such as s3://bucket/salka/models. Scorers read it.
     model_store: str = ""
+    # The trainer holds at most this many records of a window in memory while it fills; the
+    # rest waits on disk in sorted runs (<state_dir>/trainer/spill), read back in event order.
+    spill_events: int = field(default=50_000, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import gzip
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -18,7 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
+import numpy as np
 import yaml
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
 
 from pipeline.audit import audit
 from pipeline.broker import EmbeddedBroker
@@ -40,6 +43,10 @@ STAGE_ORDER = ("alerter", "archiver", "scorer", "trainer", "windower", "tokenize
 # (alerts, ROC AUC ~0.99, audit) in well under a minute on 2 cores; `pipeline generate` makes more.
 DEMO_DATA = GenerateSpec(days=3, events_per_day=2000, redteam_events=40)
 STATUS_HEARTBEAT_SECONDS = 10.0  # an unchanged status line is repeated this often, no more
+# Scorers started: one per windows partition at most (more sit idle in the group), and no more than
+# 2: each is a torch process, and on a 2-core machine a third only competes with the trainer whose
+# models every scorer waits for. Two still show the group sharing the partitions.
+MAX_DEMO_SCORERS = 2
 
 
 def _die_with_parent() -> None:
@@ -149,7 +156,7 @@ def effective_config(config: Config, workdir: Path, bootstrap: str) -> tuple[Con
 
 
 def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path: Path | None,
-             tokenizers: int = 2, timeout: float = 1800.0) -> int:
+             tokenizers: int = 2, timeout: float = 1800.0, scorers: int | None = None) -> int:
     from pipeline.alertview import alert_lines, precision_line
     from pipeline.evaluate import evaluate, format_report, read_labels
     from pipeline.generate import write_log
@@ -178,10 +185,14 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
         stages = StageProcesses(config_path, workdir / "logs")
         for i in range(tokenizers):
             stages.start("tokenizer", i)
-        for stage in ("windower", "trainer", "scorer", "archiver", "alerter"):
+        if scorers is None:
+            scorers = min(config.topics.partitions, MAX_DEMO_SCORERS)
+        for stage in ("windower", "trainer", "archiver", "alerter"):
             stages.start(stage)
-        click.echo(f"started {tokenizers} tokenizer(s), windower, trainer, scorer, archiver, alerter; "
-                   f"logs in {workdir / 'logs'}")
+        for i in range(scorers):
+            stages.start("scorer", i)
+        click.echo(f"started {tokenizers} tokenizer(s), windower, trainer, {scorers} scorer(s), "
+                   f"archiver, alerter; logs in {workdir / 'logs'}")
         started = time.monotonic()
         produced = produce_file(config, input_path)
         click.echo(f"produced {produced.records} records in {produced.seconds:.1f}s")
@@ -190,6 +201,7 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
         elapsed = time.monotonic() - started
         alerts = _wait_for_alerts(config, archive)
         stages.stop()  # stopped cleanly before the audit reads the topics
+        latency = latency_line(score_latencies(config))
         audit_report = audit(config, input_path=input_path)  # and against the file, line by line
         lag = collect_status(config)  # the final commits, while the broker is still there
     finally:
@@ -205,6 +217,7 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
                f"(scored {scored}, first window unscored {archived - scored})")
     click.echo(f"dead letters: {dead} {printable(str(reasons)) if reasons else ''}   late: {late}")
     click.echo(f"end to end: {elapsed:.1f}s, {produced.records / elapsed:.0f} events/s")
+    click.echo(latency)
     click.echo(f"\ntop 10 events by loss (archive: {archive}):")
     click.echo(format_top_events(rows, 10, input_path))
     labels = read_labels(labels_path) if labels_path is not None else None
@@ -239,6 +252,53 @@ def next_steps(config_path: Path, log: Path, archive: Path, labels: Path | None)
         "  README.md: every command, stage and config key; benchmarks/: throughput",
     ]
     return "\n".join(lines)
+
+
+def first_produce_times(messages, schema: str) -> dict[tuple[str, int, int], float]:
+    """Event identity -> the earliest CreateTime (epoch s) of its ``schema`` records among
+    ``messages`` (a redelivered event appears more than once: its first copy counts)."""
+    times: dict[tuple[str, int, int], float] = {}
+    for msg in messages:
+        kind, ms = msg.timestamp()
+        if msg.value() is None or kind == TIMESTAMP_NOT_AVAILABLE or ms <= 0:
+            continue  # control records (end of input) carry no event
+        try:
+            name, record = codec().decode(msg.value())
+        except DecodeError:
+            continue
+        if name == schema:
+            key = identity(record)
+            times[key] = min(ms / 1000, times.get(key, math.inf))
+    return times
+
+
+def latencies(produced: dict, scored: dict) -> np.ndarray:
+    """Seconds from each event's tokens record to its score, for events that have both."""
+    return np.array([scored[key] - produced[key] for key in scored.keys() & produced.keys()])
+
+
+def latency_line(seconds: np.ndarray) -> str:
+    if not len(seconds):
+        return "score latency: no event scored"
+    p50, p99 = np.percentile(seconds, [50, 99])
+    return (f"score latency: p50 {p50:.2f} s, p99 {p99:.2f} s ({len(seconds)} events, "
+            f"tokenizer output -> score)")
+
+
+def score_latencies(config: Config, timeout: float = 60.0) -> np.ndarray:
+    """Per event: the scores record's timestamp (the scorer's produce, wall clock) minus its
+    tokens record's (the tokenizer's produce). This measures tokenizer output -> score, windower
+    and waiting for the model included; raw records carry the event time as their timestamp, so
+    the raw producer's send cannot be the start."""
+    topics = (config.topics.tokens, config.topics.scores)
+    messages = []
+    deadline = time.monotonic() + timeout
+    with TopicReader(config, topics, "demo-latency") as reader:
+        while not reader.at_end and time.monotonic() < deadline:
+            messages += reader.poll(max_records=10_000)
+    by_topic = {topic: [m for m in messages if m.topic() == topic] for topic in topics}
+    return latencies(first_produce_times(by_topic[topics[0]], "salka.TokenizedEvent"),
+                     first_produce_times(by_topic[topics[1]], "salka.ScoredEvent"))
 
 
 def _wait_for_alerts(config: Config, archive: Path, timeout: float = 120.0) -> list[dict]:

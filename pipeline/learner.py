@@ -8,10 +8,13 @@ a function of the config and the window's events alone, so offline and online ru
 from __future__ import annotations
 
 import copy
+import hashlib
+import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nn.scoring import score_sequences
@@ -46,6 +49,40 @@ def _chunk_progress(on_progress: Callable[[int, float, float], None], epochs: in
         part = (epoch + done / batches) / epochs
         on_progress(epoch + 1, done / batches, (start + size * part) / total)
     return on_batch
+
+
+def sample_key(event: Event, seed: int) -> bytes:
+    """A pseudo-random rank from what an event is (time, line, model text), not where Kafka put
+    it, so replay and streaming draw the same sample, whatever order the events came in."""
+    text = f"{seed}\x1f{event.time!r}\x1f{event.line}\x1f{event.text_fields!r}"
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
+def sample_mask(keys: Iterable[bytes], total: int, limit: int) -> np.ndarray | None:
+    """Which of ``total`` events (given their ``sample_key``s, in order) make the training
+    sample: the ``limit`` lowest keys, ties taken in order; None: all of them (no limit, or no
+    more events than it). 9 bytes per event, whatever the events hold."""
+    if not limit or total <= limit:
+        return None
+    ranks = np.fromiter((int.from_bytes(k, "big") for k in keys), dtype=np.uint64, count=total)
+    order = np.argsort(ranks, kind="stable")[:limit]
+    keep = np.zeros(total, dtype=bool)
+    keep[order] = True
+    return keep
+
+
+def training_sample(events: list[Event], limit: int, seed: int) -> list[Event]:
+    """At most ``limit`` of ``events`` (0: all), the same ones for the same window, kept in the
+    order given (the one sample ``WindowLearner.train_ordered`` draws)."""
+    keep = sample_mask((sample_key(e, seed) for e in events), len(events), limit)
+    return events if keep is None else [e for e, k in zip(events, keep) if k]
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of ``size`` items (the last one shorter), read lazily."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def renamed_keys_applied(saved: dict) -> dict:
@@ -94,11 +131,11 @@ class WindowLearner:
         """True once a model has been trained on at least one window."""
         return self.model is not None and self.last_window is not None
 
-    def _ensure_model(self, events: Sequence[Event]) -> None:
+    def _ensure_model(self, read: Callable[[], Iterator[Event]]) -> None:
         if self.model is not None:
             return
         if needs_fit(self.tokenizer):  # vocabulary / merges learned from the first window only
-            self.tokenizer.fit([e.text_fields for e in events])
+            self.tokenizer.fit(e.text_fields for e in read())
         torch.manual_seed(self.config.seed)
         # Initialised on the CPU, then moved: the same first weights on every device.
         self.model = build_model(model_args_for(self.config, self.tokenizer.vocab_size)).to(self.device)
@@ -122,7 +159,7 @@ class WindowLearner:
         tc = self.config.training
         results = score_sequences(self.model, encoded, score_batch_size(tc, self.device),
                                   device=self.device, precision=tc.precision,
-                                  per_token=self.config.scores.explain)  # lists only to explain
+                                  per_token=self.config.scores.explain)  # per-token losses: only to explain
         if not self.config.scores.explain:
             return [Score(e, window, mean, total) for e, (mean, total, _) in zip(events, results)]
         # The predicted tokens: all after BOS (EOS included), or for the bidirectional model
@@ -136,39 +173,52 @@ class WindowLearner:
 
     def train(self, window: int, events: Sequence[Event],
               on_progress: Callable[[int, float, float], None] | None = None) -> float:
-        """Train on the window; ``on_progress(epoch from 1, fraction of that epoch, fraction of
-        the window)`` after every batch, for progress displays."""
-        events = sorted(events, key=event_order)
+        """Train on the window (or its ``training.sample_events`` sample); ``on_progress(epoch
+        from 1, fraction of that epoch, fraction of the window)`` after every batch."""
+        ordered = sorted(events, key=event_order)
+        return self.train_ordered(window, lambda: iter(ordered), len(ordered), on_progress)
+
+    def train_ordered(self, window: int, read: Callable[[], Iterator[Event]], total: int,
+                      on_progress: Callable[[int, float, float], None] | None = None) -> float:
+        """Train on a window's ``total`` events as ``read()`` yields them, in event order, each
+        call from the start: a few passes (the sample, the vocabulary), then one chunk of
+        ``training.max_chunk_events`` at a time, so that what is held at once is bounded by the
+        chunk, not the window (the streaming trainer reads them back from disk)."""
+        tc = self.config.training
+        keep = sample_mask((sample_key(e, self.config.seed) for e in read()), total, tc.sample_events)
+
+        def chosen() -> Iterator[Event]:
+            return read() if keep is None else (e for e, k in zip(read(), keep) if k)
+
+        count = total if keep is None else int(keep.sum())
         fitted = needs_fit(self.tokenizer)
-        self._ensure_model(events)
+        self._ensure_model(chosen)
         # The window was scored with the old vocabulary; its new values get ids now, before
         # training, so the ids they use from the next window on are trained on this one. Here,
         # not in the callers, so replay and the streaming trainer cannot differ.
-        grown = 0 if fitted else self.grow(events)
+        grown = 0 if fitted else self.grow(chosen())
         if grown:
             log.info("window %d: %d new word values in the vocabulary", window, grown)
-        tc = self.config.training
         # Seeds depend on (seed, window) only, so a resumed run repeats an uninterrupted one.
         seed = self.config.seed * 1_000_003 + window
         torch.manual_seed(seed)  # dropout
         # A window larger than max_chunk_events is trained chunk after chunk (in event order),
         # so the encoded sequences and shuffles held at once stay bounded.
-        size = tc.max_chunk_events
-        losses = []
-        for index, start in enumerate(range(0, len(events), size)):
-            chunk = events[start : start + size]
+        losses, start = [], 0
+        for index, chunk in enumerate(batched(chosen(), tc.max_chunk_events)):
             on_batch = None if on_progress is None else _chunk_progress(
-                on_progress, tc.epochs, start, len(chunk), len(events))
+                on_progress, tc.epochs, start, len(chunk), count)
             losses.append(train_sequences(
                 self.model, self.optimizer, self.encode(chunk),
                 epochs=tc.epochs, batch_size=tc.batch_size, grad_clip=tc.grad_clip,
                 seed=seed + 7919 * index, on_batch=on_batch,
                 device=self.device, precision=tc.precision,
             ))
+            start += len(chunk)
         self.last_window = window
         return sum(losses) / len(losses) if losses else float("nan")
 
-    def grow(self, events: Sequence[Event]) -> int:
+    def grow(self, events: Iterable[Event]) -> int:
         """Give the window's new word values ids of their own (nn/tokenizers.py
         WordTokenizer.grow); returns how many. Each new id's embedding row (tied to its output
         row) starts as a copy of the OOV bucket the value hashed to until now, so the model

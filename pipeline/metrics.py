@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -44,7 +45,8 @@ BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
                  120, 300, 600, 1800)
 # Window scoring / training / checkpointing: seconds to hours.
 WINDOW_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400)
-# Window published -> scored: the trainer's queueing behind earlier windows, plus scoring.
+# Event forwarded -> scored (a scorer waits in Kafka for its window's model: up to a window's
+# training), and window closed -> its model announced.
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 WINDOW_RULE = "window"  # entity_kind label of alerts raised by the window-percentile rule
 
@@ -188,7 +190,7 @@ class StageMetrics:
             source = ",".join(runner.stage.topics())
             if deltas.get("dead_letters"):
                 self.dead_lettered.labels(source).inc(deltas["dead_letters"])
-            if deltas.get("late"):
+            if deltas.get("late") and self.stage in _ROUTES_LATE:
                 self.late.labels(source).inc(deltas["late"])
             self._probe(self, runner.stage, deltas)
         self.broker_up.set(1 if runner.watch.reachable else 0)
@@ -234,8 +236,9 @@ def _windower_families(m: StageMetrics) -> None:
     m.watermark = Gauge("salka_windower_watermark_seconds", "Watermark (event time; a line count "
                         "when the input has no time field)", registry=r)
     m.open_windows = Gauge("salka_windower_open_windows", "Windows still open", registry=r)
-    m.events_buffered = Gauge("salka_windower_events_buffered", "Events held in open windows",
-                              registry=r)
+    # The name predates forwarding on arrival: the events are counted, not held in memory.
+    m.events_buffered = Gauge("salka_windower_events_buffered", "Events forwarded into windows "
+                              "still open (counted only: the windower holds no events)", registry=r)
     m.windows_closed = Counter("salka_windower_windows_closed", "Windows closed and emitted",
                                registry=r)
 
@@ -245,7 +248,7 @@ def _windower_probe(m: StageMetrics, stage, deltas: dict) -> None:
     if math.isfinite(mark):
         m.watermark.set(mark)
     m.open_windows.set(len(stage.open))
-    m.events_buffered.set(sum(len(members) for members in stage.open.values()))
+    m.events_buffered.set(sum(stage.open.values()))  # open window -> events forwarded
     if deltas.get("windows"):
         m.windows_closed.inc(deltas["windows"])
 
@@ -254,8 +257,11 @@ def _trainer_families(m: StageMetrics) -> None:
     r = m.registry
     m.train_seconds = Histogram("salka_trainer_window_train_seconds", "Time to train on one window",
                                 registry=r, buckets=WINDOW_BUCKETS)
-    m.score_seconds = Histogram("salka_trainer_window_score_seconds", "Time to score one window",
-                                registry=r, buckets=WINDOW_BUCKETS)
+    # The scorer stage scores now (salka_scorer_*); the trainer's three scoring metrics keep their
+    # names for existing dashboards and stay empty / 0.
+    m.score_seconds = Histogram("salka_trainer_window_score_seconds", "Always empty: the scorer "
+                                "stage scores (salka_scorer_events_scored_total)", registry=r,
+                                buckets=WINDOW_BUCKETS)
     m.checkpoint_seconds = Histogram("salka_trainer_checkpoint_seconds", "Time to write a checkpoint "
                                      "(the model handed on)", registry=r, buckets=WINDOW_BUCKETS)
     m.train_loss = Gauge("salka_trainer_train_loss", "Mean training loss of the last window (nats "
@@ -263,11 +269,15 @@ def _trainer_families(m: StageMetrics) -> None:
     m.model_window = Gauge("salka_trainer_model_window", "Last window the model was trained on",
                            registry=r)
     m.events_trained = Counter("salka_trainer_events_trained", "Events trained on", registry=r)
-    m.events_scored = Counter("salka_trainer_events_scored", "Events scored", registry=r)
-    m.windows_trained = Counter("salka_trainer_windows_trained", "Windows scored and trained",
-                                registry=r)
-    m.score_latency = Histogram("salka_trainer_score_latency_seconds", "Per event: from the "
-                                "windower publishing its window to its score being sent",
+    m.events_scored = Counter("salka_trainer_events_scored", "Always 0: the scorer stage scores "
+                              "(salka_scorer_events_scored_total)", registry=r)
+    m.windows_trained = Counter("salka_trainer_windows_trained", "Windows trained", registry=r)
+    m.score_latency = Histogram("salka_trainer_score_latency_seconds", "Always empty: the scorer "
+                                "stage scores (salka_scorer_score_latency_seconds)", registry=r,
+                                buckets=LATENCY_BUCKETS)
+    m.model_latency = Histogram("salka_trainer_model_latency_seconds", "Per window: from the "
+                                "windower publishing its completion record to the model trained "
+                                "on it being announced (scorers of the next window wait this long)",
                                 registry=r, buckets=LATENCY_BUCKETS)
 
 
@@ -293,6 +303,8 @@ def _archiver_families(m: StageMetrics) -> None:
                               registry=m.registry)
     m.windows_archived = Counter("salka_archiver_windows_archived", "Window files written",
                                  registry=m.registry)
+    m.late_skipped = Counter("salka_archiver_late_skipped", "Scores of late events left out of "
+                             "the window files", registry=m.registry)
 
 
 def _archiver_probe(m: StageMetrics, stage, deltas: dict) -> None:
@@ -300,6 +312,8 @@ def _archiver_probe(m: StageMetrics, stage, deltas: dict) -> None:
         m.rows_archived.inc(deltas["rows"])
     if deltas.get("windows"):
         m.windows_archived.inc(deltas["windows"])
+    if deltas.get("late"):
+        m.late_skipped.inc(deltas["late"])
 
 
 def _tokenizer_families(m: StageMetrics) -> None:
@@ -312,11 +326,49 @@ def _tokenizer_probe(m: StageMetrics, stage, deltas: dict) -> None:
         m.events.inc(deltas["events"])
 
 
+def _scorer_families(m: StageMetrics) -> None:
+    r = m.registry
+    m.events_scored = Counter("salka_scorer_events_scored", "Events scored (late ones included)",
+                              registry=r)
+    m.late_scored = Counter("salka_scorer_late", "Late events scored (marked late: not archived, "
+                            "never trained on)", registry=r)
+    m.waits = Counter("salka_scorer_waits", "Times a partition was paused to wait in Kafka for the "
+                      "model of its next event's window", registry=r)
+    m.models_refused = Counter("salka_scorer_models_refused", "Announced models refused (file "
+                               "missing or damaged, or made by another configuration)", registry=r)
+    m.waiting = Gauge("salka_scorer_waiting_partitions", "Input partitions paused until a model "
+                      "is announced", registry=r)
+    m.model_window = Gauge("salka_scorer_model_window", "Window the newest model this scorer "
+                           "loaded was trained through", registry=r)
+    m.announced_through = Gauge("salka_scorer_announced_through", "Last window an announced model "
+                                "serves (events of later windows wait)", registry=r)
+    m.score_latency = Histogram("salka_scorer_score_latency_seconds", "Per event: from the "
+                                "windower forwarding it (the consumed record's timestamp) to its "
+                                "score being sent", registry=r, buckets=LATENCY_BUCKETS)
+
+
+def _scorer_probe(m: StageMetrics, stage, deltas: dict) -> None:
+    for key, counter in (("scored", m.events_scored), ("late", m.late_scored), ("waits", m.waits),
+                         ("refused", m.models_refused)):
+        if deltas.get(key):
+            counter.inc(deltas[key])
+    m.waiting.set(len(stage.waiting))
+    trained = [through for through, _ in stage.models if through is not None]
+    if trained:
+        m.model_window.set(max(trained))
+    served = [record["serves_through"] for record in stage.index.by_model.values()]
+    if served:
+        m.announced_through.set(max(served))
+
+
 _FAMILIES = {"windower": _windower_families, "trainer": _trainer_families,
-             "alerter": _alerter_families, "archiver": _archiver_families,
-             "tokenizer": _tokenizer_families}
-_PROBES = {"windower": _windower_probe, "trainer": _trainer_probe, "alerter": _alerter_probe,
-           "archiver": _archiver_probe, "tokenizer": _tokenizer_probe}
+             "scorer": _scorer_families, "alerter": _alerter_families,
+             "archiver": _archiver_families, "tokenizer": _tokenizer_families}
+_PROBES = {"windower": _windower_probe, "trainer": _trainer_probe, "scorer": _scorer_probe,
+           "alerter": _alerter_probe, "archiver": _archiver_probe, "tokenizer": _tokenizer_probe}
+# Stages whose ``counts["late"]`` are input records routed to the late topic (records_late); the
+# scorer's and archiver's count late events scored / skipped instead.
+_ROUTES_LATE = {"windower"}
 
 
 class _Observer:
@@ -328,22 +380,18 @@ class _Observer:
 
 class TrainerObserver(_Observer):
     def window_done(self, window: int, events: int, score_seconds: float, train_seconds: float,
-                    loss: float, published: float | None, scored_at: float) -> None:
+                    loss: float, published: float | None, announced_at: float) -> None:
+        """A window trained and its model announced; ``published``: when the windower sent the
+        window's completion record. ``score_seconds`` is ignored: the scorer stage scores."""
         m = self.metrics
-        m.score_seconds.observe(score_seconds)
         m.train_seconds.observe(train_seconds)
         if loss is not None and math.isfinite(loss):
             m.train_loss.set(loss)
         m.events_trained.inc(events)
-        m.events_scored.inc(events)
         m.windows_trained.inc()
         m.model_window.set(window)
         if published is not None:
-            # Every event of a window is published by the windower at once and scored at once:
-            # one latency, observed once per event so the histogram counts events.
-            latency = max(0.0, scored_at - published)
-            for _ in range(events):
-                m.score_latency.observe(latency)
+            m.model_latency.observe(max(0.0, announced_at - published))
 
     def checkpoint_done(self, seconds: float) -> None:
         self.metrics.checkpoint_seconds.observe(seconds)
@@ -367,7 +415,28 @@ class AlerterObserver(_Observer):
                 self.metrics.alerts.labels(kind).inc()
 
 
-_OBSERVERS = {"trainer": TrainerObserver, "alerter": AlerterObserver}
+class ScorerObserver(_Observer):
+    """Score latency per event: the consumed record's timestamp (the windower's produce time) to
+    the end of the batch that scored it. Events that wait for their model are consumed again
+    later and timed from the same timestamp, so waiting counts."""
+
+    def __init__(self, metrics: StageMetrics):
+        super().__init__(metrics)
+        self.pending: list[float] = []  # produce times (epoch s) of events in the current batch
+
+    def consumed(self, msg) -> None:
+        kind, ms = msg.timestamp()
+        if kind != TIMESTAMP_NOT_AVAILABLE and ms > 0:
+            self.pending.append(ms / 1000)
+
+    def scored(self) -> None:
+        now, histogram = time.time(), self.metrics.score_latency
+        for published in self.pending:
+            histogram.observe(max(0.0, now - published))
+        self.pending = []
+
+
+_OBSERVERS = {"trainer": TrainerObserver, "scorer": ScorerObserver, "alerter": AlerterObserver}
 
 
 def alert_kinds(alert, z_threshold: float) -> list[str]:

@@ -57,11 +57,14 @@ class FakeMessage:
 
 
 class FakeConsumer:
-    """Answers the metadata a stage asks for in ``on_assign`` and records its assignment."""
+    """Answers the metadata a stage asks for in ``on_assign`` and records its assignment (and
+    the partitions it pauses, rewinds and resumes)."""
 
     def __init__(self, partitions: dict[str, int]):
         self.partitions = partitions  # topic -> partition count
         self.assigned: list[TopicPartition] = []
+        self.paused: set[tuple[str, int]] = set()
+        self.seeks: list[tuple[str, int, int]] = []
 
     def list_topics(self, topic: str | None = None, timeout: float = -1):
         topics = {name: SimpleNamespace(error=None, partitions={p: None for p in range(n)})
@@ -70,6 +73,15 @@ class FakeConsumer:
 
     def assign(self, partitions: list[TopicPartition]) -> None:
         self.assigned = list(partitions)
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.paused |= {(tp.topic, tp.partition) for tp in partitions}
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self.paused -= {(tp.topic, tp.partition) for tp in partitions}
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.seeks.append((tp.topic, tp.partition, tp.offset))
 
 
 @dataclass
@@ -110,11 +122,16 @@ class RecordingOutput:
         return [codec().decode(s.value) for s in self.sent if s.topic == topic]
 
     def messages(self, topic: str, start: int = 0) -> list[FakeMessage]:
-        """What was sent to ``topic`` as the messages a downstream stage would consume
-        (offsets numbered from ``start``, all on partition 0)."""
-        sent = [s for s in self.sent if s.topic == topic]
-        return [FakeMessage(topic, s.partition or 0, start + i, s.value, key=s.key,
-                            headers=s.headers) for i, s in enumerate(sent)]
+        """What was sent to ``topic`` as the messages a downstream stage would consume, in the
+        order sent (offsets numbered from ``start`` in each partition; no partition: 0)."""
+        messages, next_offset = [], {}
+        for s in self.sent:
+            if s.topic == topic:
+                p = s.partition or 0
+                next_offset[p] = next_offset.get(p, start) + 1
+                messages.append(FakeMessage(topic, p, next_offset[p] - 1, s.value, key=s.key,
+                                            headers=s.headers))
+        return messages
 
 
 def tokenized_record(name: str, time: float | None, source: tuple[str, int, int], *,
@@ -132,13 +149,13 @@ def tokenized_record(name: str, time: float | None, source: tuple[str, int, int]
 
 
 def scored_record(name: str, window: int, loss: float | None, offset: int, *,
-                  user: str = "U1", src: str = "C1", dst: str = "C2") -> dict:
-    """A salka.ScoredEvent as the trainer publishes it."""
+                  user: str = "U1", src: str = "C1", dst: str = "C2", late: bool = False) -> dict:
+    """A salka.ScoredEvent as a scorer publishes it (``late``: an event of the late topic)."""
     return {"source": {"topic": RAW_TOPIC, "partition": 0, "offset": offset}, "line": offset + 1,
             "event_time": window * 86400.0 + offset, "window": window,
             "entities": {"user": user, "src_host": src, "dst_host": dst}, "loss": loss,
             "loss_total": None if loss is None else loss * 10, "raw": name, "tokens": None,
-            "token_losses": None}
+            "token_losses": None, "late": late}
 
 
 def encoded(schema: str, record: dict) -> bytes:

@@ -142,10 +142,12 @@ def test_a_good_windower_state_still_resumes(tmp_path):
     config = state_config(tmp_path)
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "windower.json").write_text(json.dumps(
-        {"closed_through": 7200.0, "seen": [["raw", 0, 41]], "newest": {"0": 9000.0},
-         "resume": {"0": 12}, "read_to": {"0": 15}}))
+        {"closed_through": 7200.0, "reported_through": 1, "open": {"2": 5}, "seen": [["raw", 0, 41]],
+         "newest": {"0": 9000.0}, "resume": {"0": 12}}))
     from pipeline.stages.windower import WindowerStage
 
     stage = WindowerStage(config)
     assert stage.closed_through == 7200.0 and stage.seen == {("raw", 0): 41}
+    assert stage.open == {2: 5} and stage.reported_through == 1
+    assert stage.resume == {0: 12} and stage.restored_newest == {0: 9000.0}
     assert list((tmp_path / "state").glob("*.corrupt-*")) == []

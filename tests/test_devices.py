@@ -153,7 +153,7 @@ def test_cuda_batches_score_and_train_like_the_cpu(kind):
     gpu = score_sequences(model, seqs, 16, device=torch.device("cuda"))
     gpu_means = score_sequences(model, seqs, 16, device=torch.device("cuda"), per_token=False)
     for (m0, t0, p0), (m1, t1, p1), (m2, t2, p2) in zip(cpu, gpu, gpu_means):
-        assert (m1, t1) == (m2, t2) and p2 == [] and len(p0) == len(p1)
+        assert (m1, t1) == (m2, t2) and p2 == () and len(p0) == len(p1)
         assert abs(m0 - m1) < 1e-5 and abs(t0 - t1) < 1e-4
         assert max(abs(a - b) for a, b in zip(p0, p1)) < 1e-5
     results = {}

@@ -20,6 +20,7 @@ from helpers import key_comments
 
 from pipeline.cli import STAGES, cli
 from pipeline.config import Config, load_config
+from pipeline.modelstore import store_location
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -217,14 +218,23 @@ def test_stage_services_share_the_data_volume_and_mount_the_config_read_only(com
     assert len(sources) == 1, f"stages do not share one state/archive volume: {sources}"
 
 
-def test_tokenizer_runs_several_replicas(services):
-    name, service = stage_services(services)["tokenizer"]
+@pytest.mark.parametrize("stage", ["tokenizer", "scorer"])
+def test_stateless_stages_run_several_replicas(services, stage):
+    name, service = stage_services(services)[stage]
     replicas = (service.get("deploy") or {}).get("replicas", 1)
     assert replicas >= 2, f"{name}: deploy.replicas {replicas}"
+    # one consumer group over topics.partitions partitions (tokens / windows): more sit idle
     assert replicas <= Config().topics.partitions
     assert "container_name" not in service  # a fixed name forbids more than one replica
-    for stateful in ("windower", "trainer"):
+    for stateful in ("windower", "trainer", "archiver", "alerter"):
         assert (stage_services(services)[stateful][1].get("deploy") or {}).get("replicas", 1) == 1
+
+
+def test_docker_readme_shows_how_to_scale_scorers_and_where_the_model_store_lives():
+    text = (DOCKER / "README.md").read_text(encoding="utf-8")
+    assert "--scale scorer=3" in text
+    assert "salka-model-store" in text and "model_store" in text
+    assert "issue 13" not in text, "docker/README.md still says the scorer does not exist yet"
 
 
 def test_create_topics_is_a_one_shot_service(services):
@@ -399,7 +409,8 @@ def test_state_models_and_archive_are_named_volumes_owned_by_the_image_user(comp
         config = effective_config(service)
         mounts = mounts_of(service)
         wanted = {"state": config.streaming.state_dir,
-                  "model store (trainer checkpoints)": str(checkpoint_directory(config)),
+                  "trainer checkpoints": str(checkpoint_directory(config)),
+                  "model store": store_location(config),
                   "archive": config.streaming.archive_dir}
         for what, directory in wanted.items():
             assert directory in mounts, f"{name}: no volume for the {what} at {directory}"
@@ -407,7 +418,28 @@ def test_state_models_and_archive_are_named_volumes_owned_by_the_image_user(comp
             # a fresh named volume copies the image's directory, owner included: it must exist
             assert any(p == directory or p.startswith(directory + "/") for p in made), (
                 f"Dockerfile does not create {directory} for uid 10001")
-        assert len({mounts[d] for d in wanted.values()}) == 3, f"{name}: one volume for two of them"
+        assert len({mounts[d] for d in wanted.values()}) == 4, f"{name}: one volume for two of them"
+
+
+def mount_modes(service: dict) -> dict[str, list[str]]:
+    """container path -> mount options (``ro``...)."""
+    return {v.split(":")[1]: v.split(":")[2:] for v in service.get("volumes", [])}
+
+
+def test_trainer_writes_the_model_store_and_scorers_read_the_same_volume_read_only(services):
+    found = stage_services(services)
+    (_, trainer), (name, scorer) = found["trainer"], found["scorer"]
+    config = effective_config(trainer)
+    assert config.streaming.model_store == "", "the compose file uses the default store"
+    store = store_location(config)
+    assert store == "/var/lib/salka/state/models"
+    assert store_location(effective_config(scorer)) == store
+    assert mounts_of(scorer)[store] == mounts_of(trainer)[store]
+    assert "ro" not in mount_modes(trainer)[store], "the trainer cannot write its models"
+    assert mount_modes(scorer)[store] == ["ro"], f"{name}: model store not mounted read-only"
+    # everything else a scorer mounts is what every salka service mounts
+    others = {path: source for path, source in mounts_of(scorer).items() if path != store}
+    assert others == {path: source for path, source in mounts_of(trainer).items() if path != store}
 
 
 def test_every_stage_serves_metrics_on_an_exposed_port_with_a_health_check(services):

@@ -13,10 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -170,6 +172,94 @@ def test_a_taken_metrics_port_is_one_line_and_exit_2(tmp_path):
     assert f"metrics.port {port}" in lines[0] and "--metrics-port" in lines[0]
 
 
+class PausingConsumer:
+    """What a scorer asks of its consumer: pause / seek / resume, recorded."""
+
+    def __init__(self):
+        self.paused: set[tuple[str, int]] = set()
+
+    def pause(self, partitions) -> None:
+        self.paused |= {(tp.topic, tp.partition) for tp in partitions}
+
+    def seek(self, partition) -> None:
+        pass
+
+    def resume(self, partitions) -> None:
+        self.paused -= {(tp.topic, tp.partition) for tp in partitions}
+
+    def assignment(self) -> list:
+        return []
+
+
+def test_scorer_metrics_count_scored_late_waits_refusals_and_latency(tmp_path):
+    """The scorer driven in-process (no broker): what it scores, marks late, leaves waiting in
+    Kafka and refuses shows in its metrics, and each scored event's latency from the consumed
+    record's timestamp is observed once."""
+    from stage_fakes import FakeMessage, RecordingOutput, encoded, tokenized_record
+
+    from pipeline.config import config_from_dict
+    from pipeline.metrics import ScorerObserver
+    from pipeline.modelstore import announcement, config_fingerprint
+    from pipeline.stages.scorer import ScorerStage
+
+    config = config_from_dict({"streaming": {"state_dir": str(tmp_path / "state")}})
+    t = config.topics
+    metrics = StageMetrics("scorer", process_metrics=False)
+    stage = ScorerStage(config)
+    stage.consumer = PausingConsumer()  # no on_assign: no models-topic reader, announcements below
+    out = RecordingOutput()
+    runner = SimpleNamespace(stage=stage, out=out, watch=SimpleNamespace(reachable=True),
+                             tracker=SimpleNamespace(failures=[]), consumer=stage.consumer)
+    metrics.after_batch(runner, [], time.perf_counter())
+    assert isinstance(stage.observer, ScorerObserver)  # set by the metrics, as for the trainer
+
+    # No model before window 0 (its events get empty losses); the model for window 1 comes from
+    # another configuration and is refused, so window 1 waits.
+    stage.index.add(announcement(None, 0, fingerprint=config_fingerprint(config)))
+    stage.index.add(announcement(0, 1, url=str(tmp_path / "model.pt"), sha256="0" * 64,
+                                 fingerprint="not-ours"))
+    forwarded_ms = int(time.time() * 1000) - 2000  # the windower sent them 2 s ago
+
+    def event(offset: int) -> dict:
+        return tokenized_record(f"e{offset}", float(offset), ("raw", 0, offset))
+
+    msgs = [
+        FakeMessage(t.windows, 0, 0, encoded("salka.WindowedEvent", {"window": 0, "event": event(0)}),
+                    timestamp_ms=forwarded_ms),
+        FakeMessage(t.windows, 1, 0, encoded("salka.WindowedEvent", {"window": 0, "event": event(1)}),
+                    timestamp_ms=forwarded_ms),
+        FakeMessage(t.late, 0, 0, encoded("salka.LateEvent", {
+            "window": 0, "watermark": 99.0, "lateness_seconds": 9.0, "event": event(2)}),
+                    timestamp_ms=forwarded_ms),
+        FakeMessage(t.windows, 2, 0, encoded("salka.WindowedEvent", {"window": 1, "event": event(3)}),
+                    timestamp_ms=forwarded_ms),
+    ]
+    started = time.perf_counter()
+    for msg in msgs:
+        stage.handle(msg, out)
+    stage.tick(out)
+    metrics.after_batch(runner, msgs, started)
+
+    scores = out.records(t.scores)
+    assert [(name, r["late"]) for name, r in scores] == [("salka.ScoredEvent", False)] * 2 + [
+        ("salka.ScoredEvent", True)]
+    found = samples(metrics.exposition().decode())
+    assert value(found, "salka_scorer_events_scored_total") == 3
+    assert value(found, "salka_scorer_late_total") == 1
+    assert value(found, "salka_scorer_waits_total") == 1
+    assert value(found, "salka_scorer_models_refused_total") == 1
+    assert value(found, "salka_scorer_waiting_partitions") == 1
+    assert stage.consumer.paused == {(t.windows, 2)}
+    assert value(found, "salka_scorer_announced_through") == 1
+    # scored late events are not "routed to the late topic" (the windower's records_late)
+    assert value(found, "salka_scorer_records_late_total", topic=f"{t.windows},{t.late}") == 0
+    assert value(found, "salka_scorer_records_in_total", topic=t.windows) == 3
+    assert value(found, "salka_scorer_score_latency_seconds_count") == 3  # the waiting one: not yet
+    latency = value(found, "salka_scorer_score_latency_seconds_sum")
+    assert 3 * 2.0 <= latency < 3 * 60.0, latency
+    assert value(found, "salka_scorer_score_latency_seconds_bucket", le="1.0") == 0
+
+
 def test_metrics_port_is_validated_with_its_key_path():
     result = CliRunner().invoke(cli, ["run", "tokenizer", "--set", "metrics.port=70000"])
     assert result.exit_code == 2
@@ -222,6 +312,7 @@ def scraped_pipeline(kafka_bootstrap, tmp_path_factory):
             "tokenizer": lambda f: _in(f, "tokenizer") >= len(lines) + 3,
             "windower": lambda f: value(f, "salka_windower_windows_closed_total") >= windows,
             "trainer": lambda f: value(f, "salka_trainer_windows_trained_total") >= windows,
+            "scorer": lambda f: value(f, "salka_scorer_events_scored_total") >= events,
             "archiver": lambda f: value(f, "salka_archiver_rows_archived_total") >= events,
             "alerter": lambda f: value(f, "salka_alerter_windows_judged_total") >= windows,
         }
@@ -278,15 +369,31 @@ def test_stage_counters_match_the_records_they_processed(scraped_pipeline):
     assert value(win, "salka_windower_records_late_total", topic=t.tokens) == 0
     tr = f["trainer"]
     assert value(tr, "salka_trainer_records_in_total", topic=t.windows) == events + windows
-    assert value(tr, "salka_trainer_records_out_total", topic=t.scores) == events + windows
-    assert value(tr, "salka_trainer_events_scored_total") == events
+    # a completion record per window to the scores topic; the events' scores come from the scorer
+    assert value(tr, "salka_trainer_records_out_total", topic=t.scores) == windows
+    assert value(tr, "salka_trainer_records_out_total", topic=t.models) >= windows + 1
+    assert value(tr, "salka_trainer_events_scored_total") == 0  # kept for dashboards: always 0
+    assert value(tr, "salka_trainer_score_latency_seconds_count") == 0
     assert value(tr, "salka_trainer_events_trained_total") == events
-    assert value(tr, "salka_trainer_score_latency_seconds_count") == events
+    assert value(tr, "salka_trainer_model_latency_seconds_count") == windows
     assert value(tr, "salka_trainer_window_train_seconds_count") == windows
     assert value(tr, "salka_trainer_checkpoint_seconds_count") >= 1
     assert value(tr, "salka_trainer_model_window") == max(_windows(r["config"]))
     assert 0 < value(tr, "salka_trainer_train_loss") < 20
+    sc = f["scorer"]
+    assert value(sc, "salka_scorer_records_in_total", topic=t.windows) >= events + windows
+    assert value(sc, "salka_scorer_records_out_total", topic=t.scores) == events
+    assert value(sc, "salka_scorer_events_scored_total") == events
+    assert value(sc, "salka_scorer_late_total") == 0
+    assert value(sc, "salka_scorer_models_refused_total") == 0
+    assert value(sc, "salka_scorer_waiting_partitions") == 0
+    assert value(sc, "salka_scorer_score_latency_seconds_count") == events
+    # the last model (trained through the last window) serves no event: the newest one used is
+    # the one before it
+    assert value(sc, "salka_scorer_model_window") == max(_windows(r["config"])) - 1
+    assert value(sc, "salka_scorer_announced_through") >= max(_windows(r["config"]))
     assert value(f["archiver"], "salka_archiver_rows_archived_total") == events
+    assert value(f["archiver"], "salka_archiver_late_skipped_total") == 0
     assert value(f["archiver"], "salka_archiver_records_in_total", topic=t.scores) == events + windows
     al = f["alerter"]
     alerts_out = value(al, "salka_alerter_records_out_total", topic=t.alerts)
@@ -294,9 +401,11 @@ def test_stage_counters_match_the_records_they_processed(scraped_pipeline):
     assert by_kind >= alerts_out > 0  # each alert counts under every rule that raised it
     for stage in STAGES:
         found = f[stage]
-        lags = {dict(labels)["partition"]: v for (name, labels), v in found.items()
-                if name == f"salka_{stage}_consumer_lag"}
-        expected = partitions if stage in ("tokenizer", "windower") else 1
+        lags = {(dict(labels)["topic"], dict(labels)["partition"]): v
+                for (name, labels), v in found.items() if name == f"salka_{stage}_consumer_lag"}
+        # the scorer reads every windows partition and the late topic's one
+        expected = {"tokenizer": partitions, "windower": partitions, "scorer": partitions + 1,
+                    "trainer": partitions}.get(stage, 1)
         assert len(lags) == expected and not any(lags.values()), (stage, lags)
         assert value(found, f"salka_{stage}_broker_up") == 1
         assert value(found, f"salka_{stage}_commit_failures_total") == 0

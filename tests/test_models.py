@@ -402,7 +402,7 @@ def reference_pad_batch(seqs) -> torch.Tensor:
     return out
 
 
-def reference_scores(model, seqs, batch_size: int) -> list[tuple[float, float, list[float]]]:
+def reference_scores(model, seqs, batch_size: int) -> list[tuple[float, float, tuple[float, ...]]]:
     """score_sequences before batches were read back with one ``.tolist()``: per-row indexing."""
     results = []
     with torch.no_grad():
@@ -411,7 +411,7 @@ def reference_scores(model, seqs, batch_size: int) -> list[tuple[float, float, l
             losses = losses * mask
             totals, counts = losses.sum(1).tolist(), mask.sum(1).clamp(min=1).tolist()
             for row, real, total, count in zip(losses, mask, totals, counts):
-                results.append((total / count, total, row[real].tolist()))
+                results.append((total / count, total, tuple(row[real].tolist())))
     return results
 
 
@@ -438,7 +438,7 @@ def test_per_token_losses_off_gives_the_very_same_means_and_totals(kind):
         without = score_sequences(model, events, batch_size=batch_size, per_token=False)
         assert with_tokens == want  # exact floats, per-token lists included
         assert [(m, t) for m, t, _ in without] == [(m, t) for m, t, _ in want]
-        assert all(per_token == [] for _, _, per_token in without)
+        assert all(per_token == () for _, _, per_token in without)
     assert sum(len(p) for _, _, p in want) > 30 and len({t for _, t, _ in want}) > 5  # control
 
 

@@ -90,7 +90,7 @@ def test_checkpoint_with_a_single_group_optimizer_still_resumes_exactly(tmp_path
                                "model": {"rnn": {"hidden_size": 16}},
                                "training": {"epochs": 1, "batch_size": 8}})
     old = WindowLearner(config)
-    old._ensure_model(events(config, 0))
+    old._ensure_model(lambda: iter(events(config, 0)))
     old.optimizer = torch.optim.AdamW(old.model.parameters(), lr=config.training.learning_rate,
                                       weight_decay=0.0)  # the optimizer as it was built before
     old.train(0, events(config, 0))

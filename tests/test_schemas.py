@@ -26,7 +26,11 @@ SAMPLES = {
     "salka.LateEvent": {"window": 5, "watermark": 7200.0, "lateness_seconds": 12.5, "event": TOKENIZED},
     "salka.ScoredEvent": {"source": SOURCE, "line": None, "event_time": None, "window": 0,
                           "entities": {"user": "U1", "src_host": "C1"}, "loss": 2.5, "loss_total": 30.0,
-                          "raw": "r", "tokens": ["a", "b"], "token_losses": [0.5, 0.25]},
+                          "raw": "r", "tokens": ["a", "b"], "token_losses": [0.5, 0.25],
+                          "late": True},
+    "salka.ModelAnnouncement": {"trained_through": 19675, "serves_through": 19676,
+                                "url": "file:///models/model-19675.pt", "sha256": "cd" * 32,
+                                "fingerprint": "0123456789abcdef", "time_ms": 1_700_000_000_000},
     "salka.EntityStat": {"kind": "pair", "entity": "C1->C2", "events": 12, "median": 1.0, "mad": 0.1,
                          "z": 7.5},
     "salka.Alert": {"source": SOURCE, "line": 3, "event_time": 3600.0, "window": 0, "raw": "x",
@@ -43,6 +47,7 @@ def test_standalone_schemas_are_up_to_date():
     on_disk = {p.name: p.read_text() for p in STANDALONE_DIR.glob("*.avsc")}
     assert on_disk == expected, "schemas changed: regenerate with `python -m schemas.standalone`"
     assert set(expected) == {f"{name}.avsc" for name in codec().schemas}
+    assert set(SAMPLES) == set(codec().schemas), "every schema needs a sample record below"
     with pytest.raises(Exception, match="salka.SourceRef"):  # control: the per-type file alone
         avro.schema.parse((STANDALONE_DIR.parent / "salka.Alert.avsc").read_text())
 

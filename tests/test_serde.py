@@ -166,7 +166,7 @@ RECORDS = [
             "source": SRC, "line": 7, "event_time": 3600.0, "window": 0,
             "entities": {"user": "U1@DOM1", "src_host": "C1", "dst_host": "C2"},
             "loss": 1.25, "loss_total": 11.25, "raw": LANL_LINE,
-            "tokens": ["U1@DOM1", "C1", "[EOS]"], "token_losses": [0.5, 2.75, 0.25],
+            "tokens": ["U1@DOM1", "C1", "[EOS]"], "token_losses": [0.5, 2.75, 0.25], "late": True,
         },
     ),
     (
@@ -175,7 +175,20 @@ RECORDS = [
         {
             "source": SRC, "line": None, "event_time": None, "window": 0, "entities": {},
             "loss": None, "loss_total": None, "raw": "", "tokens": None, "token_losses": None,
+            "late": False,
         },
+    ),
+    (
+        "salka.ModelAnnouncement",
+        "set",
+        {"trained_through": 19675, "serves_through": 19677, "url": "s3://models/model-19675.pt",
+         "sha256": "ab" * 32, "fingerprint": "0123456789abcdef", "time_ms": 1_700_000_000_000},
+    ),
+    (
+        "salka.ModelAnnouncement",
+        "null",
+        {"trained_through": None, "serves_through": 0, "url": None, "sha256": None,
+         "fingerprint": "", "time_ms": 0},
     ),
     (
         "salka.DeadLetter",
@@ -668,8 +681,11 @@ def test_score_to_record_round_trips(loss, loss_total):
         "raw": LANL_LINE,
         "tokens": None,
         "token_losses": None,
+        "late": False,
     }
     assert identity(decoded) == ("raw", 2, 99)
+    late = score_to_record(Score(event=event, window=0, loss=loss, loss_total=loss_total), CONFIG, late=True)
+    assert _through_kafka("salka.ScoredEvent", late) == {**decoded, "late": True}
 
 
 @pytest.mark.parametrize("payload, line", [(b"\xff\xfe garbage \x00", 12), (None, None)])

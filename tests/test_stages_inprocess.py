@@ -1,8 +1,9 @@
 """The stages' logic driven in-process: fake messages in, a recording Output out, no broker.
 
 The real-broker tests (test_stream.py, test_alerting.py, ...) cover the wiring; these cover what
-each stage decides: which windows close with which events, what is late, what is a repeat, one
-score / row / alert per event, and what a restart resumes from. A restart is a new stage object
+each stage decides: which events are forwarded and which windows close with them, what is late,
+what is a repeat, which models the trainer announces, one row / alert per event, and what a
+restart resumes from. A restart is a new stage object
 built from the state the previous one saved, as a restarted process would be.
 """
 
@@ -27,13 +28,17 @@ from stage_fakes import (
 from pipeline.alerting import alerts_from_rows
 from pipeline.config import Config, config_from_dict
 from pipeline.learner import WindowLearner
+from pipeline.modelstore import announcement_key, load
 from pipeline.parsing import LineParser
 from pipeline.scorefile import read_scores, score_columns, write_rows
+from pipeline.serde import codec
 from pipeline.stages.alerter import AlerterStage
 from pipeline.stages.archiver import ArchiverStage
+from pipeline.stages.collect import WindowCollector
 from pipeline.stages.trainer import TrainerStage, checkpoint_files
 from pipeline.stages.windower import WindowerStage
-from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, record_to_event
+from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, identity, record_to_event
+from pipeline.windowing import event_order
 
 
 def make_config(tmp_path, **sections) -> Config:
@@ -89,7 +94,9 @@ class WindowerRun:
         self.assign()
 
     def assign(self) -> None:
-        consumer = FakeConsumer({self.config.topics.tokens: len(self.log)})
+        # The windows topic has as many partitions as the tokens topic.
+        consumer = FakeConsumer({self.config.topics.tokens: len(self.log),
+                                 self.config.topics.windows: len(self.log)})
         self.stage.on_assign(consumer, [TopicPartition(self.config.topics.tokens, p, OFFSET_INVALID)
                                         for p in range(len(self.log))])
         # An offset the stage left unset means the group's committed one (else the beginning).
@@ -118,97 +125,150 @@ class WindowerRun:
                 self.position[p] = end
             self.stage.tick(self.out)
 
-    def emissions(self) -> list[tuple[int, list[str]]]:
-        """(window, event names in emitted order) per completion record sent, checked whole:
-        the completion counts every event sent for its window just before it, each once."""
-        emitted, members = [], []
-        for name, record in self.out.records(self.config.topics.windows):
+    def windows_topic(self) -> str:
+        """The windows topic as sent, checked whole: event names as forwarded and "w<window>:<count>"
+        per completion record. Each event goes to the windows partition of its tokens partition,
+        each completion to partition 0; a completion counts exactly the distinct events of its
+        window forwarded before it, and no event of a window comes after its last completion; a
+        count-0 completion comes after the completions of every window up to it that had events."""
+        sent = [s for s in self.out.sent if s.topic == self.config.topics.windows]
+        items, forwarded, completed = [], {}, set()
+        for s in sent:
+            name, record = codec().decode(s.value)
+            window = record["window"]
             if name == "salka.WindowedEvent":
-                members.append(record)
+                source = record["event"]["source"]
+                assert s.partition == source["partition"], "not the windows partition of its tokens one"
+                forwarded.setdefault(window, set()).add(tuple(source.values()))
+                completed.discard(window)
+                items.append(record["event"]["raw"])
                 continue
-            assert {m["window"] for m in members} <= {record["window"]}
-            assert record["count"] == len(members)
-            sources = [tuple(m["event"]["source"].values()) for m in members]
-            assert len(set(sources)) == len(sources), f"duplicate event in window {record['window']}"
-            emitted.append((record["window"], [m["event"]["raw"] for m in members]))
-            members = []
-        assert members == [], "events sent without their completion record"
-        return emitted
+            assert name == "salka.WindowComplete" and s.partition == 0
+            if record["count"]:
+                assert record["count"] == len(forwarded.get(window, ())), f"window {window} miscounted"
+                completed.add(window)
+            else:
+                assert all(w in completed for w in forwarded if w <= window), \
+                    f"count-0 completion of window {window} before an open window's completion"
+            items.append(f"w{window}:{record['count']}")
+        assert set(forwarded) <= completed, "events forwarded without a completion after them"
+        return " ".join(items)
+
+    def handed_over(self) -> dict[int, str]:
+        """What a downstream reader (the trainer's collector) makes of the windows topic, read in
+        the order sent: each window once, in window order, its distinct events in event order
+        (names); a window already handed over is skipped when it comes again, as the trainer does."""
+        collector, done, windows = WindowCollector("events"), None, {}
+        for msg in self.out.messages(self.config.topics.windows):
+            name, record = codec().decode(msg.value())
+            window = record["window"]
+            if done is not None and window <= done:
+                continue
+            if name == "salka.WindowComplete":
+                collector.expect(window, record["count"], msg.partition(), msg.offset())
+            else:
+                collector.add(window, identity(record["event"]), record["event"], msg.partition(),
+                              msg.offset())
+            while (complete := collector.next_complete()) is not None:
+                window, events = complete
+                assert done is None or window > done
+                done = window
+                if events:
+                    windows[window] = " ".join(e["raw"] for e in sorted(events, key=event_order))
+        assert collector.expected == {}, "a completion whose events never came"
+        return windows
 
     def total(self, counter: str) -> int:
         return sum(stage.counts[counter] for stage in self.stages)
 
 
 WINDOWER_CASES = {
-    # name: (tokens partitions, steps, expected windows, late events, repeats, emissions per window)
+    # name: (tokens partitions, steps, the windows topic as sent, windows handed over downstream,
+    #        late events, repeats)
     "in order, one pass": (
         [["a@1", "b@5", "c@12", "d@25", "EOI"], ["e@2", "f@14", "g@21", "EOI"]],
         ["0:* 1:*"],
-        {0: "a e b", 1: "c f", 2: "g d"}, [], 0, {0: 1, 1: 1, 2: 1}),
+        "a b c d e f g w0:3 w1:2 w2:2",
+        {0: "a e b", 1: "c f", 2: "g d"}, [], 0),
     "an event after the watermark passed its window is late": (
         [["a@1", "b@15", "c@3", "EOI"], ["d@12", "EOI"]],
         ["0:2 1:1", "0:*", "1:*"],
-        {0: "a", 1: "d b"}, ["c"], 0, {0: 1, 1: 1}),
-    "a repeat replaces itself in an open window, is dropped for a closed one, never late": (
+        "a b d w0:1 w1:2",
+        {0: "a", 1: "d b"}, ["c"], 0),
+    "a repeat is dropped, whether its window is open or closed, and is never late": (
         [["a@1", "b@5", "a@1", "c@12", "b@5", "EOI"], ["d@11", "EOI"]],
         ["0:3", "0:1 1:1", "0:* 1:*"],
-        {0: "a b", 1: "d c"}, [], 1, {0: 1, 1: 1}),
-    "restart after a commit resumes from its state: closed windows' events are repeats": (
-        [["a@1", "b@12", "c@25", "EOI"], ["d@15", "e@3", "f@22", "EOI"]],
+        "a b c d w0:2 w1:2",
+        {0: "a b", 1: "d c"}, [], 2),
+    "windows that close empty get a count-0 completion": (
+        [["a@1", "b@35", "c@52", "EOI"], ["d@5", "e@38", "EOI"]],
+        ["0:1 1:1", "0:1 1:1", "0:* 1:*"],
+        "a d w-1:0 b e w0:2 w2:0 c w3:2 w5:1",
+        {0: "a d", 3: "b e", 5: "c"}, [], 0),
+    "restart after a commit: what was forwarded before it is a repeat": (
+        # a and d come again (a restarted tokenizer wrote them twice) after the windower's
+        # restart: a's window has closed, d's is open; neither is forwarded or counted again.
+        [["a@1", "b@12", "a@1", "c@25", "EOI"], ["d@15", "e@3", "d@15", "f@22", "EOI"]],
         ["1:2 0:2", "commit", "crash", "0:* 1:*"],
-        {0: "a e", 1: "b d", 2: "f c"}, [], 1, {0: 1, 1: 1, 2: 1}),
-    "a crash between emitting and saving re-emits the same window": (
+        "d e a b w0:2 c f w1:2 w2:2",
+        {0: "a e", 1: "b d", 2: "f c"}, [], 2),
+    "a crash between forwarding and saving forwards again; downstream deduplicates": (
         [["a@1", "b@12", "c@25", "EOI"], ["d@15", "e@3", "f@22", "EOI"]],
         ["1:2 0:2", "commit", "0:1 1:1", "crash", "0:* 1:*"],
-        {0: "a e", 1: "b d", 2: "f c"}, [], 1, {0: 1, 1: 2, 2: 1}),
+        "d e a b w0:2 c f w1:2 c f w1:2 w2:2",
+        {0: "a e", 1: "b d", 2: "f c"}, [], 0),
     "saved state but no offset commit: reading resumes where the state says, not the group": (
         [["a@1", "b@12", "c@25", "EOI"], ["d@15", "e@3", "f@22", "EOI"]],
         ["1:2 0:2", "save", "crash", "0:* 1:*"],
-        {0: "a e", 1: "b d", 2: "f c"}, [], 1, {0: 1, 1: 1, 2: 1}),
+        "d e a b w0:2 c f w1:2 w2:2",
+        {0: "a e", 1: "b d", 2: "f c"}, [], 0),
     "a crash before any state was saved starts over from the beginning": (
         [["a@1", "b@12", "c@25", "EOI"], ["d@15", "e@3", "f@22", "EOI"]],
         ["1:2 0:2", "crash", "1:* 0:*"],
-        {0: "a e", 1: "b d", 2: "f c"}, [], 0, {0: 2, 1: 1, 2: 1}),
+        "d e a b w0:2 d e f a b c w0:2 w1:2 w2:2",
+        {0: "a e", 1: "b d", 2: "f c"}, [], 0),
     "a rebalance reloads the saved state in the same object": (
         [["a@1", "b@12", "c@25", "EOI"], ["d@15", "e@3", "f@22", "EOI"]],
         ["1:2 0:2", "rebalance", "0:* 1:*"],
-        {0: "a e", 1: "b d", 2: "f c"}, [], 1, {0: 1, 1: 1, 2: 1}),
-    "pending restore: a clock comes back only once its partition's re-read caught up": (
-        # Restored at once, partition 1's clock (45) would close window 2 after partition 0's
-        # re-read, before d@22 is read again: d would be lost as a repeat of a closed window.
+        "d e a b w0:2 c f w1:2 w2:2",
+        {0: "a e", 1: "b d", 2: "f c"}, [], 0),
+    "restored clocks: after a restart the saved watermark closes windows at once": (
+        # Partition 1's clock (45) comes back from the state file: reading partition 0 alone
+        # closes window 2 (and 3, empty); without it the watermark would wait for partition 1.
         [["a@21", "b@26", "c@50", "EOI"], ["d@22", "e@45", "f@55", "EOI"]],
         ["0:2 1:2", "commit", "crash", "0:*", "1:*"],
-        {2: "a d b", 4: "e", 5: "c f"}, [], 0, {2: 1, 4: 1, 5: 1}),
+        "a b d e w1:0 c w2:3 w3:0 f w4:1 w5:2",
+        {2: "a d b", 4: "e", 5: "c f"}, [], 0),
     "a partition read to its end is not read again: its clock is restored at once": (
         [["a@1", "EOI"], ["b@3", "c@15", "d@27", "EOI"]],
         ["0:* 1:2", "commit", "crash", "1:*"],
-        {0: "a b", 1: "c", 2: "d"}, [], 0, {0: 1, 1: 1, 2: 1}),
+        "a b c w0:2 d w1:1 w2:1",
+        {0: "a b", 1: "c", 2: "d"}, [], 0),
     "after a restart an event of a window closed before it is late, not a repeat": (
         [["a@1", "b@12", "c@4", "EOI"], ["d@11", "EOI"]],
         ["0:2 1:1", "commit", "crash", "0:* 1:*"],
-        {0: "a", 1: "d b"}, ["c"], 0, {0: 1, 1: 1}),
+        "a b d w0:1 w1:2",
+        {0: "a", 1: "d b"}, ["c"], 0),
 }
 
 
 @pytest.mark.parametrize("case", list(WINDOWER_CASES), ids=list(WINDOWER_CASES))
 def test_windower_restart_table(tmp_path, case):
-    partitions, steps, windows, late, repeats, emissions = WINDOWER_CASES[case]
+    partitions, steps, topic, windows, late, repeats = WINDOWER_CASES[case]
     config = make_config(tmp_path)
     run = WindowerRun(config, tokens_log(config, partitions))
     for step in steps:
         run.step(step)
-    emitted = run.emissions()
-    got: dict[int, list[str]] = {}
-    for window, names in emitted:  # a re-emitted window must carry the same events
-        assert got.setdefault(window, names) == names, f"window {window} re-emitted differently"
-    assert {w: " ".join(names) for w, names in got.items()} == windows
-    assert {w: sum(1 for e, _ in emitted if e == w) for w in got} == emissions
+    assert run.windows_topic() == topic
+    assert run.handed_over() == windows
     late_records = [r for _, r in run.out.records(config.topics.late)]
     assert [r["event"]["raw"] for r in late_records] == late
     assert all(r["lateness_seconds"] >= 0 for r in late_records)
     assert run.total("late") == len(late)
     assert run.total("repeats") == repeats
-    assert run.total("windows") == len(emitted)
+    assert run.total("windows") == len([w for w in topic.split() if w.startswith("w")
+                                        and not w.endswith(":0")])
+    assert run.stage.open == {}  # every window closed at the end of input
     # Once everything is read and committed, nothing before the end is left to re-read.
     run.step("commit")
     assert run.committed == {p: len(msgs) for p, msgs in enumerate(run.log)}
@@ -238,69 +298,117 @@ def window_events(window: int, n: int = 10) -> list[dict]:
 
 
 def windows_topic(config: Config, windows: dict[int, list[dict]], repeat: int = 0,
-                  start: int = 0) -> list[FakeMessage]:
-    """The windows topic: each window's events (the first ``repeat`` of them sent twice, as a
-    re-emitting windower does) and its completion record counting the distinct events."""
-    values = []
+                  start: dict[int, int] | None = None) -> list[FakeMessage]:
+    """The windows topic as the trainer reads it, over two partitions: each window's events
+    forwarded as they came (even-numbered ones to partition 0, odd ones to 1; the first ``repeat``
+    of them forwarded twice, as a windower restarted before saving does) and its completion
+    record (partition 0) counting the distinct events, read before partition 1's events of it."""
+    offsets = dict(start or {0: 0, 1: 0})
+    messages = []
+
+    def put(partition: int, value: bytes) -> None:
+        messages.append(FakeMessage(config.topics.windows, partition, offsets[partition], value,
+                                    timestamp_ms=1_700_000_000_000))
+        offsets[partition] += 1
+
     for window, events in windows.items():
-        for event in events + events[:repeat]:
-            values.append(encoded("salka.WindowedEvent", {"window": window, "event": event}))
-        values.append(encoded("salka.WindowComplete", {"window": window, "count": len(events),
-                                                        "watermark": None, "stage": "windower"}))
-    return [FakeMessage(config.topics.windows, 0, start + i, v, timestamp_ms=1_700_000_000_000)
-            for i, v in enumerate(values)]
+        forwarded = [(i % 2, e) for i, e in enumerate(events)]
+        forwarded += forwarded[:repeat]
+        for partition in (0, 1):
+            for p, event in forwarded:
+                if p == partition:
+                    put(p, encoded("salka.WindowedEvent", {"window": window, "event": event}))
+            if partition == 0:
+                put(0, encoded("salka.WindowComplete", {"window": window, "count": len(events),
+                                                         "watermark": None, "stage": "windower"}))
+    return messages
 
 
-def drive(stage, messages: list[FakeMessage], out: RecordingOutput) -> list[TopicPartition]:
-    """The runner's loop, one record per batch: handle, tick, and commit when the stage asks."""
-    committed = []
+def end_offsets(messages: list[FakeMessage]) -> dict[int, int]:
+    """Partition -> the offset after its last message."""
+    ends: dict[int, int] = {}
+    for m in messages:
+        ends[m.partition()] = max(ends.get(m.partition(), 0), m.offset() + 1)
+    return ends
+
+
+def offsets_of(partitions: list[TopicPartition]) -> dict[int, int]:
+    """Partition -> offset (TopicPartition's == ignores the offset)."""
+    return {tp.partition: tp.offset for tp in partitions}
+
+
+def drive(stage, messages: list[FakeMessage], out: RecordingOutput) -> dict[int, int]:
+    """The runner's loop, one record per batch: handle, tick, and commit when the stage asks;
+    the committed offsets (partition -> offset)."""
+    committed: dict[int, int] = {}
     for msg in messages:
         stage.handle(msg, out)
         if stage.tick(out):
             stage.after_flush()
-            committed = stage.safe_offsets() or committed
+            committed.update(offsets_of(stage.safe_offsets()))
     return committed
 
 
-def scores_by_window(out: RecordingOutput, config: Config) -> dict[int, list[dict]]:
-    """ScoredEvents per window, checked against the completion record that follows them."""
-    windows: dict[int, list[dict]] = {}
-    pending: list[dict] = []
-    for name, record in out.records(config.topics.scores):
-        if name == "salka.ScoredEvent":
-            pending.append(record)
-            continue
-        assert record["count"] == len(pending) and record["stage"] == "trainer"
-        windows[record["window"]] = pending
-        pending = []
-    assert pending == []
-    return windows
+def announced(out: RecordingOutput, config: Config) -> list[dict]:
+    """The model announcements sent, checked against their compaction keys."""
+    sent = [s for s in out.sent if s.topic == config.topics.models]
+    records = [r for _, r in out.records(config.topics.models)]
+    assert [s.key for s in sent] == [announcement_key(r["trained_through"]) for r in records]
+    return records
 
 
-def test_trainer_scores_each_event_once_and_checkpoints(tmp_path):
+def test_trainer_trains_each_window_once_and_announces_its_models(tmp_path):
     config = make_config(tmp_path)
     events = {0: window_events(0), 1: window_events(1), 2: window_events(2)}
     messages = windows_topic(config, events, repeat=3)
     stage, out = TrainerStage(config), RecordingOutput()
     committed = drive(stage, messages, out)
 
-    scored = scores_by_window(out, config)
-    assert sorted(scored) == [0, 1, 2]
-    for window, records in scored.items():
-        assert sorted(r["raw"] for r in records) == sorted(e["raw"] for e in events[window])
-        assert all(r["window"] == window for r in records)
-    assert all(r["loss"] is None for r in scored[0])  # no model before the first window
-    assert all(r["loss"] > 0 and r["loss_total"] > r["loss"] for w in (1, 2) for r in scored[w])
-    assert stage.counts["windows"] == 3 and stage.counts["scored"] == 30
-    assert [tp.offset for tp in committed] == [len(messages)]
+    # No scores (the scorers score): a completion record per window, for the archiver to count on.
+    assert set(out.by_topic) == {config.topics.scores, config.topics.models}
+    assert [r for _, r in out.records(config.topics.scores)] == [
+        {"window": w, "count": 10, "watermark": None, "stage": "trainer"} for w in range(3)]
+    models = announced(out, config)
+    # No model for window 0, then each window's model for the window after it.
+    assert [(m["trained_through"], m["serves_through"]) for m in models] == [
+        (None, 0), (0, 1), (1, 2), (2, 3)]
+    assert len({m["sha256"] for m in models[1:]}) == 3
+    assert stage.counts["windows"] == 3 and stage.counts["trained"] == 30
+    assert stage.counts["models"] == 3
+    # Committed with window 2's checkpoint; the repeats read after it are safe to commit too.
+    assert committed == {**end_offsets(messages), 1: end_offsets(messages)[1] - 1}
+    assert offsets_of(stage.safe_offsets()) == end_offsets(messages)
     assert checkpoint_files(config)[0].name == "checkpoint-000000000002.pt"
 
-    # The same numbers as the offline learner (replay) on the same windows.
+    # Each window scored with the model announced for it (checked file, as a scorer loads it)
+    # gives the same numbers as the offline learner (replay) on the same windows.
     learner = WindowLearner(config)
     fields = LineParser(config.input).model_fields
-    for window in (0, 1, 2):
-        offline = learner.process_window(window, [record_to_event(e, fields) for e in events[window]])
-        assert [(s.event.raw, s.loss) for s in offline] == [(r["raw"], r["loss"]) for r in scored[window]]
+    for window, model in zip(range(3), models):
+        window_of_events = [record_to_event(e, fields) for e in events[window]]
+        online = load(config, model).score(window, window_of_events)
+        offline = learner.process_window(window, window_of_events)
+        assert [(s.event.raw, s.loss) for s in online] == [(s.event.raw, s.loss) for s in offline]
+        assert all(s.loss is None for s in online) == (window == 0)  # no model before window 0
+
+
+def test_trainer_windows_closed_empty_extend_the_model_it_serves(tmp_path):
+    config = make_config(tmp_path)
+    empty = [encoded("salka.WindowComplete", {"window": w, "count": 0, "watermark": None,
+                                              "stage": "windower"}) for w in (-1, 3)]
+    before = [FakeMessage(config.topics.windows, 0, 0, empty[0])]
+    first = windows_topic(config, {0: window_events(0)}, start={0: 1, 1: 0})
+    after = [FakeMessage(config.topics.windows, 0, end_offsets(first)[0], empty[1])]
+    stage, out = TrainerStage(config), RecordingOutput()
+    drive(stage, before + first + after, out)
+    # Window -1 closed empty: no model serves window 0; windows 1 to 3 closed empty: window 0's
+    # model serves window 4 (same file, a longer range), and nothing else was trained.
+    models = announced(out, config)
+    assert [(m["trained_through"], m["serves_through"]) for m in models] == [
+        (None, 0), (0, 1), (0, 4)]
+    assert models[1]["sha256"] == models[2]["sha256"] and models[1]["url"] == models[2]["url"]
+    assert stage.counts["windows"] == 1
+    assert [r["window"] for _, r in out.records(config.topics.scores)] == [0]
 
 
 def test_trainer_restart_from_its_checkpoint_skips_trained_windows(tmp_path):
@@ -309,37 +417,51 @@ def test_trainer_restart_from_its_checkpoint_skips_trained_windows(tmp_path):
     straight_out = RecordingOutput()
     drive(TrainerStage(make_config(tmp_path / "straight")), windows_topic(config, events),
           straight_out)
-    expected = scores_by_window(straight_out, config)[2]
+    straight = {m["trained_through"]: m for m in announced(straight_out, config)}
 
     first = windows_topic(config, {0: events[0], 1: events[1]})
-    partial = windows_topic(config, {2: events[2]}, start=len(first))[:4]
+    partial = windows_topic(config, {2: events[2]}, start=end_offsets(first))[:4]
     drive(TrainerStage(config), first + partial, RecordingOutput())  # crashed inside window 2
 
     resumed, out = TrainerStage(config), RecordingOutput()
-    consumer = FakeConsumer({config.topics.windows: 1})
-    resumed.on_assign(consumer, [TopicPartition(config.topics.windows, 0, OFFSET_INVALID)])
-    assert [tp.offset for tp in consumer.assigned] == [len(first)]  # the checkpoint's position
+    consumer = FakeConsumer({config.topics.windows: 2})
+    resumed.on_assign(consumer, [TopicPartition(config.topics.windows, p, OFFSET_INVALID)
+                                 for p in (0, 1)])
+    # The checkpoint's positions, per partition.
+    assert {tp.partition: tp.offset for tp in consumer.assigned} == end_offsets(first)
     # The group's offset may lag behind the checkpoint: windows 0 and 1 come again, and are skipped.
     drive(resumed, first, out)
     assert out.sent == [] and resumed.counts["skipped"] == len(first)
-    drive(resumed, windows_topic(config, {2: events[2]}, start=len(first)), out)
-    assert scores_by_window(out, config) == {2: expected}
+    drive(resumed, windows_topic(config, {2: events[2]}, start=end_offsets(first)), out)
+    assert [r["window"] for _, r in out.records(config.topics.scores)] == [2]
+    # The checkpoint's model is announced again for window 2, then window 2's: the same files as
+    # an uninterrupted trainer's.
+    models = announced(out, config)
+    assert [(m["trained_through"], m["serves_through"]) for m in models] == [(1, 2), (2, 3)]
+    assert [m["sha256"] for m in models] == [straight[1]["sha256"], straight[2]["sha256"]]
     assert resumed.counts["windows"] == 1
 
 
 # ---------------------------------------------------------------------------------- archiver
 
 
+def completion(window: int, count: int) -> dict:
+    return {"window": window, "count": count, "watermark": None, "stage": "trainer"}
+
+
+def scores_messages(config: Config, records: list[dict], start: int = 0) -> list[FakeMessage]:
+    """The scores topic (one partition) carrying ``records``: scores and completion records."""
+    return [FakeMessage(config.topics.scores, 0, start + i, encoded(
+        "salka.WindowComplete" if "count" in r else "salka.ScoredEvent", r))
+        for i, r in enumerate(records)]
+
+
 def scores_topic(config: Config, windows: dict[int, list[dict]], *, start: int = 0,
-                 repeat: int = 0, count: int | None = None) -> list[FakeMessage]:
-    values = []
-    for window, records in windows.items():
-        for record in records + records[:repeat]:
-            values.append(encoded("salka.ScoredEvent", record))
-        values.append(encoded("salka.WindowComplete", {
-            "window": window, "count": len(records) if count is None else count,
-            "watermark": None, "stage": "trainer"}))
-    return [FakeMessage(config.topics.scores, 0, start + i, v) for i, v in enumerate(values)]
+                 repeat: int = 0) -> list[FakeMessage]:
+    """Each window's scores (the first ``repeat`` twice), then its completion record."""
+    return scores_messages(config, [item for window, records in windows.items()
+                                    for item in records + records[:repeat] + [
+                                        completion(window, len(records))]], start)
 
 
 def read_archive(path) -> list[dict[str, str]]:
@@ -352,26 +474,35 @@ def test_archiver_writes_one_row_per_event_whatever_is_redelivered(tmp_path):
     rng = random.Random(3)
     records = [scored_record(f"e{i}", 4, rng.uniform(0.5, 3.0), offset) for i, offset in
                enumerate(rng.sample(range(1000), 6))]  # arrival order is not row order
+    late = [scored_record(f"late{i}", 4, 9.0, 2000 + i, late=True) for i in range(2)]
     stage, out = ArchiverStage(config), RecordingOutput()
-    # The completion record comes before two of the scores (they are redelivered later).
-    early = scores_topic(config, {4: records[:4]}, count=6)
+    # Scorers score as events arrive: scores come before and after the trainer's completion
+    # record, with repeats and late scores of the window among them.
+    early = scores_messages(config, [records[0], records[1], late[0], completion(4, 6), records[2],
+                                     records[0], records[3], late[1]])
     drive(stage, early, out)
-    assert stage.counts["windows"] == 0 and stage.safe_offsets() == []
-    again = scores_topic(config, {4: records}, start=len(early), repeat=3)
+    assert stage.counts["windows"] == 0 and not (tmp_path / "archive").exists()
+    # Not handed over yet: a restart must read again from the window's first score.
+    assert offsets_of(stage.safe_offsets()) == {0: 0}
+    again = scores_messages(config, [records[4], late[0], records[5], records[2]], start=len(early))
     drive(stage, again, out)
     [path] = (tmp_path / "archive").iterdir()
     rows = read_archive(path)
-    assert [r["source_offset"] for r in rows] == [
-        str(r["source"]["offset"]) for r in sorted(records, key=lambda r: r["event_time"])]
-    assert [float(r["loss"]) for r in rows] == pytest.approx(
-        [r["loss"] for r in sorted(records, key=lambda r: r["event_time"])], abs=1e-6)
-    assert stage.counts["rows"] == 6 and stage.counts["windows"] == 1
-    assert [tp.offset for tp in stage.safe_offsets()] == [len(early) + len(again)]
+    in_order = sorted(records, key=lambda r: r["event_time"])
+    assert [r["source_offset"] for r in rows] == [str(r["source"]["offset"]) for r in in_order]
+    assert [float(r["loss"]) for r in rows] == pytest.approx([r["loss"] for r in in_order], abs=1e-6)
+    assert stage.counts["rows"] == 6 and stage.counts["windows"] == 1 and stage.counts["late"] == 3
+    # A score repeated after its window was written is skipped, and commits like the rest.
+    assert offsets_of(stage.safe_offsets()) == {0: len(early) + len(again)}
 
-    # The whole window redelivered: the file is rewritten with the same bytes, still one row each.
+    # The whole window redelivered, to this archiver (skipped) or to a restarted one (the file is
+    # rewritten with the same bytes): still one row per event.
     first = path.read_bytes()
     drive(stage, scores_topic(config, {4: records[::-1]}, start=100), out)
-    assert path.read_bytes() == first
+    assert stage.counts["windows"] == 1 and path.read_bytes() == first
+    restarted = ArchiverStage(config)
+    drive(restarted, scores_messages(config, records[::-1] + late + [completion(4, 6)]), out)
+    assert restarted.counts["windows"] == 1 and path.read_bytes() == first
     assert out.sent == []  # the archiver writes files, never records
 
 
@@ -407,7 +538,11 @@ def test_alerter_across_a_restart_alerts_as_the_offline_rules_do(tmp_path):
     messages, offsets = [], {}
     for w, records in windows.items():  # arrival order inside a window does not matter
         shuffled = rng.sample(records, len(records))
-        messages += scores_topic(config, {w: shuffled}, start=len(messages), repeat=2)
+        # Late events' scores (huge losses), before and after the completion: never judged.
+        late = [scored_record(f"late{w}.{i}", w, 40.0, 50_000 + 10 * w + i, user="U0", late=True)
+                for i in range(2)]
+        messages += scores_messages(config, [late[0], *shuffled, *shuffled[:2],
+                                             completion(w, len(records)), late[1]], len(messages))
         offsets[w] = len(messages)
 
     out = RecordingOutput()
@@ -418,7 +553,8 @@ def test_alerter_across_a_restart_alerts_as_the_offline_rules_do(tmp_path):
     resumed = AlerterStage(config)
     consumer = FakeConsumer({config.topics.scores: 1})
     resumed.on_assign(consumer, [TopicPartition(config.topics.scores, 0, OFFSET_INVALID)])
-    assert [tp.offset for tp in consumer.assigned] == [offsets[2]]
+    # (saved when window 2 was judged, before its last late score was read)
+    assert [tp.offset for tp in consumer.assigned] == [offsets[2] - 1]
     drive(resumed, messages[offsets[0]:], out)
 
     got = [(r["window"], r["line"], r["reasons"]) for _, r in out.records(config.topics.alerts)]
@@ -443,9 +579,20 @@ def test_alerter_across_a_restart_alerts_as_the_offline_rules_do(tmp_path):
 def test_a_record_of_the_wrong_schema_is_a_dead_letter(tmp_path, stage_class, topic):
     config = make_config(tmp_path)
     stage, out = stage_class(config), RecordingOutput()
-    wrong = encoded("salka.TokenizedEvent", tokenized_record("x", 1.0, (RAW_TOPIC, 0, 0)))
-    stage.handle(FakeMessage(getattr(config.topics, topic), 0, 0, wrong), out)
-    assert stage.counts["dead_letters"] == 1
-    [letter] = out.dead_letters
-    assert letter["stage"] == stage.name and "salka.TokenizedEvent" in letter["reason"]
-    assert stage.safe_offsets() == []
+    topic = getattr(config.topics, topic)
+    event = tokenized_record("x", 1.0, (RAW_TOPIC, 0, 0))
+    good = (encoded("salka.WindowedEvent", {"window": 0, "event": event}) if stage_class is TrainerStage
+            else encoded("salka.ScoredEvent", scored_record("x", 0, 1.0, 0)))
+    wrong = encoded("salka.TokenizedEvent", event)
+    for msg in [FakeMessage(topic, 0, 0, good), FakeMessage(topic, 0, 1, wrong),
+                FakeMessage(topic, 1, 0, wrong)]:
+        stage.handle(msg, out)
+    assert stage.counts["dead_letters"] == 2
+    assert [(d["stage"], d["source"]["partition"], d["source"]["offset"], d["payload"])
+            for d in out.dead_letters] == [(stage.name, 0, 1, wrong), (stage.name, 1, 0, wrong)]
+    assert all("salka.TokenizedEvent" in d["reason"] for d in out.dead_letters)
+    assert out.by_topic == {config.topics.dead_letters: 2}
+    # A dead letter is its record's outcome: committed past, unless a pending window (the good
+    # record's, no completion yet) holds its partition back.
+    assert offsets_of(stage.safe_offsets()) == {0: 0, 1: 1}
+    assert {tp.topic for tp in stage.safe_offsets()} == {topic}

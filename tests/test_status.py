@@ -155,6 +155,10 @@ def test_after_a_finished_streaming_run_every_group_has_lag_0(kafka_bootstrap, t
     for stage, group in groups.items():
         assert group["partitions"], stage
         for part in group["partitions"]:
+            if part["topic"] == config.topics.late:  # the scorers' second input: empty here
+                assert stage == "scorer" and part["end"] == 0, (stage, part)
+                assert part["committed"] in (None, 0) and not part["lag"], (stage, part)
+                continue
             assert part["exact"], (stage, part)
             assert part["committed"] == part["end"] and part["lag"] == 0, (stage, part)
         assert group["lag"] == 0

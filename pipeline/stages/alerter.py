@@ -50,8 +50,8 @@ class AlerterStage(WindowStage):
         last = self.engine.last_window  # judged before a restart: its alerts went out already
         return last is not None and window <= last
 
-    def item(self, record: dict) -> tuple[tuple, dict] | None:
-        return None if record["late"] else super().item(record)  # its window was judged whole
+    def item(self, record: dict, msg: Message) -> tuple[tuple, dict] | None:
+        return None if record["late"] else super().item(record, msg)  # its window was judged whole
 
     def window_complete(self, out: Output, window: int, items: list, msg: Message,
                         complete: dict) -> None:

@@ -47,11 +47,11 @@ class ArchiverStage(WindowStage):
         self.directory = Path(config.streaming.archive_dir)
         self.counts = {"windows": 0, "rows": 0, "late": 0, "dead_letters": 0}
 
-    def item(self, record: dict) -> tuple[tuple, dict] | None:
+    def item(self, record: dict, msg: Message) -> tuple[tuple, dict] | None:
         if record["late"]:  # not one of its window's rows (replay has no late events): counted
             self.counts["late"] += 1
             return None
-        return super().item(record)
+        return super().item(record, msg)
 
     def window_complete(self, out: Output, window: int, items: list, msg: Message,
                         complete: dict) -> None:

@@ -11,11 +11,14 @@ the order of their numbers.
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
 from pipeline.config import Config
 from pipeline.runner import Output, decode_or_dead_letter
+from pipeline.spill import SpilledWindow
 from pipeline.stages.base import BaseStage
 from pipeline.topicrecords import identity
 from pipeline.windowing import event_order
@@ -86,6 +89,65 @@ class WindowCollector:
         self.waiting_logged.clear()
 
 
+class SpillCollector(WindowCollector):
+    """A WindowCollector that keeps each window's records on disk (pipeline/spill.py) instead of
+    in memory, as (event order key, record bytes): what the trainer holds stays bounded however
+    large a window gets. A window is handed over as its ``SpilledWindow``, read back in event
+    order; the taker discards it when done."""
+
+    def __init__(self, what: str, directory: Path, run_size: int):
+        super().__init__(what)
+        self.directory = directory
+        self.run_size = run_size
+        shutil.rmtree(directory, ignore_errors=True)  # a previous run's: its windows are read again
+        self.spills: dict[int, SpilledWindow] = {}
+        self.counted: dict[int, tuple[int, int]] = {}  # window -> (received, distinct) last counted
+
+    def add(self, window: int, key: tuple, item: tuple, partition: int = 0, offset: int = 0) -> None:
+        spilled = self.spills.get(window)
+        if spilled is None:
+            spilled = self.spills[window] = SpilledWindow(self.directory / f"window-{window}", self.run_size)
+        spilled.add(*item)
+        self._seen_at(window, partition, offset)
+
+    def next_complete(self) -> tuple[int, SpilledWindow] | None:
+        if not self.expected:
+            return None
+        window = min(self.expected)
+        spilled = self.spills.get(window) or SpilledWindow(self.directory / f"window-{window}", self.run_size)
+        wanted = self.expected[window]
+        if spilled.received < wanted or self._distinct(window, spilled) < wanted:
+            if window not in self.waiting_logged:
+                self.waiting_logged.add(window)
+                log.info("window %d: completion says %d %s, %d received so far: waiting", window,
+                         wanted, self.what, spilled.received)
+            return None
+        self.spills.pop(window, None)
+        self.forget_through(window)
+        return window, spilled
+
+    def _distinct(self, window: int, spilled: SpilledWindow) -> int:
+        """Counted again only when records came since (redeliveries make received > distinct)."""
+        received, distinct = self.counted.get(window, (-1, 0))
+        if received != spilled.received:
+            distinct = spilled.distinct()
+            self.counted[window] = (spilled.received, distinct)
+        return distinct
+
+    def forget_through(self, window: int) -> None:
+        super().forget_through(window)
+        for w in [w for w in self.spills if w <= window]:
+            self.spills.pop(w).discard()
+        self.counted = {w: c for w, c in self.counted.items() if w > window}
+
+    def clear(self) -> None:
+        super().clear()
+        for spilled in self.spills.values():
+            spilled.discard()
+        self.spills.clear()
+        self.counted.clear()
+
+
 def resume_positions(saved) -> dict[int, int] | None:
     """A saved input position as partition -> offset: a stage's state written before its input
     had several partitions holds one offset, of partition 0. None: read from the start."""
@@ -118,6 +180,10 @@ class WindowStage(BaseStage):
         self.next_offsets: dict[int, int] = {}  # partition -> offset after the last one read
         self.completions: dict[int, dict] = {}  # window -> its completion record, while pending
         self.resume_offset: dict[int, int] | None = None
+        # The last window handed over: a record of it or an older one that comes again (a scorer
+        # or windower repeating itself) is skipped, not kept pending with no completion to come,
+        # which would hold the safe offset back at it.
+        self.handed_through: int | None = None
 
     def topics(self) -> list[str]:
         return [self.input_topic]
@@ -136,9 +202,13 @@ class WindowStage(BaseStage):
         self.next_offsets.clear()
         self.completions.clear()
 
-    def item(self, record: dict) -> tuple[tuple, object] | None:
-        """(identity, what to keep) of one record of a window."""
+    def item(self, record: dict, msg: Message) -> tuple[tuple, object] | None:
+        """(identity, what to keep) of one record of a window (``msg``: as read)."""
         return identity(record), record
+
+    def ordered(self, items) -> list:
+        """A handed-over window's items as ``window_complete`` takes them: in event order."""
+        return sorted(items, key=event_order)
 
     def already_done(self, window: int) -> bool:
         """A window handled before (re-emitted or redelivered): skipped, counted in ``skipped``."""
@@ -160,17 +230,21 @@ class WindowStage(BaseStage):
         if self.already_done(window):
             self.counts["skipped"] = self.counts.get("skipped", 0) + 1
             return
+        kept = None if name == COMPLETE else self.item(record, msg)
+        if name != COMPLETE and kept is None:
+            return
+        if self.handed_through is not None and window <= self.handed_through:
+            self.counts["skipped"] = self.counts.get("skipped", 0) + 1
+            return
         if name == COMPLETE:
             self.pending.expect(window, record["count"], partition, offset)
             self.completions[window] = record
         else:
-            kept = self.item(record)
-            if kept is None:
-                return
             self.pending.add(window, *kept, partition, offset)
         while (done := self.pending.next_complete()) is not None:
             window, items = done
-            self.window_complete(out, window, sorted(items, key=event_order), msg,
+            self.handed_through = window
+            self.window_complete(out, window, self.ordered(items), msg,
                                  self.completions.pop(window))
             for w in [w for w in self.completions if w < window]:
                 del self.completions[w]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
@@ -30,8 +31,11 @@ from pipeline.modelstore import announcement, announcement_key, config_fingerpri
 from pipeline.parsing import Event, LineParser
 from pipeline.progress import training_logger
 from pipeline.runner import Output
-from pipeline.stages.collect import WindowStage
+from pipeline.serde import codec
+from pipeline.spill import SpilledWindow
+from pipeline.stages.collect import SpillCollector, WindowStage
 from pipeline.topicrecords import identity, record_to_event
+from pipeline.windowing import event_order
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,9 @@ class TrainerStage(WindowStage):
 
     def __init__(self, config: Config):
         super().__init__(config, config.topics.windows, "events")
+        # A window's events wait on disk, not in memory, until it is complete (pipeline/spill.py).
+        self.pending = SpillCollector("events", checkpoint_dir(config) / "spill",
+                                      config.streaming.spill_events)
         self.model_fields = LineParser(config.input).model_fields
         self.masker = make_masker(config)  # the model text as the tokenizer stage / replay make it
         self.learner = load_newest_checkpoint(config) or WindowLearner(config)
@@ -91,15 +98,27 @@ class TrainerStage(WindowStage):
         last = self.learner.last_window  # a re-emitted or redelivered window: trained already
         return last is not None and window <= last
 
-    def item(self, record: dict) -> tuple[tuple, Event]:
-        return identity(record["event"]), record_to_event(record["event"], self.model_fields, self.masker)
+    def item(self, record: dict, msg: Message) -> tuple[tuple, tuple]:
+        """Kept as read (bytes) with its place in event order; decoded again when trained on."""
+        return identity(record["event"]), (event_order(record["event"]), msg.value())
 
-    def window_complete(self, out: Output, window: int, items: list, msg: Message,
+    def ordered(self, items: SpilledWindow) -> SpilledWindow:
+        return items  # read back in event order already
+
+    def event(self, value: bytes) -> Event:
+        record = codec().decode(value, expected=(self.record_schema,))[1]  # decoded once before
+        return record_to_event(record["event"], self.model_fields, self.masker)
+
+    def window_complete(self, out: Output, window: int, items: SpilledWindow, msg: Message,
                         complete: dict) -> None:
-        if not items:  # windows through this one closed empty: the model serves the next one
-            self._serve_through(out, window + 1)
-            return
-        self._process(out, window, items, complete["watermark"], published=published_at(msg))
+        try:
+            if not complete["count"]:  # windows through this one closed empty: the model
+                self._serve_through(out, window + 1)  # serves the next one too
+                return
+            self._process(out, window, lambda: map(self.event, items.read()), complete["count"],
+                          complete["watermark"], published=published_at(msg))
+        finally:
+            items.discard()
 
     def _announce(self, out: Output, record: dict) -> None:
         out.send_record(self.config.topics.models, "salka.ModelAnnouncement", record,
@@ -118,28 +137,29 @@ class TrainerStage(WindowStage):
         else:
             self._announce(out, announcement(None, window, fingerprint=config_fingerprint(self.config)))
 
-    def _process(self, out: Output, window: int, events: list[Event], watermark: float | None,
-                 published: float | None = None) -> None:
+    def _process(self, out: Output, window: int, read: Callable[[], Iterator[Event]], count: int,
+                 watermark: float | None, published: float | None = None) -> None:
+        """Train on the window's ``count`` events, which ``read()`` yields in event order."""
         started = time.monotonic()
         self._serve_through(out, window)  # its events are scored with the model so far
         out.send_record(self.config.topics.scores, "salka.WindowComplete",
-                        {"window": window, "count": len(events), "watermark": watermark,
+                        {"window": window, "count": count, "watermark": watermark,
                          "stage": self.name}, partition=0)
         progress = training_logger(log, window, self.config.training.epochs)
         if self.observer is not None:  # a long training still counts as a live loop
             progress = self.observer.training(progress)
-        loss = self.learner.train(window, events, progress)
+        loss = self.learner.train_ordered(window, read, count, progress)
         trained = time.monotonic()
         self._announce(out, publish(self.config, self.learner, window + 1))
         self.unsaved = True
         self.counts["windows"] += 1
-        self.counts["trained"] += len(events)
+        self.counts["trained"] += count
         self.counts["models"] += 1
         log.info("window %d: trained on %d events in %.1fs (loss %.4f), model published in %.1fs",
-                 window, len(events), trained - started, loss, time.monotonic() - trained,
-                 extra={"window": window, "events": len(events), "loss": loss})
+                 window, count, trained - started, loss, time.monotonic() - trained,
+                 extra={"window": window, "events": count, "loss": loss})
         if self.observer is not None:
-            self.observer.window_done(window, len(events), 0.0, trained - started, loss, published,
+            self.observer.window_done(window, count, 0.0, trained - started, loss, published,
                                       time.time())
 
     def tick(self, out: Output) -> bool:

@@ -71,9 +71,11 @@ class WindowerStage(BaseStage):
         if self.state_path.exists():
             try:
                 state = json.loads(self.state_path.read_text())
+                if "open" not in state:  # its read position is the oldest event it buffered
+                    raise ValueError("written by a release that held windows in memory")
                 self.closed_through = _float(state["closed_through"])
                 self.reported_through = state.get("reported_through")
-                self.open = {int(w): int(c) for w, c in state.get("open", {}).items()}
+                self.open = {int(w): int(c) for w, c in state["open"].items()}
                 self.seen = {(t, int(p)): int(o) for t, p, o in state["seen"]}
                 self.restored_newest = {int(p): _float(c) for p, c in state["newest"].items()}
                 self.resume = {int(p): int(o) for p, o in state["resume"].items()}

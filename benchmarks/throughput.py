@@ -1,0 +1,354 @@
+"""Throughput ratios of issue 13, side by side in one run: scorer on arrival vs offline scoring,
+trainer vs a plain PyTorch loop, tokenizer events/s per process.
+
+Run: python benchmarks/throughput.py [--events-per-window 10000 --windows 4 --rounds 2]
+
+One pipeline run fills the topics first: the generated, time-compressed log of
+benchmarks/latency.py (hourly windows, small char-LSTM) goes through a tokenizer (timed alone:
+events/s per process), then a windower and a trainer, which trains every window and announces
+every model. Then, with no stage running:
+
+(a) one scorer process (a fresh group and scores topic) scores every event already in the windows
+    topic, the models announced: events / (its last score's timestamp - its assignment), against
+    ``ServedModel.score`` (WindowLearner.score) called once per window on the same events in
+    this process, with the same models. Goal >= 0.9x.
+(b) nn/training.py ``train_sequences`` (and WindowLearner.train, what the trainer stage calls) vs
+    a minimal loop (pad, forward, backward, clip, step; same model, seed, batches and AdamW) on
+    the largest window. Goal >= 0.8x. The trainer stage's own per-window figure is printed too.
+(c) the tokenizer stage alone (above) and benchmarks/replay.py --tokenize-only (encode only).
+
+OMP_NUM_THREADS=1 (and torch.set_num_threads(1)) on both sides of every ratio. Rounds alternate
+the order of the two sides; the best of the rounds counts (a shared machine only slows things).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: this process and the stages
+
+from latency import bench_config, compressed_log, cpu_seconds, decoded, fresh_config, ts  # noqa: E402
+
+from pipeline.broker import EmbeddedBroker  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+from pipeline.demo import StageProcesses  # noqa: E402
+from pipeline.produce import produce_file  # noqa: E402
+from pipeline.topicread import TopicReader  # noqa: E402
+from pipeline.topicrecords import identity  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+
+
+def logged_at(log: Path, pattern: str, timeout: float = 120, poll: float = 0.05) -> float:
+    """Epoch time of the first line matching ``pattern`` in a stage log (its own timestamp,
+    to the millisecond), waiting for it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists():
+            for line in log.read_text().splitlines():
+                stamp = LOG_TIME.match(line)
+                if stamp and re.search(pattern, line):
+                    return datetime.strptime(stamp[1], "%Y-%m-%d %H:%M:%S").timestamp() \
+                        + int(stamp[2]) / 1000
+        time.sleep(poll)
+    raise TimeoutError(f"{log.name}: no line matching {pattern!r} within {timeout:.0f}s")
+
+
+def read_until(config: Config, topic: str, done, timeout: float = 600):
+    """Every record of ``topic`` (decoded, with its timestamp) until ``done(records)``."""
+    records = []
+    deadline = time.time() + timeout
+    with TopicReader(config, [topic], "bench") as reader:
+        while not done(records):
+            if time.time() > deadline:
+                raise TimeoutError(f"{topic}: {len(records)} records after {timeout:.0f}s")
+            for msg in reader.poll(timeout=0.3, max_records=5000):
+                got = decoded(msg)
+                if got is not None:
+                    records.append((ts(msg), msg, *got))
+    return records
+
+
+# ---------------------------------------------------------------------------- the pipeline run
+
+
+def fill(config: Config, path: Path, log: Path, n: int, windows: int, work: Path) -> dict:
+    """Produce the log, run the tokenizer alone (timed), then windower + trainer until every
+    window's model is announced. Returns the tokenizer's events/s and the trainer's log figure."""
+    produce_file(config, log)
+    stages = StageProcesses(path, work / "logs")
+    try:
+        stages.start("tokenizer")
+        t0 = logged_at(work / "logs" / "tokenizer-0.log", r"tokenizer assigned \[.+\]")
+        pid = stages.processes[-1][1].pid
+        cpu0 = cpu_seconds(pid)
+        tokens = read_until(config, config.topics.tokens,
+                            lambda r: sum(name == "salka.TokenizedEvent" for _, _, name, _ in r) >= n)
+        tokenizer_rate = n / (max(t for t, *_ in tokens) - t0)
+        tokenizer_cpu = n / (cpu_seconds(pid) - cpu0)
+        stages.start("windower")
+        stages.start("trainer")
+        read_until(config, config.topics.models,
+                   lambda r: any(rec["trained_through"] == windows - 1 for *_, rec in r))
+    finally:
+        stages.stop()
+    trained = re.findall(r"trained on (\d+) events in ([\d.]+)s",
+                         (work / "logs" / "trainer-0.log").read_text())
+    events, seconds = sum(int(e) for e, _ in trained), sum(float(s) for _, s in trained)
+    return {"tokenizer": tokenizer_rate, "tokenizer_cpu": tokenizer_cpu,
+            "trainer_log": (events, seconds, len(trained))}
+
+
+def windows_and_models(config: Config) -> tuple[dict[int, list], list[dict]]:
+    """The windows topic's events as Events per window (each once), and the announcements."""
+    from pipeline.modelspec import make_masker
+    from pipeline.parsing import LineParser
+    from pipeline.topicrecords import record_to_event
+
+    fields, masker = LineParser(config.input).model_fields, make_masker(config)
+    events: dict[int, dict] = {}
+    with TopicReader(config, [config.topics.windows, config.topics.models], "bench-read") as reader:
+        models = []
+        while not reader.at_end:
+            for msg in reader.poll(timeout=0.5, max_records=5000):
+                got = decoded(msg)
+                if got is None:
+                    continue
+                name, record = got
+                if name == "salka.WindowedEvent":
+                    events.setdefault(record["window"], {})[identity(record["event"])] = \
+                        record_to_event(record["event"], fields, masker)
+                elif name == "salka.ModelAnnouncement":
+                    models.append(record)
+    return {w: list(e.values()) for w, e in sorted(events.items())}, models
+
+
+# ---------------------------------------------------------------------------- (a) scoring
+
+
+def offline_scoring(config: Config, windows: dict[int, list],
+                    models: list[dict]) -> tuple[float, float, float]:
+    """(seconds in score calls, seconds loading models, CPU seconds in score calls): each
+    window's events in one call."""
+    from pipeline.modelstore import load
+    from pipeline.stages.scorer import ModelIndex
+
+    index = ModelIndex()
+    for record in models:
+        index.add(record)
+    score_s = load_s = cpu_s = 0.0
+    for window, events in windows.items():
+        start = time.perf_counter()
+        model = load(config, index.find(window))
+        load_s += time.perf_counter() - start
+        start, cpu = time.perf_counter(), time.process_time()
+        scores = model.score(window, events)
+        score_s += time.perf_counter() - start
+        cpu_s += time.process_time() - cpu
+        assert len(scores) == len(events)
+    return score_s, load_s, cpu_s
+
+
+def scorer_stage(base: Config, filled: Config, work: Path, bootstrap: str,
+                 n: int) -> tuple[float, float, float]:
+    """One scorer process over the filled windows topic, writing to a fresh scores topic:
+    (seconds from its assignment to its last score, from its first score to its last, and the
+    CPU seconds it used from its assignment to its last score)."""
+    from pipeline.modelstore import store_location
+
+    config, path = fresh_config(base, work, bootstrap,
+                                topics={"windows": filled.topics.windows,
+                                        "models": filled.topics.models,
+                                        "late": filled.topics.late},
+                                model_store=store_location(filled))
+    logs = work / f"logs-{config.streaming.group_prefix}"
+    stages = StageProcesses(path, logs)
+    try:
+        stages.start("scorer")
+        pid = stages.processes[-1][1].pid
+        t0 = logged_at(logs / "scorer-0.log", r"scorer assigned \[.+\]", poll=0.01)
+        cpu0 = cpu_seconds(pid)  # start-up (imports, group join) left out
+        scores = read_until(config, config.topics.scores, lambda r: len(r) >= n)
+        cpu = cpu_seconds(pid) - cpu0
+    finally:
+        stages.stop()
+    times = [t for t, *_ in scores]
+    return max(times) - t0, max(times) - min(times), cpu
+
+
+# ---------------------------------------------------------------------------- (b) training
+
+
+def plain_loop(model, optimizer, seqs, epochs: int, batch_size: int, grad_clip: float,
+               seed: int) -> float:
+    """What anyone would write: pad, forward, backward, clip, step (same shuffle as
+    train_sequences, so the same batches); mean batch loss."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    from nn.tokenizers import PAD
+
+    tensors = [torch.tensor(s) for s in seqs]
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(len(tensors), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            batch = pad_sequence([tensors[i] for i in order[start:start + batch_size]],
+                                 batch_first=True, padding_value=PAD)
+            idx, targets = model.inputs_and_targets(batch)
+            _, loss = model(idx, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+    return sum(losses) / len(losses)
+
+
+def training_compare(config: Config, events: list, rounds: int) -> dict[str, tuple[float, float]]:
+    """Best seconds (and the mean loss) of each way to train one window from the same start."""
+    import torch
+
+    from nn.tokenizers import needs_fit
+    from nn.training import build_model, make_optimizer, train_sequences
+    from pipeline.learner import WindowLearner
+    from pipeline.modelspec import model_args_for
+    from pipeline.windowing import event_order
+
+    tc = config.training
+    learner = WindowLearner(config)
+    ordered = sorted(events, key=event_order)  # the order (so the batches) the trainer uses
+    if needs_fit(learner.tokenizer):  # a word vocabulary / BPE merges, as the trainer fits them
+        learner.tokenizer.fit(e.text_fields for e in ordered)
+    seqs = learner.encode(ordered)
+    seed = config.seed * 1_000_003
+
+    def fresh(plain: bool):
+        torch.manual_seed(config.seed)
+        model = build_model(model_args_for(config, learner.tokenizer.vocab_size))
+        optimizer = (torch.optim.AdamW(model.parameters(), lr=tc.learning_rate,
+                                       weight_decay=tc.weight_decay) if plain
+                     else make_optimizer(model, tc.learning_rate, tc.weight_decay))
+        return model, optimizer
+
+    def run_plain():
+        return plain_loop(*fresh(True), seqs, tc.epochs, tc.batch_size, tc.grad_clip, seed)
+
+    def run_salka():
+        return train_sequences(*fresh(False), seqs, epochs=tc.epochs, batch_size=tc.batch_size,
+                               grad_clip=tc.grad_clip, seed=seed)
+
+    def run_learner():  # what the trainer stage calls: order, encode, build, train
+        return WindowLearner(config).train(0, events)
+
+    ways = {"plain loop": run_plain, "train_sequences": run_salka, "WindowLearner.train": run_learner}
+    best: dict[str, tuple[float, float]] = {}
+    for round_ in range(rounds):
+        for name in (list(ways) if round_ % 2 == 0 else list(ways)[::-1]):
+            start = time.perf_counter()
+            loss = ways[name]()
+            took = time.perf_counter() - start
+            if name not in best or took < best[name][0]:
+                best[name] = (took, loss)
+    return best
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events-per-window", type=int, default=10000)
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per comparison")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config override, e.g. --set model.rnn.hidden_size=128")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    base = bench_config(args.overrides)
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        log = work / "auth.csv"
+        n = compressed_log(log, args.windows, args.events_per_window)
+        print(f"load before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores); OMP_NUM_THREADS="
+              f"{os.environ['OMP_NUM_THREADS']} and torch threads {torch.get_num_threads()} here and "
+              f"in every stage process (both sides of every ratio)")
+        print(f"{n} events in {args.windows} hourly windows; tokenizer={base.tokenizer.kind} "
+              f"model={base.model.kind} d{base.model.rnn.hidden_size}x{base.model.rnn.n_layer} "
+              f"epochs={base.training.epochs} batch={base.training.batch_size} "
+              f"score_batch={base.training.score_batch_size}", flush=True)
+        external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        broker = None if external else EmbeddedBroker(log_file=work / "broker.log").start()
+        try:
+            bootstrap = external or broker.bootstrap
+            config, path = fresh_config(base, work, bootstrap)
+            filled = fill(config, path, log, n, args.windows, work)
+            windows, models = windows_and_models(config)
+            total = sum(len(e) for e in windows.values())
+            offline, stage = [], []
+            for round_ in range(args.rounds):  # alternate which side goes first
+                for side in (("offline", "stage") if round_ % 2 == 0 else ("stage", "offline")):
+                    if side == "offline":
+                        offline.append(offline_scoring(config, windows, models))
+                    else:
+                        stage.append(scorer_stage(base, config, work, bootstrap, total))
+                print(f"round {round_ + 1}: offline {total / offline[-1][0]:.0f} ev/s, scorer "
+                      f"{total / stage[-1][0]:.0f} ev/s", flush=True)
+        finally:
+            if broker is not None:
+                broker.stop()
+        largest = max(windows, key=lambda w: len(windows[w]))
+        trained = training_compare(config, windows[largest], max(args.rounds, 2))
+
+    score_s, load_s, _ = min(offline)
+    offline_cpu = min(o[2] for o in offline)
+    stage_s, steady_s = min(s[0] for s in stage), min(s[1] for s in stage)
+    stage_cpu = min(s[2] for s in stage)
+    print(f"\n(a) scoring {total} events ({len(windows)} windows, best of {args.rounds})")
+    print(f"    offline ServedModel.score, one call per window: {total / score_s:>8.0f} ev/s "
+          f"({score_s:.2f} s; + {load_s:.2f} s loading models)")
+    print(f"    scorer stage, assignment -> last score:          {total / stage_s:>8.0f} ev/s "
+          f"({stage_s:.2f} s)   ratio {score_s / stage_s:.2f}x (goal >= 0.9x)")
+    print(f"    scorer stage, first score -> last score:         {total / steady_s:>8.0f} ev/s "
+          f"({steady_s:.2f} s)   ratio {score_s / steady_s:.2f}x")
+    print(f"    per CPU second (load-proof): offline {total / offline_cpu:.0f} ev/s, scorer stage "
+          f"{total / stage_cpu:.0f} ev/s   ratio {offline_cpu / stage_cpu:.2f}x")
+    epochs = base.training.epochs
+    m = len(windows[largest]) * epochs
+    plain_s = trained["plain loop"][0]
+    print(f"\n(b) training window {largest} ({len(windows[largest])} events x {epochs} epoch(s), "
+          f"best of {max(args.rounds, 2)})")
+    for name, (took, loss) in trained.items():
+        print(f"    {name:<22} {m / took:>8.0f} ev/s ({took:.2f} s, mean loss {loss:.6f})   "
+              f"ratio {plain_s / took:.2f}x (goal >= 0.8x)")
+    events, seconds, count = filled["trainer_log"]
+    if seconds:
+        print(f"    trainer stage (its log, {count} windows, 0.1 s resolution): "
+              f"{events * epochs / seconds:.0f} ev/s ({seconds:.1f} s)")
+    print(f"\n(c) tokenizer stage alone, one process: {filled['tokenizer']:.0f} events/s "
+          f"(assignment -> last tokens record), {filled['tokenizer_cpu']:.0f} per CPU second; "
+          f"goal >= 50k")
+    print("    benchmarks/replay.py --tokenize-only (encode only, one process):", flush=True)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "replay.py"), "--tokenize-only"],
+                         capture_output=True, text=True, check=True).stdout
+    print("\n".join("    " + line for line in out.strip().splitlines()))
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
