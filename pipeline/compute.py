@@ -32,10 +32,16 @@ log = logging.getLogger(__name__)
 def training_device(training: TrainingConfig) -> torch.device:
     """The device ``training.device`` asks for; ConfigError (one line, the key) when absent."""
     try:
-        return resolve_device(training.device)
+        device = resolve_device(training.device)
     except DeviceUnavailable as exc:
         raise ConfigError(f"training.device: {exc}; set training.device to cpu or auto "
                           "(--set training.device=cpu), or run where a CUDA GPU is visible") from exc
+    if device.type == "cuda" and training.precision == "fp32":
+        # fp32 means fp32: cuDNN's default TF32 (10-bit mantissa) for the LSTM made a scorer's
+        # losses differ from replay's by more than 1e-5, depending on how events were batched.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return device
 
 
 def score_batch_size(training: TrainingConfig, device: torch.device) -> int:

@@ -276,13 +276,16 @@ class StreamingConfig:
     commit_interval_seconds: float = field(default=1.0, metadata=_check(_positive))
     # Messages taken per consume() call.
     poll_batch: int = field(default=500, metadata=_check(_positive))
+    # How long one consume() call waits to fill that batch: every stage a record passes adds
+    # up to this much latency when records trickle in.
+    poll_wait_seconds: float = field(default=0.05, metadata=_check(_positive))
     # Trainer checkpoints kept; a damaged newest one falls back to the one before.
     keep_checkpoints: int = field(default=3, metadata=_check(_positive))
     # Where the trainer puts each window's model for the scorers: a directory (empty:
     # <state_dir>/models) or an fsspec URL such as s3://bucket/salka/models. Scorers read it.
     model_store: str = ""
-    # The trainer holds at most this many records of a window in memory while it fills; the
-    # rest waits on disk in sorted runs (<state_dir>/trainer/spill), read back in event order.
+    # The trainer and the archiver hold at most this many records of a window in memory while
+    # it fills; the rest waits on disk in sorted runs (<state_dir>/spill), read in event order.
     spill_events: int = field(default=50_000, metadata=_check(_positive))
 
 

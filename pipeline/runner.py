@@ -300,9 +300,10 @@ class StageRunner:
                                 on_revoke=self._on_revoke)
         interval = self.config.streaming.commit_interval_seconds
         batch = self.config.streaming.poll_batch
+        wait = self.config.streaming.poll_wait_seconds
         log.info("%s started, reading %s", self.stage.name, ", ".join(self.stage.topics()))
         while not self.stop.stopped:
-            msgs = self.consumer.consume(batch, timeout=0.2)
+            msgs = self.consumer.consume(batch, timeout=wait)
             started = time.perf_counter()
             for msg in msgs:
                 if msg.error():

@@ -314,3 +314,12 @@ def test_gpu_benchmark_runs_end_to_end_on_cpu_when_small():
     for row in rows:
         train, score = (float(x) for x in row.split()[-2:])
         assert train > 0 and score > 0
+
+
+@needs_gpu
+def test_fp32_on_cuda_turns_tf32_off():
+    """TF32 (cuDNN's default for the LSTM) made scorer losses differ from replay's by more than
+    1e-5 depending on batching (seen on an H200); fp32 must mean fp32."""
+    torch.backends.cudnn.allow_tf32 = True
+    training_device(config_from_dict({"training": {"device": "cuda", "precision": "fp32"}}).training)
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32

@@ -16,6 +16,7 @@ from confluent_kafka import Message
 from pipeline.config import Config
 from pipeline.runner import Output
 from pipeline.scorefile import explain_cells, format_loss, format_number, score_columns, write_rows
+from pipeline.spill import SpilledWindow
 from pipeline.stages.collect import WindowStage
 
 log = logging.getLogger(__name__)
@@ -43,21 +44,21 @@ class ArchiverStage(WindowStage):
     record_schema = "salka.ScoredEvent"
 
     def __init__(self, config: Config):
-        super().__init__(config, config.topics.scores, "scores")
+        super().__init__(config, config.topics.scores, "scores", spill=True)
         self.directory = Path(config.streaming.archive_dir)
         self.counts = {"windows": 0, "rows": 0, "late": 0, "dead_letters": 0}
 
-    def item(self, record: dict, msg: Message) -> tuple[tuple, dict] | None:
+    def item(self, record: dict, msg: Message) -> tuple[tuple, tuple] | None:
         if record["late"]:  # not one of its window's rows (replay has no late events): counted
             self.counts["late"] += 1
             return None
-        return super().item(record, msg)
+        return self.spilled_item(record, record, msg)
 
-    def window_complete(self, out: Output, window: int, items: list, msg: Message,
+    def window_complete(self, out: Output, window: int, items: SpilledWindow, msg: Message,
                         complete: dict) -> None:
         path = archive_path(self.directory, window)
         written = write_rows(path, score_columns(self.config, with_source=True),
-                             (archive_row(r, self.config) for r in items))
+                             (archive_row(r, self.config) for r in self.records(items)))
         log.info("archived window %d: %d rows -> %s", window, written, path,
                  extra={"window": window, "rows": written})
         self.counts["windows"] += 1

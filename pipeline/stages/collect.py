@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
 from pipeline.config import Config
 from pipeline.runner import Output, decode_or_dead_letter
+from pipeline.serde import codec
 from pipeline.spill import SpilledWindow
 from pipeline.stages.base import BaseStage
 from pipeline.topicrecords import identity
@@ -148,6 +150,10 @@ class SpillCollector(WindowCollector):
         self.counted.clear()
 
 
+def spill_directory(config: Config, stage: str) -> Path:
+    return Path(config.streaming.state_dir) / "spill" / stage
+
+
 def resume_positions(saved) -> dict[int, int] | None:
     """A saved input position as partition -> offset: a stage's state written before its input
     had several partitions holds one offset, of partition 0. None: read from the start."""
@@ -173,10 +179,13 @@ class WindowStage(BaseStage):
     # group's committed offsets say where to read.
     resumes_from_state = False
 
-    def __init__(self, config: Config, input_topic: str, what: str):
+    def __init__(self, config: Config, input_topic: str, what: str, spill: bool = False):
         super().__init__(config)
         self.input_topic = input_topic
-        self.pending = WindowCollector(what)
+        # spill: a window's records wait on disk, not in memory, until it is complete
+        # (pipeline/spill.py); items are then kept with ``spilled_item`` and read with ``records``.
+        self.pending = (SpillCollector(what, spill_directory(config, self.name),
+                                       config.streaming.spill_events) if spill else WindowCollector(what))
         self.next_offsets: dict[int, int] = {}  # partition -> offset after the last one read
         self.completions: dict[int, dict] = {}  # window -> its completion record, while pending
         self.resume_offset: dict[int, int] | None = None
@@ -206,9 +215,20 @@ class WindowStage(BaseStage):
         """(identity, what to keep) of one record of a window (``msg``: as read)."""
         return identity(record), record
 
-    def ordered(self, items) -> list:
-        """A handed-over window's items as ``window_complete`` takes them: in event order."""
-        return sorted(items, key=event_order)
+    def spilled_item(self, record: dict, event: dict, msg: Message) -> tuple[tuple, tuple]:
+        """What a spilling stage keeps of a record: its bytes as read, with the place of its
+        ``event`` in event order (the record itself, or the event it wraps)."""
+        return identity(event), (event_order(event), msg.value())
+
+    def records(self, items: SpilledWindow) -> Iterator[dict]:
+        """A spilled window's records, decoded again (they were checked when first read)."""
+        for value in items.read():
+            yield codec().decode(value, expected=(self.record_schema,))[1]
+
+    def ordered(self, items) -> list | SpilledWindow:
+        """A handed-over window's items as ``window_complete`` takes them: in event order (a
+        spilled window is read back in that order)."""
+        return items if isinstance(items, SpilledWindow) else sorted(items, key=event_order)
 
     def already_done(self, window: int) -> bool:
         """A window handled before (re-emitted or redelivered): skipped, counted in ``skipped``."""
@@ -244,8 +264,12 @@ class WindowStage(BaseStage):
         while (done := self.pending.next_complete()) is not None:
             window, items = done
             self.handed_through = window
-            self.window_complete(out, window, self.ordered(items), msg,
-                                 self.completions.pop(window))
+            try:
+                self.window_complete(out, window, self.ordered(items), msg,
+                                     self.completions.pop(window))
+            finally:
+                if isinstance(items, SpilledWindow):
+                    items.discard()
             for w in [w for w in self.completions if w < window]:
                 del self.completions[w]
 

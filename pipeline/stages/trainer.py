@@ -31,11 +31,9 @@ from pipeline.modelstore import announcement, announcement_key, config_fingerpri
 from pipeline.parsing import Event, LineParser
 from pipeline.progress import training_logger
 from pipeline.runner import Output
-from pipeline.serde import codec
 from pipeline.spill import SpilledWindow
-from pipeline.stages.collect import SpillCollector, WindowStage
-from pipeline.topicrecords import identity, record_to_event
-from pipeline.windowing import event_order
+from pipeline.stages.collect import WindowStage
+from pipeline.topicrecords import record_to_event
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +77,7 @@ class TrainerStage(WindowStage):
     resumes_from_state = True  # the checkpoint holds the positions its model stopped reading at
 
     def __init__(self, config: Config):
-        super().__init__(config, config.topics.windows, "events")
-        # A window's events wait on disk, not in memory, until it is complete (pipeline/spill.py).
-        self.pending = SpillCollector("events", checkpoint_dir(config) / "spill",
-                                      config.streaming.spill_events)
+        super().__init__(config, config.topics.windows, "events", spill=True)
         self.model_fields = LineParser(config.input).model_fields
         self.masker = make_masker(config)  # the model text as the tokenizer stage / replay make it
         self.learner = load_newest_checkpoint(config) or WindowLearner(config)
@@ -99,26 +94,20 @@ class TrainerStage(WindowStage):
         return last is not None and window <= last
 
     def item(self, record: dict, msg: Message) -> tuple[tuple, tuple]:
-        """Kept as read (bytes) with its place in event order; decoded again when trained on."""
-        return identity(record["event"]), (event_order(record["event"]), msg.value())
-
-    def ordered(self, items: SpilledWindow) -> SpilledWindow:
-        return items  # read back in event order already
-
-    def event(self, value: bytes) -> Event:
-        record = codec().decode(value, expected=(self.record_schema,))[1]  # decoded once before
-        return record_to_event(record["event"], self.model_fields, self.masker)
+        return self.spilled_item(record, record["event"], msg)
 
     def window_complete(self, out: Output, window: int, items: SpilledWindow, msg: Message,
                         complete: dict) -> None:
-        try:
-            if not complete["count"]:  # windows through this one closed empty: the model
-                self._serve_through(out, window + 1)  # serves the next one too
-                return
-            self._process(out, window, lambda: map(self.event, items.read()), complete["count"],
-                          complete["watermark"], published=published_at(msg))
-        finally:
-            items.discard()
+        if not complete["count"]:  # windows through this one closed empty: the model serves
+            self._serve_through(out, window + 1)  # the next one too
+            return
+
+        def read() -> Iterator[Event]:
+            for record in self.records(items):
+                yield record_to_event(record["event"], self.model_fields, self.masker)
+
+        self._process(out, window, read, complete["count"], complete["watermark"],
+                      published=published_at(msg))
 
     def _announce(self, out: Output, record: dict) -> None:
         out.send_record(self.config.topics.models, "salka.ModelAnnouncement", record,
