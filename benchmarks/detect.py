@@ -188,9 +188,9 @@ def lm_config(base: Path, overrides: list[str], variant: str) -> tuple[str, Conf
 
 
 def run_seed(profile: str, seed: int, args, folder: Path) -> dict[str, dict]:
-    spec = GenerateSpec(**(SMALL if args.small else FULL), seed=seed, profile=profile,
-                        **{k: v for k, v in (("days", args.days),
-                                             ("events_per_day", args.events_per_day)) if v})
+    sizes = {**(SMALL if args.small else FULL),
+             **{k: v for k, v in (("days", args.days), ("events_per_day", args.events_per_day)) if v}}
+    spec = GenerateSpec(**sizes, seed=seed, profile=profile)
     log, labels_path = folder / f"{profile}-{seed}.csv", folder / f"{profile}-{seed}.labels.csv"
     try:
         write_log(spec, log, labels_path)

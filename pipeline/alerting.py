@@ -1,10 +1,18 @@
 """Pure alert logic: per-entity score statistics across windows, and the rules that flag events.
 
-A complete window of scores is judged at once: an event is flagged when its loss is extreme for
-the window as a whole (percentile) or for one of its entities (robust z-score against that
-entity's own history from earlier windows, once the history is long enough). Repeats are
-throttled per entity per window (the highest losses are kept). Only then does the window's data
-join the histories, so a burst of attacks cannot make itself look normal.
+Each event is judged on its own, as its score arrives (``judge_event``), against what the earlier
+windows left: it is flagged when its loss is at or above the percentile threshold of the latest
+earlier window that had losses (``alerting.window_percentile`` of that window's losses, computed
+exactly when it closed), or extreme for one of its entities (robust z-score against that entity's
+own history from earlier windows, once the history is long enough). Repeats are throttled per
+entity per window, first come first served: the one rule where the order events are judged in
+matters (arrival order in the stage, event order offline). A window's data joins the histories
+and gives the next threshold only when it closes (``close_window``), so a burst of attacks cannot
+make itself look normal, nor raise its own window's threshold.
+
+The first window with losses has no earlier window to take a threshold from: it is judged whole
+when it closes (``judge_complete``: percentile within the window itself, highest losses kept by the
+throttle), as every window was before alerts went out in real time.
 
 Memory is bounded: each entity keeps its last ``history`` losses in a flat float array, and
 entities are evicted least-recently-seen first, by age (absent for more than
@@ -12,9 +20,10 @@ entities are evicted least-recently-seen first, by age (absent for more than
 windows judged and the (sorted) order of their records, so the alerter stage and the offline
 ``pipeline alerts`` keep giving the same alerts.
 
-State (histories in LRU order, last window judged) is saved by the alerter stage in a compact
-binary form (``encode_state``: numpy arrays in an .npz, read with allow_pickle=False), so a
-restart neither forgets history nor counts a window twice.
+State (histories in LRU order, last window judged, the threshold and its window, and for windows
+not closed yet the throttle counts and the events alerted on) is saved by the alerter stage in a
+compact binary form (``encode_state``: numpy arrays in an .npz, read with allow_pickle=False), so a
+restart neither forgets history, nor counts a window twice, nor repeats or loses an alert.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import io
 import json
 import math
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +105,37 @@ def alert_record(alert: Alert) -> dict:
     }
 
 
+GRID_POINTS = 1001  # losses kept of the reference window, for an alert's percentile (8 KB)
+
+EventKey = tuple  # pipeline.windowing.event_order: (time, line, (topic, partition, offset))
+
+
+@dataclass
+class Reference:
+    """What the percentile rule keeps of the latest closed window that had losses: the lowest
+    loss the rule flags in that window (inf: none, e.g. window_percentile 100) and its sorted
+    losses at GRID_POINTS evenly spaced ranks, to say where a later loss stands against them."""
+
+    window: int
+    threshold: float
+    grid: np.ndarray
+
+    @classmethod
+    def of(cls, window: int, losses: list[float], percentile: float) -> Reference:
+        ordered = np.sort(np.asarray(losses, dtype=np.float64))
+        flagged = ordered[midrank_percentiles(ordered) >= percentile]
+        threshold = float(flagged[0]) if len(flagged) else math.inf
+        ranks = np.linspace(0, len(ordered) - 1, GRID_POINTS).round().astype(np.int64)
+        return cls(window, threshold, ordered[ranks])
+
+    def percentile(self, loss: float) -> float:
+        """The mid-rank percentile of ``loss`` among the grid: about its percentile among the
+        reference window's losses (to within 100 / GRID_POINTS)."""
+        below = int(np.searchsorted(self.grid, loss, "left"))
+        upto = int(np.searchsorted(self.grid, loss, "right"))
+        return 100.0 * (below + upto) / 2 / len(self.grid)
+
+
 class AlertEngine:
     def __init__(self, config: AlertingConfig):
         self.config = config
@@ -103,6 +144,20 @@ class AlertEngine:
         self.histories: dict[tuple[str, str], EntityHistory] = {}
         self.last_window: int | None = None
         self.evicted = 0
+        self.reference: Reference | None = None  # None: no closed window had losses yet
+        # Windows not closed yet: alerts per entity (the throttle) and the events alerted on
+        # (judged again after a restart or a redelivery, they are not alerted twice).
+        self.throttle: dict[int, dict[tuple[str, str], int]] = {}
+        self.alerted: dict[int, set[EventKey]] = {}
+
+    def closed(self, window: int) -> bool:
+        return self.last_window is not None and window <= self.last_window
+
+    @property
+    def realtime(self) -> bool:
+        """Whether events are judged as they come (an earlier window gave a threshold); else
+        the next window with losses is judged whole at its close (``judge_complete``)."""
+        return self.reference is not None
 
     def _touch(self, key: tuple[str, str], window: int) -> EntityHistory:
         history = self.histories.get(key)
@@ -129,52 +184,112 @@ class AlertEngine:
             del self.histories[key]
         self.evicted += len(victims)
 
-    def judge_window(self, window: int, records: list[dict]) -> list[Alert]:
-        """Alerts for one complete window of scores; then learn from it. A window judged
-        already (a replay after a restart) returns nothing and changes nothing."""
-        if self.last_window is not None and window <= self.last_window:
+    def _entity_verdicts(self, record: dict) -> tuple[list[str], list[dict]]:
+        """(reasons, stats) of the robust z-score rule for each entity with enough history."""
+        reasons, stats = [], []
+        for kind, value in entity_keys(record["entities"]):
+            history = self.histories.get((kind, value))
+            if history is None or len(history.losses) < self.config.min_history:
+                continue
+            median, mad = history.stats()
+            z = (record["loss"] - median) / (MAD_SCALE * mad + self.config.mad_floor)
+            stats.append({"kind": kind, "entity": value, "events": history.total_events,
+                          "median": median, "mad": mad, "z": z})
+            if z >= self.config.z_threshold:
+                reasons.append(f"{kind} {value}: robust z {z:.1f} against its median "
+                               f"{median:.3f} over {len(history.losses)} events")
+        return reasons, stats
+
+    def judge_event(self, window: int, record: dict) -> Alert | None:
+        """The alert for one scored event of a window not closed, or None (unscored, no rule
+        fires, throttled, or alerted on already). Uses only the state the windows before
+        ``window`` left: the caller closes them first. Needs ``realtime``."""
+        if record["loss"] is None or self.closed(window):
+            return None
+        if self.reference is None:
+            raise ValueError(f"window {window}: no earlier window had losses; judge it whole "
+                             "with judge_complete")
+        key = event_order(record)
+        if key in self.alerted.get(window, ()):
+            return None
+        loss, reference = record["loss"], self.reference
+        reasons, stats = self._entity_verdicts(record)
+        if loss >= reference.threshold:
+            reasons.insert(0, f"loss {loss:.3f} at or above {reference.threshold:.3f}, the "
+                              f"{self.config.window_percentile:g}th percentile of window "
+                              f"{reference.window}")
+        if not reasons:
+            return None
+        counts = self.throttle.setdefault(window, {})
+        if not self._admit(counts, record):
+            return None
+        self.alerted.setdefault(window, set()).add(key)
+        return Alert(record, reference.percentile(loss), reasons, stats)
+
+    def _admit(self, counts: dict[tuple[str, str], int], record: dict) -> bool:
+        """The throttle: False when every entity of the event had max_alerts_per_entity alerts in
+        its window already; else counts the alert."""
+        keys = entity_keys(record["entities"])
+        if keys and all(counts.get(k, 0) >= self.config.max_alerts_per_entity for k in keys):
+            return False
+        for k in keys:
+            counts[k] = counts.get(k, 0) + 1
+        return True
+
+    def judge_complete(self, window: int, records: list[dict]) -> list[Alert]:
+        """Alerts for a whole window judged at once, without an earlier threshold: the percentile
+        within the window itself, the throttle keeping the highest losses. For the first window
+        with losses (no ``realtime`` yet); does not close it."""
+        if self.closed(window):
             return []
         scored = [r for r in records if r["loss"] is not None]
         ranks = midrank_percentiles([r["loss"] for r in scored]).tolist()
         candidates = []
         for record, percentile in zip(scored, ranks):
-            reasons, stats = [], []
+            reasons, stats = self._entity_verdicts(record)
             if percentile >= self.config.window_percentile:
-                reasons.append(f"loss {record['loss']:.3f} at the {percentile:.2f}th percentile of "
-                               f"window {window}")
-            for kind, value in entity_keys(record["entities"]):
-                history = self.histories.get((kind, value))
-                if history is None or len(history.losses) < self.config.min_history:
-                    continue
-                median, mad = history.stats()
-                z = (record["loss"] - median) / (MAD_SCALE * mad + self.config.mad_floor)
-                stats.append({"kind": kind, "entity": value, "events": history.total_events,
-                              "median": median, "mad": mad, "z": z})
-                if z >= self.config.z_threshold:
-                    reasons.append(f"{kind} {value}: robust z {z:.1f} against its median "
-                                   f"{median:.3f} over {len(history.losses)} events")
+                reasons.insert(0, f"loss {record['loss']:.3f} at the {percentile:.2f}th "
+                                  f"percentile of window {window}")
             if reasons:
                 candidates.append(Alert(record, percentile, reasons, stats))
-        alerts = self._throttle(candidates)
-        keep = self.config.history
-        for record in scored:
-            for key in entity_keys(record["entities"]):
-                self._touch(key, window).add(record["loss"], keep)
-        self._evict(window)
-        self.last_window = window
-        return alerts
+        counts = self.throttle.setdefault(window, {})
+        return [alert for alert in sorted(candidates, key=lambda a: (-a.record["loss"],
+                                                                      event_order(a.record)))
+                if self._admit(counts, alert.record)]
 
-    def _throttle(self, candidates: list[Alert]) -> list[Alert]:
-        """At most max_alerts_per_entity per entity per window, highest losses first."""
-        kept, per_entity = [], {}
-        for alert in sorted(candidates, key=lambda a: (-a.record["loss"], event_order(a.record))):
-            keys = entity_keys(alert.record["entities"])
-            if keys and all(per_entity.get(k, 0) >= self.config.max_alerts_per_entity for k in keys):
+    def close_window(self, window: int, scored: Iterable[tuple[float | None, dict]]) -> None:
+        """Learn from a window whose events were all judged: ``scored`` is its (loss, entities)
+        in event order (the histories' LRU order and eviction follow it). Its losses give the
+        next windows' threshold. A window closed already changes nothing."""
+        if self.closed(window):
+            return
+        keep, losses = self.config.history, []
+        for loss, entities in scored:
+            if loss is None:
                 continue
-            for key in keys:
-                per_entity[key] = per_entity.get(key, 0) + 1
-            kept.append(alert)
-        return kept
+            losses.append(loss)
+            for key in entity_keys(entities):
+                self._touch(key, window).add(loss, keep)
+        self._evict(window)
+        if losses:
+            self.reference = Reference.of(window, losses, self.config.window_percentile)
+        self.last_window = window
+        for table in (self.throttle, self.alerted):
+            for w in [w for w in table if w <= window]:
+                del table[w]
+
+    def judge_window(self, window: int, records: list[dict]) -> list[Alert]:
+        """Alerts for one complete window of scores, its records in event order, as the stage
+        gives them for events arriving in that order; then learn from it. A window judged
+        already (a replay after a restart) returns nothing and changes nothing."""
+        if self.closed(window):
+            return []
+        if self.realtime:
+            alerts = [a for r in records if (a := self.judge_event(window, r)) is not None]
+        else:
+            alerts = self.judge_complete(window, records)
+        self.close_window(window, ((r["loss"], r["entities"]) for r in records))
+        return alerts
 
     # ------------------------------------------------------------------ state
 
@@ -184,7 +299,32 @@ class AlertEngine:
             "last_window": self.last_window,
             "histories": [[kind, value, h.total_events, h.last_window, list(h.losses)]
                           for (kind, value), h in self.histories.items()],  # in LRU order
+            **self._small_state(),
+            "grid": [] if self.reference is None else self.reference.grid.tolist(),
         }
+
+    def _small_state(self) -> dict:
+        """The threshold (its grid apart) and the open windows' throttle, as JSON-able data."""
+        ref = self.reference
+        return {
+            "reference": None if ref is None else {
+                "window": ref.window,
+                "threshold": None if math.isinf(ref.threshold) else ref.threshold},
+            "open": [[window, [[kind, value, n] for (kind, value), n in counts.items()],
+                      sorted([t, line, *source] for t, line, source in self.alerted.get(window, ()))]
+                     for window, counts in sorted(self.throttle.items())],
+        }
+
+    def _load_small_state(self, state: dict, grid: list[float]) -> None:
+        ref = state["reference"]
+        if ref is not None:
+            threshold = math.inf if ref["threshold"] is None else float(ref["threshold"])
+            self.reference = Reference(int(ref["window"]), threshold,
+                                       np.asarray(grid, dtype=np.float64))
+        for window, counts, alerted in state["open"]:
+            self.throttle[int(window)] = {(kind, value): int(n) for kind, value, n in counts}
+            self.alerted[int(window)] = {(t, line, (topic, partition, offset))
+                                         for t, line, topic, partition, offset in alerted}
 
     @classmethod
     def from_state(cls, config: AlertingConfig, state: dict) -> AlertEngine:
@@ -193,10 +333,11 @@ class AlertEngine:
         for kind, value, total, seen, losses in state["histories"]:
             engine.histories[(kind, value)] = EntityHistory(
                 (float(v) for v in losses[-config.history:]), int(total), int(seen))
+        engine._load_small_state(state, state["grid"])
         return engine
 
 
-STATE_FORMAT = "salka-alerter-state-v2"
+STATE_FORMAT = "salka-alerter-state-v3"  # v3: the threshold and the open windows' throttle
 
 
 class StateFormatError(ValueError):
@@ -222,14 +363,16 @@ def encode_state(engine: AlertEngine, extra: dict) -> bytes:
         counts.append(len(history.losses))
         losses.extend(history.losses)
     meta = {"format": STATE_FORMAT, "last_window": engine.last_window, "kinds": list(kinds),
-            "extra": extra}
+            "extra": extra, **engine._small_state()}
+    grid = np.empty(0) if engine.reference is None else engine.reference.grid
     out = io.BytesIO()
     np.savez(out, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
              kind=np.array(kind_ids, dtype=np.uint32),
              names=np.frombuffer(b"".join(names), dtype=np.uint8),
              name_ends=np.array(name_ends, dtype=np.int64),
              total=np.array(totals, dtype=np.int64), seen=np.array(seen, dtype=np.int64),
-             count=np.array(counts, dtype=np.int64), losses=np.frombuffer(losses, dtype=np.float64))
+             count=np.array(counts, dtype=np.int64), losses=np.frombuffer(losses, dtype=np.float64),
+             grid=np.asarray(grid, dtype=np.float64))
     return out.getvalue()
 
 
@@ -237,11 +380,12 @@ def decode_state(data: bytes, config: AlertingConfig) -> tuple[AlertEngine, dict
     """(engine, extra) from encode_state's bytes; StateFormatError for anything else."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:  # zip CRCs catch bit rot
-            arrays = {name: npz[name] for name in ("meta", "kind", "names", "name_ends", "total",
-                                                   "seen", "count", "losses")}
-        meta = json.loads(arrays["meta"].tobytes())
-        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
-            raise StateFormatError(f"not a salka alerter state ({STATE_FORMAT} expected)")
+            meta = json.loads(npz["meta"].tobytes())
+            if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+                # an older format too: its windows' thresholds and throttles are not there
+                raise StateFormatError(f"not a salka alerter state ({STATE_FORMAT} expected)")
+            arrays = {name: npz[name] for name in ("kind", "names", "name_ends", "total",
+                                                   "seen", "count", "losses", "grid")}
         n = len(arrays["kind"])
         if any(len(arrays[name]) != n for name in ("name_ends", "total", "seen", "count")) or \
                 int(arrays["count"].sum()) != len(arrays["losses"]) or \
@@ -260,6 +404,9 @@ def decode_state(data: bytes, config: AlertingConfig) -> tuple[AlertEngine, dict
             kept = losses[used:used + count][-config.history:]
             engine.histories[(kinds[kind], value)] = EntityHistory(kept, total, seen)
             start, used = end, used + count
+        if (meta["reference"] is None) != (len(arrays["grid"]) == 0):
+            raise StateFormatError("a threshold without its grid, or a grid without one")
+        engine._load_small_state(meta, arrays["grid"].tolist())
         return engine, meta["extra"]
     except StateFormatError:
         raise

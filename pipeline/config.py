@@ -291,7 +291,7 @@ class StreamingConfig:
 
 @dataclass(frozen=True)
 class AlertingConfig:
-    # Flag an event whose loss is at or above this percentile of its window.
+    # Flag an event whose loss is at or above this percentile of the previous window's losses.
     window_percentile: float = field(default=99.9, metadata=_check(_percent))
     # Flag an event whose loss is this many robust standard deviations above its entity's median.
     z_threshold: float = field(default=4.0, metadata=_check(_positive))
@@ -301,7 +301,7 @@ class AlertingConfig:
     history: int = field(default=500, metadata=_check(_positive))
     # Added to the scaled MAD so that a constant history does not give infinite z-scores.
     mad_floor: float = field(default=0.05, metadata=_check(_positive))
-    # At most this many alerts per entity per window (the highest losses are kept).
+    # At most this many alerts per entity per window (the first; the first window: the highest).
     max_alerts_per_entity: int = field(default=3, metadata=_check(_positive))
     # Entity histories kept at most (least recently seen evicted first): bounds the alerter's
     # memory to about max_entities x (0.3 KB + 8 B x history).

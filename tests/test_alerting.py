@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import time
 from dataclasses import replace
 
 import pytest
@@ -256,6 +257,116 @@ def test_damaged_binary_state_is_refused(damage):
         decode_state(data, CONFIG)
 
 
+# ------------------------------------------------------------------- alerts in real time
+
+
+def percentile_only(**changes) -> AlertingConfig:
+    return replace(CONFIG, z_threshold=1e9, max_alerts_per_entity=1000, **changes)
+
+
+def test_the_first_window_with_losses_is_judged_whole_then_events_one_by_one():
+    engine = AlertEngine(percentile_only(window_percentile=99.0))
+    assert engine.judge_window(0, [record(i, 0, None) for i in range(50)]) == []  # no model yet
+    assert not engine.realtime  # an unscored window gives no threshold
+    losses = [float(x) for x in range(1000)]
+    random.Random(13).shuffle(losses)
+    first = [record(1000 + i, 1, loss, f"U{i}", f"C{i}", f"D{i}") for i, loss in enumerate(losses)]
+    with pytest.raises(ValueError, match="judge it whole"):
+        engine.judge_event(1, first[0])
+    alerts = engine.judge_window(1, first)  # its own top 1%, as before alerts went real-time
+    assert sorted(a.record["loss"] for a in alerts) == [float(x) for x in range(990, 1000)]
+    assert "percentile of window 1" in alerts[0].reasons[0]
+    assert engine.realtime and engine.reference.window == 1
+    assert engine.reference.threshold == 990.0  # the lowest loss window 1's rule flagged
+    # Window 2: each event alone against window 1's threshold, whatever else window 2 holds.
+    assert engine.judge_event(2, record(3000, 2, 989.5)) is None
+    alert = engine.judge_event(2, record(3001, 2, 990.0))
+    assert alert is not None and alert.reasons == [
+        "loss 990.000 at or above 990.000, the 99th percentile of window 1"]
+    assert 98.9 <= alert.window_percentile <= 99.1  # where 990 stands among window 1's losses
+    assert engine.judge_event(2, record(3002, 2, 5000.0)).window_percentile == 100.0
+
+
+def test_thresholds_come_only_from_earlier_windows():
+    """A burst in window w does not raise window w's own threshold: every event of it is
+    flagged, where judging the window against itself would flag its top 0.1% only."""
+    rng = random.Random(14)
+    config = percentile_only(window_percentile=99.5)
+    engine = AlertEngine(config)
+    engine.judge_window(1, normal_window(1, 1000, rng, shared_dst=False))
+    threshold = engine.reference.threshold
+    assert 1.0 < threshold < 1.5
+    burst = [record(3000 + i, 2, 3.0 + i / 1000, f"X{i}", f"XC{i}", f"XD{i}") for i in range(100)]
+    window = sorted(normal_window(2, 2000, rng, shared_dst=False) + burst,
+                    key=lambda r: r["source"]["offset"])
+    flagged = engine.judge_window(2, window)
+    assert {a.record["source"]["offset"] for a in flagged} >= {r["source"]["offset"] for r in burst}
+    against_itself = AlertEngine(config).judge_complete(2, window)
+    assert len(against_itself) <= 3 and len(flagged) >= 100
+    assert engine.reference.window == 2 and engine.reference.threshold >= 3.0  # for window 3 on
+
+
+def test_the_real_time_throttle_is_first_come_first_served():
+    engine = AlertEngine(replace(CONFIG, window_percentile=90.0, z_threshold=1e9))
+    engine.judge_window(0, [record(i, 0, 1.0 + i / 1000, f"U{i}", f"C{i}", f"D{i}") for i in range(200)])
+    attacks = [record(500 + i, 1, 10.0 - i, "ATTACKER", "C666", "D666") for i in range(5)]
+    attacks += [record(600 + i, 1, 20.0 + i, "ATTACKER", "C666", "D666") for i in range(5)]
+    alerts = [a for r in attacks if (a := engine.judge_event(1, r)) is not None]
+    assert [a.record["loss"] for a in alerts] == [10.0, 9.0, 8.0]  # the first three, not the highest
+    # An event with one entity not throttled yet still goes out.
+    other_host = record(700, 1, 30.0, "ATTACKER", "C777", "D666")
+    assert engine.judge_event(1, other_host) is not None
+    assert engine.throttle[1][("user", "ATTACKER")] == 4
+    engine.close_window(1, [(r["loss"], r["entities"]) for r in attacks + [other_host]])
+    assert engine.throttle == {} and engine.alerted == {}  # a closed window's throttle is dropped
+
+
+def test_an_event_judged_again_is_not_alerted_twice_even_after_a_restart():
+    rng = random.Random(15)
+    config = replace(CONFIG, window_percentile=99.0)
+    windows = [normal_window(w, w * 1000, rng) for w in range(3)]
+    attacks = (7, 147, 207, 267, 387)  # U7 five times, two before the restart: three go out
+    for i in attacks + (3, 250):
+        windows[2][i]["loss"] = 3.0 + i / 1000
+    straight = AlertEngine(config)
+    expected = [[a.record["line"] for a in straight.judge_window(w, windows[w])] for w in range(3)]
+    assert [line - 2001 for line in expected[2] if line - 2001 in attacks] == [7, 147, 207]
+    assert {3, 250} <= {line - 2001 for line in expected[2]}
+
+    first = AlertEngine(config)
+    for w in range(2):
+        first.judge_window(w, windows[w])
+    half = [a.record["line"] for r in windows[2][:200] if (a := first.judge_event(2, r))]
+    assert half and first.judge_event(2, windows[2][3]) is None  # judged again: alerted already
+    resumed, extra = decode_state(encode_state(first, {"resume_offset": {"0": 7}}), config)
+    assert extra == {"resume_offset": {"0": 7}} and resumed.state() == first.state()
+    assert AlertEngine.from_state(config, json.loads(json.dumps(first.state()))).state() == first.state()
+    # The restarted stage reads the open window again from its first record.
+    rest = [a.record["line"] for r in windows[2] if (a := resumed.judge_event(2, r))]
+    assert half + rest == expected[2]
+    resumed.close_window(2, [(r["loss"], r["entities"]) for r in windows[2]])
+    assert resumed.state() == straight.state()
+
+
+def test_a_state_of_the_previous_format_is_refused():
+    import io
+
+    import numpy as np
+
+    engine = AlertEngine(CONFIG)
+    engine.judge_window(0, normal_window(0, 0, random.Random(16)))
+    with np.load(io.BytesIO(encode_state(engine, {"resume_offset": 1}))) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(arrays["meta"].tobytes())
+    meta["format"] = "salka-alerter-state-v2"
+    del meta["reference"], meta["open"], arrays["grid"]  # what v2 wrote
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    with pytest.raises(StateFormatError, match="v3 expected"):
+        decode_state(out.getvalue(), CONFIG)
+
+
 # ---------------------------------------------------------------------------- the stage
 
 
@@ -299,3 +410,44 @@ def test_alerter_stage_keeps_its_history_across_a_restart(kafka_bootstrap, tmp_p
     for w in range(4):
         engine.judge_window(w, windows[w])
     assert decode_state(state.read_bytes(), config.alerting)[0].state() == engine.state()
+
+
+@pytest.mark.slow
+def test_alerter_stage_alerts_within_a_second_of_the_score(kafka_bootstrap, tmp_path):
+    """Over a real broker: an outlier's alert goes out while its window is still open, shortly
+    after its score (the Kafka timestamps of both; printed with -s)."""
+    from pipeline.topicread import read_topic
+
+    config, config_path = stream_config(
+        tmp_path, kafka_bootstrap, {"alerting": {"window_percentile": 99.0}})
+    rng = random.Random(17)
+    windows = [normal_window(w, w * 1000, rng, size=200) for w in range(3)]
+    producer = make_producer(config)
+    stages = StageProcesses(config_path, tmp_path / "logs")
+    try:
+        stages.start("alerter")
+        for w in range(2):
+            produce_window(producer, config, windows[w])
+        wait_for(lambda: judged_through(config) == 1, 90, what="windows 0-1 judged")
+        for i, r in enumerate(windows[2][:5]):  # window 2 stays open: no completion record
+            r["loss"] = 5.0 + i
+            producer.produce(config.topics.scores, codec().encode("salka.ScoredEvent", r), partition=0)
+            assert producer.flush(30) == 0
+            time.sleep(0.5)
+
+        def window_2_alerts() -> list[tuple[dict, int]]:  # (alert, its timestamp), once all 5
+            alerts = [(r, m.timestamp()[1]) for m in read_topic(config, config.topics.alerts, timeout=30)
+                      if (r := codec().decode(m.value())[1])["window"] == 2]
+            return alerts if len(alerts) >= 5 else []
+
+        alerts = wait_for(window_2_alerts, 30, what="window 2's alerts")
+        scores = {codec().decode(m.value())[1]["line"]: m.timestamp()[1]
+                  for m in read_topic(config, config.topics.scores, timeout=30)
+                  if codec().decode(m.value())[0] == "salka.ScoredEvent"}
+        latencies = [(t - scores[r["line"]]) / 1000 for r, t in alerts]
+    finally:
+        stages.stop()
+        delete_topics(config)
+    print(f"score -> alert latency (s): {sorted(latencies)}")
+    assert len(latencies) == 5 and judged_through(config) == 1  # window 2 was never closed
+    assert sorted(latencies)[2] < 1.0  # the median; a shared 2-core machine can stall one

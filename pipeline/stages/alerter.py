@@ -1,9 +1,22 @@
-"""Alerter stage: complete windows of scores -> alerts (Avro salka.Alert) with their reasons.
+"""Alerter stage: scores -> alerts (Avro salka.Alert) with their reasons, as the scores arrive.
+
+An event's score is judged the moment it arrives when every earlier window whose completion
+record the stage has seen is closed (the scorer publishes window w+1's scores only after the
+trainer forwarded w's completion record, so that is every earlier window with events); otherwise
+it waits in memory (as many as the scorers are ahead) until they close. Until some window had
+losses there is no threshold to judge by: the first window with losses is judged whole when it
+completes. Each window's losses and entities (not its whole records) are collected until its
+completion record and all its scores are there; then it is closed: its losses join the entity
+histories and give the next windows' threshold (pipeline/alerting.py).
 
 The per-entity history (bounded: see pipeline/alerting.py) lives in a compact binary state file
 (alerter.npz) saved atomically together with the last window judged and the scores-topic position
 to resume from (as the trainer's checkpoint does), so a restart neither forgets history nor judges
-a window twice. A state file that cannot be read is moved aside (pipeline/atomic.py) and the
+a window twice. The state also holds, for windows not closed yet, the throttle's counts and the
+events alerted on, so that events read again after a restart are not alerted twice. It is saved
+when a window closes and at every commit (``streaming.commit_interval_seconds``): a crash can
+repeat the alerts of the last interval (at-least-once), a clean stop repeats none. A state file
+that cannot be read (or of an older format) is moved aside (pipeline/atomic.py) and the
 alerter starts over from the committed offsets with empty histories.
 """
 
@@ -14,11 +27,23 @@ from pathlib import Path
 
 from confluent_kafka import Message
 
-from pipeline.alerting import AlertEngine, StateFormatError, alert_record, decode_state, encode_state
+from pipeline.alerting import (
+    Alert,
+    AlertEngine,
+    StateFormatError,
+    alert_record,
+    decode_state,
+    encode_state,
+)
 from pipeline.atomic import quarantine, write_bytes_atomic
 from pipeline.config import Config
 from pipeline.runner import Output
 from pipeline.stages.collect import WindowStage
+from pipeline.topicrecords import identity
+from pipeline.windowing import event_order
+
+# What an alert needs of a score (its tokens and per-token losses are left behind while it waits).
+ALERT_FIELDS = ("source", "line", "event_time", "window", "raw", "loss", "entities")
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +67,12 @@ class AlerterStage(WindowStage):
                 self.engine, self.resume_offset = AlertEngine(config.alerting), None
                 quarantine(self.state_path, f"unreadable alerter state ({exc})",
                            "starting with empty histories from the committed offsets")
-        self.unsaved = False
+        self.unsaved = False  # the engine changed since the state was saved
+        self.closed_unsaved = False  # ... by closing a window: commit (and save) now
+        # window -> its scores waiting for earlier windows to close, in arrival order
+        self.held: dict[int, dict[tuple, dict]] = {}
+        self.outbox: list[Alert] = []  # judged while handling a record; sent once it is handled
+        self.window_alerts: dict[int, int] = {}  # alerts sent per window not closed (for the log)
         self.counts = {"windows": 0, "alerts": 0, "dead_letters": 0, "skipped": 0}
         self.observer = None  # pipeline/metrics.AlerterObserver when metrics are on
 
@@ -50,26 +80,79 @@ class AlerterStage(WindowStage):
         last = self.engine.last_window  # judged before a restart: its alerts went out already
         return last is not None and window <= last
 
-    def item(self, record: dict, msg: Message) -> tuple[tuple, dict] | None:
-        return None if record["late"] else super().item(record, msg)  # its window was judged whole
+    def ready(self, window: int) -> bool:
+        """Whether an event of ``window`` can be judged now: a threshold exists, and no earlier
+        window with a completion record seen is still open (the engine has their state)."""
+        return self.engine.realtime and all(w >= window for w in self.completions)
 
-    def window_complete(self, out: Output, window: int, items: list, msg: Message,
-                        complete: dict) -> None:
-        alerts = self.engine.judge_window(window, items)
+    def item(self, record: dict, msg: Message) -> tuple[tuple, tuple] | None:
+        if record["late"]:  # its window was closed without it
+            return None
+        window = record["window"]
+        if record["loss"] is not None:
+            if self.ready(window):
+                self._judge(window, record)
+            else:
+                kept = {name: record[name] for name in ALERT_FIELDS}
+                self.held.setdefault(window, {})[event_order(record)] = kept
+        # What closing the window needs, with its place in event order.
+        return identity(record), (event_order(record), record["loss"], record["entities"])
+
+    def ordered(self, items: list) -> list:
+        return sorted(items, key=lambda item: item[0])
+
+    def _judge(self, window: int, record: dict) -> None:
+        alert = self.engine.judge_event(window, record)
+        if alert is not None:
+            self._queue(window, [alert])
+
+    def _queue(self, window: int, alerts: list[Alert]) -> None:
+        self.outbox += alerts
+        self.window_alerts[window] = self.window_alerts.get(window, 0) + len(alerts)
+
+    def handle(self, msg: Message, out: Output) -> None:
+        super().handle(msg, out)
+        if self.outbox:
+            self._send(out, self.outbox)
+            self.outbox = []
+
+    def _send(self, out: Output, alerts: list[Alert]) -> None:
         for alert in alerts:
             out.send_record(self.config.topics.alerts, "salka.Alert", alert_record(alert),
-                            key=str(window).encode())
-        self.counts["windows"] += 1
+                            key=str(alert.record["window"]).encode())
         self.counts["alerts"] += len(alerts)
-        if alerts:
-            log.info("window %d: %d alerts from %d scores", window, len(alerts), len(items),
-                     extra={"window": window, "alerts": len(alerts)})
         if self.observer is not None:
             self.observer.alerts_published(alerts, self.config.alerting.z_threshold)
         self.unsaved = True
 
+    def window_complete(self, out: Output, window: int, items: list, msg: Message,
+                        complete: dict) -> None:
+        held = self.held.pop(window, {})
+        if not self.engine.realtime:  # no earlier window had losses: judged whole, now
+            self._queue(window, self.engine.judge_complete(window, sorted(held.values(),
+                                                                           key=event_order)))
+        else:  # (none wait here: they were let go when the window before closed)
+            for record in held.values():
+                self._judge(window, record)
+        self.engine.close_window(window, ((loss, entities) for _, loss, entities in items))
+        self.counts["windows"] += 1
+        alerts = self.window_alerts.pop(window, 0)
+        if alerts:
+            log.info("window %d: %d alerts from %d scores", window, alerts, len(items),
+                     extra={"window": window, "alerts": alerts})
+        self.unsaved = self.closed_unsaved = True
+        # The scores that waited for this window: judged now, in the order they came.
+        for w in sorted(self.held):
+            if self.ready(w):
+                for record in self.held.pop(w).values():
+                    self._judge(w, record)
+
+    def on_revoke(self, partitions) -> None:
+        super().on_revoke(partitions)
+        self.held.clear()  # read again from the saved position
+
     def tick(self, out: Output) -> bool:
-        return self.unsaved
+        return self.closed_unsaved
 
     def after_flush(self) -> None:
         if not self.unsaved:
@@ -77,7 +160,7 @@ class AlerterStage(WindowStage):
         self.resume_offset = self.safe_positions()
         write_bytes_atomic(self.state_path,
                            encode_state(self.engine, {"resume_offset": self.resume_offset}))
-        self.unsaved = False
+        self.unsaved = self.closed_unsaved = False
 
     def close(self, out: Output) -> None:
         log.info("alerter totals: %s; %d entity histories, %d evicted", self.counts,
