@@ -59,7 +59,8 @@ def fresh_config(base, workdir: Path, bootstrap: str):
     data = config_to_dict(base)
     data["kafka"] = {**data["kafka"], "bootstrap.servers": bootstrap}
     data["topics"] = {**data["topics"], **{k: f"{run}.{k}" for k in
-                      ("raw", "tokens", "windows", "scores", "dead_letters", "late")}}
+                      ("raw", "tokens", "windows", "scores", "dead_letters", "late", "alerts",
+                       "models")}}
     data["streaming"] = {**data["streaming"], "group_prefix": run,
                          "state_dir": str(workdir / run / "state"),
                          "archive_dir": str(workdir / run / "archive")}
