@@ -32,7 +32,7 @@ import io
 import json
 import math
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -240,10 +240,16 @@ class AlertEngine:
         """Alerts for a whole window judged at once, without an earlier threshold: the percentile
         within the window itself, the throttle keeping the highest losses. For the first window
         with losses (no ``realtime`` yet); does not close it."""
+        return self.judge_complete_read(window, lambda: iter(records))
+
+    def judge_complete_read(self, window: int, read: Callable[[], Iterator[dict]]) -> list[Alert]:
+        """``judge_complete`` over records that ``read()`` yields in event order, twice (the
+        losses first, for their ranks): only the losses and the alerts are held at once."""
         if self.closed(window):
             return []
-        scored = [r for r in records if r["loss"] is not None]
-        ranks = midrank_percentiles([r["loss"] for r in scored]).tolist()
+        losses = array("d", (r["loss"] for r in read() if r["loss"] is not None))
+        ranks = midrank_percentiles(np.frombuffer(losses, dtype=np.float64)).tolist()
+        scored = (r for r in read() if r["loss"] is not None)
         candidates = []
         for record, percentile in zip(scored, ranks):
             reasons, stats = self._entity_verdicts(record)
@@ -263,7 +269,7 @@ class AlertEngine:
         next windows' threshold. A window closed already changes nothing."""
         if self.closed(window):
             return
-        keep, losses = self.config.history, []
+        keep, losses = self.config.history, array("d")  # 8 bytes a loss, not a float object
         for loss, entities in scored:
             if loss is None:
                 continue

@@ -654,6 +654,30 @@ def test_alerter_judges_the_first_scored_window_whole_at_its_completion(tmp_path
     assert stage.engine.realtime and stage.held == {}
 
 
+def test_alerter_scores_that_came_before_any_threshold_are_judged_from_disk(tmp_path):
+    """Window 2's scores arrive before window 1 (the first with losses) completes: there is no
+    threshold yet, so they are not held in memory; they wait on disk with their window and are
+    judged one by one, in event order, when it completes: the alerts offline rules give."""
+    config = make_config(tmp_path, alerting={"window_percentile": 99.0},
+                         streaming={"spill_events": 7})  # on disk in runs of 7
+    windows = alert_windows(random.Random(25), n_windows=3)
+    for r in windows[0]:
+        r["loss"] = r["loss_total"] = None  # no model yet
+    windows[2][4]["loss"] = 9.0
+    ordered = {w: sorted(records, key=event_order) for w, records in windows.items()}
+    records = [*ordered[0], completion(0, len(ordered[0])), *ordered[1], *ordered[2],
+               completion(1, len(ordered[1])), completion(2, len(ordered[2]))]
+    stage, out = AlerterStage(config), RecordingOutput()
+    messages = scores_messages(config, records)
+    drive(stage, messages[:-2], out)
+    assert stage.held == {} and stage.unjudged == {1, 2} and out.sent == []  # nothing in memory
+    drive(stage, messages[-2:], out)
+    assert stage.held == {} and stage.unjudged == set()
+    got = sent_alerts(out, config)
+    assert got == offline_alerts(tmp_path, config, windows)
+    assert (2, windows[2][4]["line"]) in [(w, line) for w, line, _, _ in got]
+
+
 def test_alerter_holds_scores_until_the_earlier_window_closes(tmp_path):
     config = make_config(tmp_path, alerting={"window_percentile": 99.0})
     windows = alert_windows(random.Random(24), n_windows=4)

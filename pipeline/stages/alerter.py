@@ -5,9 +5,9 @@ record the stage has seen is closed (the scorer publishes window w+1's scores on
 trainer forwarded w's completion record, so that is every earlier window with events); otherwise
 it waits in memory (as many as the scorers are ahead) until they close. Until some window had
 losses there is no threshold to judge by: the first window with losses is judged whole when it
-completes. Each window's losses and entities (not its whole records) are collected until its
-completion record and all its scores are there; then it is closed: its losses join the entity
-histories and give the next windows' threshold (pipeline/alerting.py).
+completes. Each window's scores wait on disk (pipeline/spill.py) until its completion record and
+all of them are there; then it is closed: their losses join the entity histories and give the
+next windows' threshold (pipeline/alerting.py).
 
 The per-entity history (bounded: see pipeline/alerting.py) lives in a compact binary state file
 (alerter.npz) saved atomically together with the last window judged and the scores-topic position
@@ -38,8 +38,8 @@ from pipeline.alerting import (
 from pipeline.atomic import quarantine, write_bytes_atomic
 from pipeline.config import Config
 from pipeline.runner import Output
+from pipeline.spill import SpilledWindow
 from pipeline.stages.collect import WindowStage
-from pipeline.topicrecords import identity
 from pipeline.windowing import event_order
 
 # What an alert needs of a score (its tokens and per-token losses are left behind while it waits).
@@ -54,7 +54,9 @@ class AlerterStage(WindowStage):
     resumes_from_state = True  # alerter.npz holds the position its histories were saved at
 
     def __init__(self, config: Config):
-        super().__init__(config, config.topics.scores, "scores")
+        # A window's scores wait on disk until it closes (pipeline/spill.py): closing it reads
+        # their losses and entities back, so memory does not grow with the window.
+        super().__init__(config, config.topics.scores, "scores", spill=True)
         self.state_path = state_path(config)
         self.engine = AlertEngine(config.alerting)
         if self.state_path.exists():
@@ -71,6 +73,8 @@ class AlerterStage(WindowStage):
         self.closed_unsaved = False  # ... by closing a window: commit (and save) now
         # window -> its scores waiting for earlier windows to close, in arrival order
         self.held: dict[int, dict[tuple, dict]] = {}
+        # windows with scores that came before any threshold existed (not held: on disk)
+        self.unjudged: set[int] = set()
         self.outbox: list[Alert] = []  # judged while handling a record; sent once it is handled
         self.window_alerts: dict[int, int] = {}  # alerts sent per window not closed (for the log)
         self.counts = {"windows": 0, "alerts": 0, "dead_letters": 0, "skipped": 0}
@@ -92,14 +96,12 @@ class AlerterStage(WindowStage):
         if record["loss"] is not None:
             if self.ready(window):
                 self._judge(window, record)
-            else:
+            elif self.engine.realtime:  # an earlier window is still open: a short wait
                 kept = {name: record[name] for name in ALERT_FIELDS}
                 self.held.setdefault(window, {})[event_order(record)] = kept
-        # What closing the window needs, with its place in event order.
-        return identity(record), (event_order(record), record["loss"], record["entities"])
-
-    def ordered(self, items: list) -> list:
-        return sorted(items, key=lambda item: item[0])
+            else:  # no threshold yet: judged from disk when its window completes
+                self.unjudged.add(window)
+        return self.spilled_item(record, record, msg)  # what closing the window reads back
 
     def _judge(self, window: int, record: dict) -> None:
         alert = self.engine.judge_event(window, record)
@@ -125,20 +127,23 @@ class AlerterStage(WindowStage):
             self.observer.alerts_published(alerts, self.config.alerting.z_threshold)
         self.unsaved = True
 
-    def window_complete(self, out: Output, window: int, items: list, msg: Message,
+    def window_complete(self, out: Output, window: int, items: SpilledWindow, msg: Message,
                         complete: dict) -> None:
         held = self.held.pop(window, {})
         if not self.engine.realtime:  # no earlier window had losses: judged whole, now
-            self._queue(window, self.engine.judge_complete(window, sorted(held.values(),
-                                                                           key=event_order)))
+            self._queue(window, self.engine.judge_complete_read(window, lambda: self.records(items)))
+        elif window in self.unjudged:  # came before the threshold: one by one, in event order
+            for record in self.records(items):
+                self._judge(window, record)  # (those alerted on already are not again)
         else:  # (none wait here: they were let go when the window before closed)
             for record in held.values():
                 self._judge(window, record)
-        self.engine.close_window(window, ((loss, entities) for _, loss, entities in items))
+        self.unjudged = {w for w in self.unjudged if w > window}
+        self.engine.close_window(window, ((r["loss"], r["entities"]) for r in self.records(items)))
         self.counts["windows"] += 1
         alerts = self.window_alerts.pop(window, 0)
         if alerts:
-            log.info("window %d: %d alerts from %d scores", window, alerts, len(items),
+            log.info("window %d: %d alerts from %d scores", window, alerts, complete["count"],
                      extra={"window": window, "alerts": alerts})
         self.unsaved = self.closed_unsaved = True
         # The scores that waited for this window: judged now, in the order they came.
@@ -150,6 +155,7 @@ class AlerterStage(WindowStage):
     def on_revoke(self, partitions) -> None:
         super().on_revoke(partitions)
         self.held.clear()  # read again from the saved position
+        self.unjudged.clear()
 
     def tick(self, out: Output) -> bool:
         return self.closed_unsaved
