@@ -22,7 +22,6 @@ import re
 import tempfile
 import threading
 import time
-import tracemalloc
 import uuid
 from pathlib import Path
 
@@ -166,35 +165,6 @@ def measure(base: Config, work: Path, bootstrap: str, broker_pid: int | None, ev
             "produce_s": produced.seconds, "total_s": elapsed, "lines": lines}
 
 
-def held_bytes_per_score(events: int = 20_000) -> float:
-    """tracemalloc bytes per score that a non-spilling WindowStage (the alerter) keeps while its
-    window fills: the decoded salka.ScoredEvent dict under its identity key in
-    ``WindowCollector.windows``, for the lines ``write_input`` makes."""
-    from pipeline.serde import codec
-    from pipeline.stages.collect import WindowCollector
-    from pipeline.topicrecords import identity
-
-    values = []
-    for i in range(events):
-        user, src, dst = i * 7919 % 20000, i * 104729 % 9000, i * 13 % 9000
-        raw = f"{DAY + i},U{user}@DOM1,U{user}@DOM1,C{src},C{dst},Kerberos,Network,LogOn,Success"
-        record = {"source": {"topic": "mem.salka.raw", "partition": i % 3, "offset": i},
-                  "line": i + 1, "event_time": float(DAY + i), "window": 1,
-                  "entities": {"user": f"U{user}@DOM1", "src_host": f"C{src}", "dst_host": f"C{dst}"},
-                  "loss": 3.0 + i % 7 / 10, "loss_total": 180.0 + i % 7, "raw": raw,
-                  "tokens": None, "token_losses": None, "late": False}
-        values.append(codec().encode("salka.ScoredEvent", record))
-    collector = WindowCollector("scores")
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    for i, value in enumerate(values):
-        record = codec().decode(value)[1]
-        collector.add(1, identity(record), record, i % 3, i)
-    held = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
-    return held / events
-
-
 def mb(kb: int) -> str:
     return f"{kb / 1024:.0f}"
 
@@ -264,10 +234,6 @@ def main() -> None:
                     broker.stop()
             print_size(events, results[events])
     print_table(results)
-    if "alerter" in stages:
-        print(f"alerter: a window's scores wait in memory (WindowCollector.windows, decoded "
-              f"salka.ScoredEvent dicts by identity): {held_bytes_per_score():.0f} bytes per score "
-              f"(tracemalloc, 20,000 scores of this input)")
 
 
 if __name__ == "__main__":
