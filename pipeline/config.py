@@ -284,8 +284,8 @@ class StreamingConfig:
     # Where the trainer puts each window's model for the scorers: a directory (empty:
     # <state_dir>/models) or an fsspec URL such as s3://bucket/salka/models. Scorers read it.
     model_store: str = ""
-    # The trainer and the archiver hold at most this many records of a window in memory while
-    # it fills; the rest waits on disk in sorted runs (<state_dir>/spill), read in event order.
+    # The trainer, archiver and alerter hold at most this many records of a window in memory
+    # while it fills; the rest waits on disk in sorted runs (<state_dir>/spill), in event order.
     spill_events: int = field(default=50_000, metadata=_check(_positive))
 
 
