@@ -163,13 +163,13 @@ def scorer_stage(base: Config, filled: Config, work: Path, bootstrap: str,
     """One scorer process over the filled windows topic, writing to a fresh scores topic:
     (seconds from its assignment to its last score, from its first score to its last, and the
     CPU seconds it used from its assignment to its last score)."""
-    from pipeline.modelstore import store_location
+    from pipeline.config import model_store_location
 
     config, path = fresh_config(base, work, bootstrap,
                                 topics={"windows": filled.topics.windows,
                                         "models": filled.topics.models,
                                         "late": filled.topics.late},
-                                model_store=store_location(filled))
+                                model_store=model_store_location(filled.streaming))
     logs = work / f"logs-{config.streaming.group_prefix}"
     stages = StageProcesses(path, logs)
     try:

@@ -289,6 +289,11 @@ class StreamingConfig:
     spill_events: int = field(default=50_000, metadata=_check(_positive))
 
 
+def model_store_location(streaming: StreamingConfig) -> str:
+    """Where the trainer writes models and scorers read them (``streaming.model_store``)."""
+    return streaming.model_store or str(Path(streaming.state_dir) / "models")
+
+
 @dataclass(frozen=True)
 class AlertingConfig:
     # Flag an event whose loss is at or above this percentile of the previous window's losses.

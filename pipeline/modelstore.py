@@ -25,7 +25,7 @@ from nn.device import to_cpu
 from nn.tokenizers import tokenizer_from_state
 from nn.training import build_model, model_args_of
 from pipeline.atomic import write_bytes_atomic
-from pipeline.config import Config, ConfigError, config_to_dict
+from pipeline.config import Config, ConfigError, config_to_dict, model_store_location
 from pipeline.learner import WindowLearner
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,6 @@ def config_fingerprint(config: Config) -> str:
     sections = config_to_dict(config)
     chosen = {name: sections[name] for name in ("model", "tokenizer", "seed")}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def store_location(config: Config) -> str:
-    return config.streaming.model_store or str(Path(config.streaming.state_dir) / "models")
 
 
 def is_url(location: str) -> bool:
@@ -97,7 +93,7 @@ def publish(config: Config, learner: WindowLearner, serves_through: int) -> dict
     data = model_bytes(learner, fingerprint)
     digest = hashlib.sha256(data).hexdigest()
     name = f"model-{learner.last_window:012d}-{digest[:12]}.pt"
-    url = write_file(store_location(config), name, data)
+    url = write_file(model_store_location(config.streaming), name, data)
     return announcement(learner.last_window, serves_through, url, digest, fingerprint)
 
 

@@ -2,14 +2,16 @@
 
 Per stage consumer group (``<group_prefix>.<stage>``): each input partition's committed offset,
 end offset and lag (end - committed; a group that never committed lags by the whole partition, as
-it would start from the beginning). Plus the trainer's newest checkpoint: the last trained window.
+it would start from the beginning). Plus the trainer's newest checkpoint (the last trained window)
+and the newest model announced to the scorers on the models topic.
 
 End offsets come from fetch responses, not from a "latest" ListOffsets answer: the embedded broker
 answers that with the start of the last batch + 1 (KAFKA-NOTES). A throwaway consumer, in no group,
 fetches from just before that answer and reads the high watermark the response carries
 (``get_watermark_offsets(cached=True)``); on Apache Kafka both agree.
 
-No torch here: the model window is read from the checkpoint's file name, not from its contents.
+No torch here: the model window is read from the checkpoint's file name, not from its contents,
+and the announcement is a plain Avro record.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 
 from pipeline.brokerwatch import require_broker
-from pipeline.config import Config
+from pipeline.config import Config, model_store_location
 from pipeline.kafka import bootstrap_servers, make_admin, make_consumer
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,8 @@ class StatusReport:
     bootstrap: str
     groups: list[GroupStatus]
     model: ModelStatus
+    store: str = ""  # streaming.model_store, where scorers read models
+    announced: dict | None = None  # the newest salka.ModelAnnouncement (None: none yet)
 
     @property
     def total_lag(self) -> int:
@@ -112,6 +116,8 @@ class StatusReport:
                         "partitions": [{**asdict(p), "lag": p.lag} for p in g.partitions]}
                        for g in self.groups],
             "model": asdict(self.model),
+            "model_store": self.store,
+            "announced": self.announced,
         }
 
     def format(self) -> str:
@@ -176,7 +182,38 @@ def format_report(report: StatusReport) -> str:
     else:
         lines.append(f"model: trained through window {model.window} ({model.checkpoint} in "
                      f"{model.directory}, saved {model.saved_at}; {model.checkpoints} kept)")
+    lines.append(announced_line(report.announced, report.store))
     return "\n".join(lines)
+
+
+def announced_line(record: dict | None, store: str) -> str:
+    if record is None:
+        return f"scorers: no model announced yet (model store {store})"
+    through = record["trained_through"]
+    model = ("no model yet (empty losses)" if through is None
+             else f"the model trained through window {through}")
+    return (f"scorers: {model} scores windows up to {record['serves_through']}"
+            f"{' (' + record['url'] + ')' if record['url'] else ''}; model store {store}")
+
+
+def newest_announcement(config: Config, timeout: float = 10.0) -> dict | None:
+    """The announcement serving the latest windows, read from the models topic (None: none, or
+    the topic could not be read in ``timeout`` seconds)."""
+    from pipeline.serde import DecodeError, codec
+    from pipeline.topicread import read_topic
+
+    newest = None
+    try:
+        for msg in read_topic(config, config.topics.models, timeout=timeout):
+            try:
+                _, record = codec().decode(msg.value(), expected=("salka.ModelAnnouncement",))
+            except DecodeError:
+                continue
+            if newest is None or record["serves_through"] >= newest["serves_through"]:
+                newest = record
+    except TimeoutError:
+        pass
+    return newest
 
 
 # ---------------------------------------------------------------------------- Kafka
@@ -267,4 +304,6 @@ def collect(config: Config) -> StatusReport:
                                           committed.get((t, p)), ends[(t, p)][2])
                              for t, p in wanted[status.stage]]
         status.state, status.members = states.get(status.group, (None, None))
-    return StatusReport(bootstrap, groups, last_checkpoint(checkpoint_directory(config)))
+    announced = newest_announcement(config) if config.topics.models in metadata.topics else None
+    return StatusReport(bootstrap, groups, last_checkpoint(checkpoint_directory(config)),
+                        model_store_location(config.streaming), announced)

@@ -19,8 +19,7 @@ from click.testing import CliRunner
 from helpers import key_comments
 
 from pipeline.cli import STAGES, cli
-from pipeline.config import Config, load_config
-from pipeline.modelstore import store_location
+from pipeline.config import Config, load_config, model_store_location
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -410,7 +409,7 @@ def test_state_models_and_archive_are_named_volumes_owned_by_the_image_user(comp
         mounts = mounts_of(service)
         wanted = {"state": config.streaming.state_dir,
                   "trainer checkpoints": str(checkpoint_directory(config)),
-                  "model store": store_location(config),
+                  "model store": model_store_location(config.streaming),
                   "archive": config.streaming.archive_dir}
         for what, directory in wanted.items():
             assert directory in mounts, f"{name}: no volume for the {what} at {directory}"
@@ -431,9 +430,9 @@ def test_trainer_writes_the_model_store_and_scorers_read_the_same_volume_read_on
     (_, trainer), (name, scorer) = found["trainer"], found["scorer"]
     config = effective_config(trainer)
     assert config.streaming.model_store == "", "the compose file uses the default store"
-    store = store_location(config)
+    store = model_store_location(config.streaming)
     assert store == "/var/lib/salka/state/models"
-    assert store_location(effective_config(scorer)) == store
+    assert model_store_location(effective_config(scorer).streaming) == store
     assert mounts_of(scorer)[store] == mounts_of(trainer)[store]
     assert "ro" not in mount_modes(trainer)[store], "the trainer cannot write its models"
     assert mount_modes(scorer)[store] == ["ro"], f"{name}: model store not mounted read-only"

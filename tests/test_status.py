@@ -125,6 +125,7 @@ def test_end_offsets_are_the_real_ends_not_the_brokers_latest_answer(kafka_boots
     assert groups["tokenizer"]["lag"] == 380
     assert groups["windower"]["partitions"][0]["committed"] is None  # never ran
     assert report["model"]["window"] is None
+    assert report["announced"] is None  # no trainer ran: nothing announced
 
 
 @pytest.mark.slow
@@ -170,3 +171,21 @@ def test_after_a_finished_streaming_run_every_group_has_lag_0(kafka_bootstrap, t
     assert status["model"]["window"] == max(windows)
     assert status["model"]["checkpoint"] == f"checkpoint-{max(windows):012d}.pt"
     assert os.path.isdir(status["model"]["directory"])
+    # the newest model announced to the scorers: trained through the last window, in the store
+    announced = status["announced"]
+    assert announced["trained_through"] == max(windows)
+    assert announced["serves_through"] == max(windows) + 1
+    assert os.path.isfile(announced["url"]) and announced["url"].startswith(status["model_store"])
+
+
+def test_the_scorers_line_says_which_model_serves_the_newest_windows():
+    from pipeline.status import announced_line
+
+    assert announced_line(None, "/s/models") == "scorers: no model announced yet (model store /s/models)"
+    record = {"trained_through": 7, "serves_through": 9, "url": "/s/models/model-7.pt"}
+    assert announced_line(record, "/s/models") == (
+        "scorers: the model trained through window 7 scores windows up to 9 (/s/models/model-7.pt); "
+        "model store /s/models")
+    first = {"trained_through": None, "serves_through": 3, "url": None}
+    assert announced_line(first, "s3://b/m").startswith("scorers: no model yet (empty losses) scores "
+                                                         "windows up to 3; model store s3://b/m")
