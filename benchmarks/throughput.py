@@ -10,7 +10,7 @@ every model. Then, with no stage running:
 
 (a) one scorer process (a fresh group and scores topic) scores every event already in the windows
     topic, the models announced: events / (its last score's timestamp - its assignment), against
-    ``ServedModel.score`` (WindowLearner.score) called once per window on the same events in
+    ``WindowLearner.score`` (the learner modelstore.load gives) called once per window on the same events in
     this process, with the same models. Goal >= 0.9x.
 (b) nn/training.py ``train_sequences`` (and WindowLearner.train, what the trainer stage calls) vs
     a minimal loop (pad, forward, backward, clip, step; same model, seed, batches and AdamW) on
@@ -320,7 +320,7 @@ def main() -> None:
     stage_s, steady_s = min(s[0] for s in stage), min(s[1] for s in stage)
     stage_cpu = min(s[2] for s in stage)
     print(f"\n(a) scoring {total} events ({len(windows)} windows, best of {args.rounds})")
-    print(f"    offline ServedModel.score, one call per window: {total / score_s:>8.0f} ev/s "
+    print(f"    offline WindowLearner.score, one call per window: {total / score_s:>8.0f} ev/s "
           f"({score_s:.2f} s; + {load_s:.2f} s loading models)")
     print(f"    scorer stage, assignment -> last score:          {total / stage_s:>8.0f} ev/s "
           f"({stage_s:.2f} s)   ratio {score_s / stage_s:.2f}x (goal >= 0.9x)")

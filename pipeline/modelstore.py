@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -108,19 +107,9 @@ def announcement_key(trained_through: int | None) -> bytes:
     return b"none" if trained_through is None else str(trained_through).encode()
 
 
-@dataclass
-class ServedModel:
-    """A model as a scorer uses it: a learner that only scores (no optimizer)."""
-
-    trained_through: int | None
-    learner: WindowLearner | None  # None: no model yet, every loss empty
-
-    def score(self, window: int, events):
-        return self.learner.score(window, events)
-
-
-def load(config: Config, record: dict) -> ServedModel:
-    """The announced model, checked; ModelRefused (one line: which file, what is wrong)."""
+def load(config: Config, record: dict) -> WindowLearner:
+    """The announced model as a learner that only scores (no optimizer; with no model yet, every
+    loss empty), checked; ModelRefused (one line: which file, what is wrong)."""
     through = record["trained_through"]
     ours = config_fingerprint(config)
     if record["fingerprint"] != ours:
@@ -128,7 +117,7 @@ def load(config: Config, record: dict) -> ServedModel:
                            f"configuration (fingerprint {record['fingerprint']}, ours {ours})")
     learner = WindowLearner(config)  # an empty learner scores with empty losses
     if through is None:
-        return ServedModel(None, learner)
+        return learner
     url = record["url"] or ""
     try:
         data = read_file(url)
@@ -152,4 +141,4 @@ def load(config: Config, record: dict) -> ServedModel:
     except Exception as exc:  # a file that hashes right but was written wrong, or not by us
         raise ModelRefused(f"model {url} cannot be loaded ({type(exc).__name__}: {exc})") from exc
     learner.last_window = through
-    return ServedModel(through, learner)
+    return learner

@@ -14,6 +14,7 @@ import yaml
 
 from pipeline.config import Config, config_from_dict, config_to_dict
 from pipeline.kafka import create_topics, make_admin, topic_plan
+from pipeline.scorefile import write_rows
 from pipeline.serde import codec
 from pipeline.topicread import TopicReader
 
@@ -136,3 +137,16 @@ def one_error_line(result, code):
     errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1, result.output
     return errors[0]
+
+
+# CLI overrides for a tiny, quick model (first-hour and user-mistake tests)
+TINY_MODEL = ["--set", "model.rnn.hidden_size=8", "--set", "training.epochs=1"]
+
+
+def write_small_scores(path: Path, last_line: int) -> Path:
+    """A scores file of lines 2..last_line, one window, loss rising with the line (line / 10)."""
+    columns = ["line", "event_time", "window", "user", "src_host", "dst_host", "loss", "loss_total"]
+    write_rows(path, columns, ([str(n), str(n), "1", f"U{n}", "C1", "C2", f"{n / 10:.6f}",
+                                f"{n / 5:.6f}"] for n in range(2, last_line + 1)))
+    return path
+

@@ -6,26 +6,21 @@ import logging
 from datetime import datetime, timezone
 
 import pytest
-from helpers import ROOT, invoke, one_error_line
+from helpers import ROOT, TINY_MODEL, invoke, one_error_line, write_small_scores
 
 from pipeline.cli import cli
 from pipeline.config import config_from_dict
 from pipeline.parsing import HeaderRow, LineParser, Malformed
 from pipeline.replay import ParseReport
-from pipeline.scorefile import write_rows
 
 EXAMPLES, DATA = ROOT / "examples", ROOT / "tests" / "data"
-TINY = ["--set", "model.rnn.hidden_size=8", "--set", "training.epochs=1"]
+TINY = TINY_MODEL
 
 
 @pytest.fixture
 def scores(tmp_path):
     """A small scores file: lines 2..21, loss rising with the line; lines 19..21 anomalous."""
-    path = tmp_path / "scores.csv.gz"
-    columns = ["line", "event_time", "window", "user", "src_host", "dst_host", "loss", "loss_total"]
-    write_rows(path, columns, ([str(n), str(n), "1", f"U{n}", "C1", "C2", f"{n / 10:.6f}",
-                                f"{n / 5:.6f}"] for n in range(2, 22)))
-    return path
+    return write_small_scores(tmp_path / "scores.csv.gz", 21)
 
 
 def test_syslog_timestamps_without_a_year_are_scored_in_input_default_year(tmp_path):

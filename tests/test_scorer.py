@@ -43,6 +43,13 @@ def log_says(log_dir: Path, name: str, pattern: str) -> bool:
     return path.exists() and re.search(pattern, path.read_text()) is not None
 
 
+def assert_archive_equals_replay(log: Path, config, tmp_path: Path) -> None:
+    """The streamed archive holds replay's events with replay's losses (1e-5)."""
+    replay_out = tmp_path / "replay.csv.gz"
+    replay(log, replay_out, config, progress=False)
+    assert_same_scores(read_scores(Path(config.streaming.archive_dir)), read_scores(replay_out))
+
+
 def scored_counts(log_dir: Path, stage: str, instances: int) -> list[int]:
     counts = []
     for i in range(instances):
@@ -227,9 +234,7 @@ def test_two_scorers_over_three_partitions_equal_replay(kafka_bootstrap, tmp_pat
     finally:
         stages.stop()
     assert all(n > 0 for n in scored_counts(tmp_path / "logs", "scorer", 2))  # both did work
-    replay_out = tmp_path / "replay.csv.gz"
-    replay(log, replay_out, config, progress=False)
-    assert_same_scores(read_scores(archive), read_scores(replay_out))
+    assert_archive_equals_replay(log, config, tmp_path)
     assert audit(config).ok
 
 
@@ -264,9 +269,7 @@ def test_killed_scorers_and_trainer_restart_without_a_wrong_model(kafka_bootstra
         assert not stages.dead(), stages.dead()
     finally:
         stages.stop()
-    replay_out = tmp_path / "replay.csv.gz"
-    replay(log, replay_out, config, progress=False)
-    assert_same_scores(read_scores(archive), read_scores(replay_out))
+    assert_archive_equals_replay(log, config, tmp_path)
     assert audit(config).ok
 
 
@@ -302,6 +305,4 @@ def test_a_corrupt_model_is_refused_and_the_scorer_recovers_when_it_is_good(kafk
     finally:
         stages.stop()
     assert len(re.findall(r"refusing model", (logs / "scorer-0.log").read_text())) == 1  # said once
-    replay_out = tmp_path / "replay.csv.gz"
-    replay(log, replay_out, config, progress=False)
-    assert_same_scores(read_scores(archive), read_scores(replay_out))
+    assert_archive_equals_replay(log, config, tmp_path)

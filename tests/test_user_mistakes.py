@@ -7,21 +7,15 @@ import os
 import stat
 
 import pytest
-from helpers import ROOT, invoke, one_error_line
-
-from pipeline.scorefile import write_rows
+from helpers import ROOT, TINY_MODEL, invoke, one_error_line, write_small_scores
 
 DATA = ROOT / "tests" / "data"
-TINY = ["--set", "model.rnn.hidden_size=8", "--set", "training.epochs=1"]
+TINY = TINY_MODEL
 
 
 @pytest.fixture
 def scores(tmp_path):
-    path = tmp_path / "scores.csv.gz"
-    columns = ["line", "event_time", "window", "user", "src_host", "dst_host", "loss", "loss_total"]
-    write_rows(path, columns, ([str(n), str(n), "1", f"U{n}", "C1", "C2", f"{n / 10:.6f}",
-                                f"{n / 5:.6f}"] for n in range(2, 12)))
-    return path
+    return write_small_scores(tmp_path / "scores.csv.gz", 11)
 
 
 @pytest.mark.parametrize("setting, message", [

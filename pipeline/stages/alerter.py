@@ -56,7 +56,7 @@ class AlerterStage(WindowStage):
     def __init__(self, config: Config):
         # A window's scores wait on disk until it closes (pipeline/spill.py): closing it reads
         # their losses and entities back, so memory does not grow with the window.
-        super().__init__(config, config.topics.scores, "scores", spill=True)
+        super().__init__(config, config.topics.scores, "scores")
         self.state_path = state_path(config)
         self.engine = AlertEngine(config.alerting)
         if self.state_path.exists():
@@ -101,7 +101,7 @@ class AlerterStage(WindowStage):
                 self.held.setdefault(window, {})[event_order(record)] = kept
             else:  # no threshold yet: judged from disk when its window completes
                 self.unjudged.add(window)
-        return self.spilled_item(record, record, msg)  # what closing the window reads back
+        return super().item(record, msg)  # what closing the window reads back
 
     def _judge(self, window: int, record: dict) -> None:
         alert = self.engine.judge_event(window, record)

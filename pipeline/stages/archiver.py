@@ -44,7 +44,7 @@ class ArchiverStage(WindowStage):
     record_schema = "salka.ScoredEvent"
 
     def __init__(self, config: Config):
-        super().__init__(config, config.topics.scores, "scores", spill=True)
+        super().__init__(config, config.topics.scores, "scores")
         self.directory = Path(config.streaming.archive_dir)
         self.counts = {"windows": 0, "rows": 0, "late": 0, "dead_letters": 0}
 
@@ -52,7 +52,7 @@ class ArchiverStage(WindowStage):
         if record["late"]:  # not one of its window's rows (replay has no late events): counted
             self.counts["late"] += 1
             return None
-        return self.spilled_item(record, record, msg)
+        return super().item(record, msg)
 
     def window_complete(self, out: Output, window: int, items: SpilledWindow, msg: Message,
                         complete: dict) -> None:

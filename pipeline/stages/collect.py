@@ -165,9 +165,10 @@ def resume_positions(saved) -> dict[int, int] | None:
 
 
 class WindowStage(BaseStage):
-    """A stage that reads a topic of windows' records and completion records (``WindowCollector``),
-    hands each window over whole, in window order and its items in event order, and is safe to
-    commit, per partition, up to the first record of a window it has not handled yet.
+    """A stage that reads a topic of windows' records and completion records, keeps each window's
+    records on disk until it is whole (``SpillCollector``), hands it over in window order, read
+    back in event order, and is safe to commit, per partition, up to the first record of a window
+    it has not handled yet.
 
     A subclass sets ``record_schema`` and implements ``window_complete``; it may override
     ``item`` (what is kept of a record; None: the record is not one of a window's, skip it)
@@ -179,13 +180,12 @@ class WindowStage(BaseStage):
     # group's committed offsets say where to read.
     resumes_from_state = False
 
-    def __init__(self, config: Config, input_topic: str, what: str, spill: bool = False):
+    def __init__(self, config: Config, input_topic: str, what: str):
         super().__init__(config)
         self.input_topic = input_topic
-        # spill: a window's records wait on disk, not in memory, until it is complete
-        # (pipeline/spill.py); items are then kept with ``spilled_item`` and read with ``records``.
-        self.pending = (SpillCollector(what, spill_directory(config, self.name),
-                                       config.streaming.spill_events) if spill else WindowCollector(what))
+        # A window's records wait on disk, not in memory, until it is complete (pipeline/spill.py).
+        self.pending = SpillCollector(what, spill_directory(config, self.name),
+                                      config.streaming.spill_events)
         self.next_offsets: dict[int, int] = {}  # partition -> offset after the last one read
         self.completions: dict[int, dict] = {}  # window -> its completion record, while pending
         self.resume_offset: dict[int, int] | None = None
@@ -211,32 +211,29 @@ class WindowStage(BaseStage):
         self.next_offsets.clear()
         self.completions.clear()
 
-    def item(self, record: dict, msg: Message) -> tuple[tuple, object] | None:
-        """(identity, what to keep) of one record of a window (``msg``: as read)."""
-        return identity(record), record
+    def item(self, record: dict, msg: Message) -> tuple[tuple, tuple] | None:
+        """(identity, what to keep) of one record of a window: its bytes as read (``msg``), with
+        its place in event order."""
+        return self.kept(record, msg)
 
-    def spilled_item(self, record: dict, event: dict, msg: Message) -> tuple[tuple, tuple]:
-        """What a spilling stage keeps of a record: its bytes as read, with the place of its
-        ``event`` in event order (the record itself, or the event it wraps)."""
+    def kept(self, event: dict, msg: Message) -> tuple[tuple, tuple]:
+        """(identity, (event order key, bytes as read)) for a record whose event is ``event``
+        (the record itself, or the event it wraps)."""
         return identity(event), (event_order(event), msg.value())
 
     def records(self, items: SpilledWindow) -> Iterator[dict]:
-        """A spilled window's records, decoded again (they were checked when first read)."""
+        """A handed-over window's records in event order, decoded again (they were checked
+        when first read)."""
         for value in items.read():
             yield codec().decode(value, expected=(self.record_schema,))[1]
-
-    def ordered(self, items) -> list | SpilledWindow:
-        """A handed-over window's items as ``window_complete`` takes them: in event order (a
-        spilled window is read back in that order)."""
-        return items if isinstance(items, SpilledWindow) else sorted(items, key=event_order)
 
     def already_done(self, window: int) -> bool:
         """A window handled before (re-emitted or redelivered): skipped, counted in ``skipped``."""
         return False
 
-    def window_complete(self, out: Output, window: int, items: list, msg: Message,
+    def window_complete(self, out: Output, window: int, items: SpilledWindow, msg: Message,
                         complete: dict) -> None:
-        """A whole window, its items in event order; ``complete`` is its completion record."""
+        """A whole window (``records(items)`` reads it); ``complete`` is its completion record."""
         raise NotImplementedError
 
     def handle(self, msg: Message, out: Output) -> None:
@@ -265,11 +262,9 @@ class WindowStage(BaseStage):
             window, items = done
             self.handed_through = window
             try:
-                self.window_complete(out, window, self.ordered(items), msg,
-                                     self.completions.pop(window))
+                self.window_complete(out, window, items, msg, self.completions.pop(window))
             finally:
-                if isinstance(items, SpilledWindow):
-                    items.discard()
+                items.discard()
             for w in [w for w in self.completions if w < window]:
                 del self.completions[w]
 

@@ -22,8 +22,9 @@ from collections import OrderedDict
 from confluent_kafka import Message, TopicPartition
 
 from pipeline.config import Config
+from pipeline.learner import WindowLearner
 from pipeline.modelspec import make_masker
-from pipeline.modelstore import ModelRefused, ServedModel, load
+from pipeline.modelstore import ModelRefused, load
 from pipeline.parsing import LineParser
 from pipeline.runner import Output, decode_or_dead_letter
 from pipeline.serde import DecodeError, codec
@@ -79,12 +80,12 @@ class ScorerStage(BaseStage):
         self.model_fields = LineParser(config.input).model_fields
         self.masker = make_masker(config)
         self.index = ModelIndex()
-        self.models: OrderedDict[tuple, ServedModel] = OrderedDict()  # (through, sha256) -> model
+        self.models: OrderedDict[tuple, WindowLearner] = OrderedDict()  # (through, sha256) -> model
         self.refused: dict[tuple, float] = {}  # announcement identity -> when refused
         self.reader = None  # the models topic, from its start (pipeline/topicread.py)
         self.consumer = None
         # (window, late, Event, its model) to score at the end of this batch
-        self.batch: list[tuple[int, bool, object, ServedModel]] = []
+        self.batch: list[tuple[int, bool, object, WindowLearner]] = []
         self.waiting: dict[tuple[str, int], int] = {}  # paused partition -> window it waits for
         self.next_offsets: dict[tuple[str, int], int] = {}
         self.counts = {"scored": 0, "late": 0, "waits": 0, "refused": 0, "dead_letters": 0}
@@ -123,7 +124,7 @@ class ScorerStage(BaseStage):
                 continue
             self.index.add(record)
 
-    def model_for(self, window: int) -> ServedModel | None:
+    def model_for(self, window: int) -> WindowLearner | None:
         """The checked model for ``window``, or None while there is none to use."""
         record = self.index.find(window)
         if record is None:
@@ -192,7 +193,7 @@ class ScorerStage(BaseStage):
         return False
 
     def _score_batch(self, out: Output) -> None:
-        groups: dict[tuple[int, bool], tuple[ServedModel, list]] = {}
+        groups: dict[tuple[int, bool], tuple[WindowLearner, list]] = {}
         for window, late, event, model in self.batch:
             groups.setdefault((window, late), (model, []))[1].append(event)
         self.batch = []

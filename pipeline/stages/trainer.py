@@ -77,7 +77,7 @@ class TrainerStage(WindowStage):
     resumes_from_state = True  # the checkpoint holds the positions its model stopped reading at
 
     def __init__(self, config: Config):
-        super().__init__(config, config.topics.windows, "events", spill=True)
+        super().__init__(config, config.topics.windows, "events")
         self.model_fields = LineParser(config.input).model_fields
         self.masker = make_masker(config)  # the model text as the tokenizer stage / replay make it
         self.learner = load_newest_checkpoint(config) or WindowLearner(config)
@@ -94,7 +94,7 @@ class TrainerStage(WindowStage):
         return last is not None and window <= last
 
     def item(self, record: dict, msg: Message) -> tuple[tuple, tuple]:
-        return self.spilled_item(record, record["event"], msg)
+        return self.kept(record["event"], msg)
 
     def window_complete(self, out: Output, window: int, items: SpilledWindow, msg: Message,
                         complete: dict) -> None:
