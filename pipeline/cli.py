@@ -344,7 +344,7 @@ def status_command(config: Config, workdir, as_json: bool) -> None:
 def broker_command(config: Config, port: int, storage: str) -> None:
     """Run an embedded broker until Ctrl-C / SIGTERM (for demos and tests; not for production)."""
     import signal
-    import threading
+    import time
 
     from pipeline.broker import STORAGE_SCHEMES, EmbeddedBroker, port_in_use, storage_note
 
@@ -354,8 +354,9 @@ def broker_command(config: Config, port: int, storage: str) -> None:
     if port_in_use(port):
         raise click.ClickException(f"port {port} on 127.0.0.1 is already in use (another broker?): "
                                    f"stop it, or pick another with --port")
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    # SIGTERM as Ctrl-C: the handler must not take a lock (an Event.set() run while the main
+    # thread sat in Event.wait() on the same lock deadlocked about one stop in five).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         broker = EmbeddedBroker(port=port, storage=storage).start()
     except TimeoutError as exc:
@@ -365,7 +366,8 @@ def broker_command(config: Config, port: int, storage: str) -> None:
         click.echo(f"broker listening on {broker.bootstrap}; {storage_note(storage)} "
                    f"(Ctrl-C to stop)", err=True)
         try:
-            while not stopped.wait(0.5):
+            while True:
+                time.sleep(0.5)
                 if broker.process.poll() is not None:
                     raise click.ClickException(f"broker exited with code {broker.process.returncode}")
         except KeyboardInterrupt:
