@@ -9,6 +9,7 @@ kind become one ``DecodeError`` whose message says what was wrong.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
@@ -36,6 +37,7 @@ class AvroCodec:
         self.schemas: dict[str, Any] = {}
         self.fingerprints: dict[str, bytes] = {}
         self.by_fingerprint: dict[bytes, str] = {}
+        self.range_checks: dict[str, Callable[[Any], None] | None] = {}
         for path in sorted(SCHEMA_DIR.glob("*.avsc")):
             name = path.stem  # "salka.TokenizedEvent"
             # A fresh lookup per file, so referenced types are inlined in full: the canonical
@@ -48,6 +50,7 @@ class AvroCodec:
             self.schemas[name] = schema
             self.fingerprints[name] = fp
             self.by_fingerprint[fp] = name
+            self.range_checks[name] = range_check(schema, schema.get("__named_schemas", {}))
 
     def encode(self, name: str, record: dict) -> bytes:
         out = io.BytesIO()
@@ -83,8 +86,10 @@ class AvroCodec:
             raise DecodeError(f"corrupt {name} record: {exc.__class__.__name__}: {exc}") from exc
         if body.tell() != len(data) - HEADER_LEN:
             raise DecodeError(f"{len(data) - HEADER_LEN - body.tell()} trailing bytes after a {name} record")
+        check = self.range_checks[name]
         try:  # hostile varints can hold values no spec-following writer could have written
-            fits(record, self.schemas[name])
+            if check is not None:
+                check(record)
         except ValidationError as exc:
             raise DecodeError(f"{name} record out of range: {exc}") from exc
         return name, record
@@ -98,6 +103,73 @@ def fits(record: dict, schema: Any) -> None:
     if not validate(record, schema, raise_errors=False):
         validate(record, schema, raise_errors=True)
         raise ValidationError(f"record does not fit {schema.get('name', 'the schema')}")
+
+
+INT_RANGE = {"int": (-(2**31), 2**31), "long": (-(2**63), 2**63)}
+
+
+def range_check(schema: Any, named: dict[str, Any], path: str = "") -> Callable[[Any], None] | None:
+    """A check that every int / long in a record *the Avro reader produced* fits its type
+    (ValidationError naming the field otherwise); None where a part holds no integers.
+
+    What the reader returns has the schema's types by construction, and its strings are valid
+    UTF-8, but it reads ints as varints of any length: only the ranges are left to check. Doing
+    just that (min / max over an id array) took a WindowedEvent's check from 43 us with fastavro's
+    ``validate`` to about 2 us, which was half of what a scorer spent per event outside torch."""
+    if isinstance(schema, str):
+        if schema in INT_RANGE:
+            low, high = INT_RANGE[schema]
+
+            def check_int(value: int) -> None:
+                if not low <= value < high:
+                    raise ValidationError(f"{path or 'value'}: {value} does not fit an Avro {schema}")
+            return check_int
+        return range_check(named[schema], named, path) if schema in named else None
+    if isinstance(schema, list):  # a union: the check of the branch the value's type picks
+        branches = [(b, range_check(b, named, path)) for b in schema]
+        checked = [(b, c) for b, c in branches if c is not None]
+        if not checked:
+            return None
+        if len(checked) == 1 and all(b == "null" or c is not None for b, c in branches):
+            only = checked[0][1]
+            return lambda value: None if value is None else only(value)
+
+        def check_branches(value: Any) -> None:  # several integer branches: let fastavro tell
+            if not validate(value, schema, raise_errors=False):
+                raise ValidationError(f"{path or 'value'}: {value!r} fits no branch of the union")
+        return check_branches
+    kind = schema["type"]
+    if kind in INT_RANGE or (isinstance(kind, str) and kind in named):
+        return range_check(kind, named, path)
+    if kind == "record":
+        fields = [(f["name"], range_check(f["type"], named, f"{path}.{f['name']}".lstrip(".")))
+                  for f in schema["fields"]]
+        fields = [(name, c) for name, c in fields if c is not None]
+        if not fields:
+            return None
+
+        def check_record(value: dict) -> None:
+            for name, c in fields:
+                c(value[name])
+        return check_record
+    if kind in ("array", "map"):
+        items = schema["items" if kind == "array" else "values"]
+        item = range_check(items, named, f"{path}[]")
+        if item is None:
+            return None
+        if isinstance(items, str) and items in INT_RANGE:  # id arrays: 2 C passes, not 1 call per id
+            def check_ints(value: Any) -> None:
+                values = value.values() if kind == "map" else value
+                if values:
+                    item(min(values))
+                    item(max(values))
+            return check_ints
+
+        def check_items(value: Any) -> None:
+            for v in (value.values() if kind == "map" else value):
+                item(v)
+        return check_items
+    return None  # enum, fixed, string, bytes, boolean, float, double, null: the reader's own
 
 
 _codec: AvroCodec | None = None

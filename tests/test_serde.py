@@ -18,6 +18,7 @@ import time
 
 import pytest
 from fastavro.schema import to_parsing_canonical_form
+from fastavro.validation import ValidationError, validate
 from helpers import LANL_LINE
 
 from pipeline.config import config_from_dict
@@ -593,6 +594,55 @@ def test_decode_refuses_an_int_field_beyond_32_bits():
     body = zigzag(len(b"raw")) + b"raw" + zigzag(2**40) + zigzag(5)
     with pytest.raises(DecodeError):
         codec().decode(header("salka.SourceRef") + body)
+
+
+def test_decode_refuses_a_token_id_beyond_32_bits_inside_a_windowed_event():
+    record = {"window": 3, "event": {**TOK_NULL, "token_ids": [1, 5, 2]}}
+    good = codec().encode("salka.WindowedEvent", record)
+    hostile = good.replace(zigzag(5), zigzag(2**40), 1)  # the one 0x0a byte: token id 5
+    assert hostile != good
+    assert codec().decode(good)[1]["event"]["token_ids"] == [1, 5, 2]
+    with pytest.raises(DecodeError, match=r"event\.token_ids\[\]: 1099511627776 does not fit an Avro int"):
+        codec().decode(hostile)
+
+
+def _int_leaves(value, path=()):
+    """Paths to every int in a decoded record (bools excluded: Avro booleans are not ints)."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _int_leaves(v, (*path, k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _int_leaves(v, (*path, i))]
+    return [path] if isinstance(value, int) and not isinstance(value, bool) else []
+
+
+def _with(record, path, value):
+    record = copy.deepcopy(record)
+    node = record
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return record
+
+
+@pytest.mark.parametrize("name", sorted(REPRESENTATIVE))
+def test_range_check_agrees_with_fastavro_validate_at_every_integer(name):
+    """The decoder's range check (serde.range_check) in place of fastavro's validate: for every
+    integer of every schema, at and beyond the 32- and 64-bit edges, the same verdict."""
+    schema, check = codec().schemas[name], codec().range_checks[name]
+    record = REPRESENTATIVE[name]
+    leaves = _int_leaves(record)
+    for path in leaves:
+        for value in (0, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**63 - 1, 2**63, -(2**63) - 1):
+            mutated = _with(record, path, value)
+            fits_avro = validate(mutated, schema, raise_errors=False)
+            try:
+                if check is not None:
+                    check(mutated)
+                passed = True
+            except ValidationError:
+                passed = False
+            assert passed == fits_avro, (path, value)
+    assert leaves or check is None  # a schema without integers needs no check
 
 
 # ---------------------------------------------------------------------------- topicrecords.py
