@@ -7,7 +7,10 @@ Run: OMP_NUM_THREADS=1 python benchmarks/detect.py [--profile realistic --profil
 Methods (every one scores window w with what it learned from windows < w; the first window is
 left unscored, as the LM leaves it):
 - LM variants: ``pipeline.replay``'s parse_file + replay_scores with config.yaml (+ --set, + the
-  variant's overrides); ``default`` is config.yaml as it is.
+  variant's overrides); ``default`` is config.yaml as it is. Each ranks by its raw loss.
+- LM variant+norm: the same losses (no extra training) as the entity-normalised score of
+  pipeline/normalise.py (alerting.normalise of the config, else user): detection and alerts
+  ranked by it, as `pipeline top` / `pipeline alerts` rank them.
 - pair-rarity: for the pairs (user, dst), (src, dst), (user, src), (user, auth type),
   -sum log((count + 1) / (N + K)): count = the pair's events in earlier windows, N = earlier
   events, K = distinct pairs of that kind seen + 1 (add-one smoothing over seen pairs + unseen).
@@ -18,7 +21,8 @@ left unscored, as the LM leaves it):
 
 Metrics per method: ROC AUC, average precision, precision@10/50/100 (pipeline.stats /
 pipeline.evaluate) and the precision of the 20 highest alerts that pipeline.alerting's rules
-(config section alerting) raise on the method's scores, as `pipeline alerts --labels` reports.
+(config section alerting, with normalise [] except for +norm) raise on the method's scores, as
+`pipeline alerts --labels` reports.
 ``seconds`` is the wall time of the method plus its metrics (noisy on a shared machine).
 Baselines are comparators for this benchmark, not a product feature.
 """
@@ -26,6 +30,7 @@ Baselines are comparators for this benchmark, not a product feature.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -40,7 +45,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.alerting import alert_record, alerts_from_rows  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))  # detect_text.py, also when a test loads this file
+import detect_text  # noqa: E402  (the sessions profile and BGL)
+from detect_text import PROFILES as TEXT_PROFILES  # noqa: E402
+
+from pipeline.alerting import alert_record, alerts_from_rows, row_scores  # noqa: E402
 from pipeline.alertview import highest  # noqa: E402
 from pipeline.config import Config, ConfigError, load_config  # noqa: E402
 from pipeline.evaluate import precision_at_k, read_labels, scored_truth  # noqa: E402
@@ -55,6 +64,9 @@ LM_PRESETS = {
     "default": [],
     "char-LSTM": ["tokenizer.kind=char", "model.kind=rnn"],
     "word-GPT": ["tokenizer.kind=word", "model.kind=gpt"],
+    "word-LSTM-fixed-att": ["tokenizer.kind=word", "model.kind=rnn", "model.rnn.attention=fixed"],
+    "word-LSTM-syntax-att": ["tokenizer.kind=word", "model.kind=rnn", "model.rnn.attention=syntax"],
+    "word-LSTM-ctx": ["tokenizer.kind=word", "model.kind=rnn", "model.context.entity=user"],
 }
 # (first, second) field pairs counted by the pair-rarity baselines (LANL column names).
 PAIRS = (("src_user", "dst_computer"), ("src_computer", "dst_computer"),
@@ -163,11 +175,18 @@ def lm_losses(windows: dict[int, list[Event]], config: Config) -> dict[int, floa
             if s.loss is not None}
 
 
-def metrics(rows: list[ScoreRow], labels: dict[int, int], config: Config) -> dict:
+def metrics(rows: list[ScoreRow], labels: dict[int, int], config: Config,
+            normalise: list[str] | tuple[str, ...] = ()) -> dict:
+    """The metrics of the rows' losses, or with ``normalise`` (entity names) of their
+    entity-normalised scores (pipeline/normalise.py), alerts ranked by them too."""
+    alerting = dataclasses.replace(config.alerting, normalise=list(normalise))
+    if normalise:
+        rows = [dataclasses.replace(r, loss=s) for r, s in zip(rows, row_scores(rows, alerting))]
     losses, truth = scored_truth(rows, labels)
     detection = detection_scores(truth, losses)
     auc, ap = detection if detection else (math.nan, math.nan)
-    alerts = highest([alert_record(a) for a in alerts_from_rows(rows, config.alerting)], TOP_ALERTS)
+    # (the alert rules read the score from loss when normalise is [])
+    alerts = highest([alert_record(a) for a in alerts_from_rows(rows, alerting)], TOP_ALERTS)
     hits = sum(labels.get(a["line"], 0) for a in alerts)
     return {"auc": auc, "ap": ap, **{f"p@{k}": v for k, v in precision_at_k(truth, losses, KS).items()},
             "alert@20": hits / len(alerts) if alerts else 0.0, "alerts": len(alerts),
@@ -214,9 +233,14 @@ def run_seed(profile: str, seed: int, args, folder: Path) -> dict[str, dict]:
     for name, method in methods.items():
         started = time.perf_counter()
         losses = method()
-        result = metrics(rows_from_losses(windows, base, losses), labels, base)
+        rows = rows_from_losses(windows, base, losses)
+        result = metrics(rows, labels, base)
         result["seconds"] = time.perf_counter() - started
         results[name] = result
+        if name.startswith("LM "):  # the same losses, entity-normalised: no extra training
+            started = time.perf_counter()
+            result = metrics(rows, labels, base, base.alerting.normalise or ["user"])
+            results[f"{name}+norm"] = {**result, "seconds": time.perf_counter() - started}
     return results
 
 
@@ -237,8 +261,10 @@ def mean_over_seeds(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", action="append", choices=("realistic", "simple"),
-                        help="generator profile (repeatable; default: realistic and simple)")
+    parser.add_argument("--profile", action="append", choices=("realistic", "simple", *TEXT_PROFILES),
+                        help="generator profile, or bgl (the shared BGL sample); text logs "
+                             "(sessions, bgl): benchmarks/detect_text.py (repeatable; default: "
+                             "realistic and simple)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N per profile (default 3)")
     parser.add_argument("--lm", action="append",
                         help=f"LM variant: {', '.join(LM_PRESETS)} or NAME:key=value;key=value "
@@ -253,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write every number here")
     args = parser.parse_args(argv)
     args.profile = args.profile or ["realistic", "simple"]
-    args.lm = args.lm or ["default"]
+    text_lm, args.lm = args.lm, args.lm or ["default"]  # text logs have variants of their own
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     everything = {}
@@ -261,17 +287,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for profile in args.profile:
+                text = profile in TEXT_PROFILES
+                show, average = (detect_text.table, detect_text.mean_over_seeds) if text \
+                    else (table, mean_over_seeds)
                 per_seed = []
                 for seed in range(1, args.seeds + 1):
-                    results = run_seed(profile, seed, args, Path(tmp))
+                    results = detect_text.run_seed(profile, seed, argparse.Namespace(
+                        **{**vars(args), "lm": text_lm}), Path(tmp)) if text \
+                        else run_seed(profile, seed, args, Path(tmp))
                     positives = next(iter(results.values()))["positives"]
-                    print(table(f"\n{profile} profile, seed {seed} ({positives} red-team events "
-                                f"scored)", results), flush=True)
+                    print(show(f"\n{profile} profile, seed {seed} ({positives} red-team events "
+                               f"scored)", results), flush=True)
                     per_seed.append(results)
-                mean = mean_over_seeds(per_seed)
-                print(table(f"\n{profile} profile, mean over {args.seeds} seeds", mean), flush=True)
+                mean = average(per_seed)
+                print(show(f"\n{profile} profile, mean over {args.seeds} seeds", mean), flush=True)
                 everything[profile] = {"seeds": per_seed, "mean": mean}
-    except (Problem, ConfigError) as exc:
+    except (Problem, ConfigError, detect_text.TextProblem) as exc:
         print(f"detect.py: {exc}", file=sys.stderr)
         return 2
     print(f"\ntotal {time.perf_counter() - started:.0f} s", flush=True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nn.tokenizers import PAD
+from nn.context import next_token_targets
 
 
 @dataclass
@@ -104,9 +104,9 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def inputs_and_targets(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """seq: (B, T) BOS..EOS ids, right-padded with PAD; predict every next token."""
-        targets = seq[:, 1:].masked_fill(seq[:, 1:] == PAD, -1)
-        return seq[:, :-1], targets
+        """seq: (B, T) BOS..EOS ids, right-padded with PAD; predict every next token of the
+        event (entity context, negative ids, is read, never predicted: nn/context.py)."""
+        return next_token_targets(seq)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         B, T = idx.size()

@@ -312,18 +312,29 @@ class BpeTokenizer:
 
 
 TOKENIZERS = {cls.kind: cls for cls in (CharTokenizer, WordTokenizer, BpeTokenizer)}
+# nn/templates.py's TemplateTokenizer ("template") too; typed loosely here, because that module
+# imports this one (it is looked up when asked for, below).
 AnyTokenizer = CharTokenizer | WordTokenizer | BpeTokenizer
 
 
+def _tokenizer_class(kind: object) -> type | None:
+    if kind == "template":
+        from nn.templates import TemplateTokenizer
+
+        return TemplateTokenizer
+    return TOKENIZERS.get(kind)
+
+
 def build_tokenizer(kind: str, **options) -> AnyTokenizer:
-    return TOKENIZERS[kind](**options)
+    return _tokenizer_class(kind)(**options)
 
 
 def tokenizer_from_state(state: dict) -> AnyTokenizer:
     kind = state.get("kind")
-    if kind not in TOKENIZERS:
+    cls = _tokenizer_class(kind)
+    if cls is None:
         raise ValueError(f"unknown tokenizer kind {kind!r} in saved state")
-    return TOKENIZERS[kind].from_state(state)
+    return cls.from_state(state)
 
 
 def needs_fit(tokenizer: AnyTokenizer) -> bool:
@@ -331,6 +342,8 @@ def needs_fit(tokenizer: AnyTokenizer) -> bool:
         return not tokenizer.vocabs
     if isinstance(tokenizer, BpeTokenizer):
         return tokenizer._tok is None
+    if getattr(tokenizer, "kind", None) == "template":
+        return not tokenizer.fitted
     return False
 
 

@@ -1,14 +1,20 @@
 """Pure alert logic: per-entity score statistics across windows, and the rules that flag events.
 
 Each event is judged on its own, as its score arrives (``judge_event``), against what the earlier
-windows left: it is flagged when its loss is at or above the percentile threshold of the latest
-earlier window that had losses (``alerting.window_percentile`` of that window's losses, computed
-exactly when it closed), or extreme for one of its entities (robust z-score against that entity's
+windows left: it is flagged when its score is at or above the percentile threshold of the latest
+earlier window that had losses (``alerting.window_percentile`` of that window's scores, computed
+exactly when it closed), or its loss is extreme for one of its entities (robust z-score against that entity's
 own history from earlier windows, once the history is long enough). Repeats are throttled per
 entity per window, first come first served: the one rule where the order events are judged in
 matters (arrival order in the stage, event order offline). A window's data joins the histories
 and gives the next threshold only when it closes (``close_window``), so a burst of attacks cannot
 make itself look normal, nor raise its own window's threshold.
+
+The score is the entity-normalised score of pipeline/normalise.py (``alerting.normalise``; the
+raw loss when that is empty): each entity history also keeps its event count and the exact mean
+and squared deviations of all its losses, and a window's events join them only when it closes
+(``close_window`` scores the whole window first), so every score of window w is against windows
+< w. ``row_scores`` gives the same scores for a scores file (``pipeline top``, the report).
 
 The first window with losses has no earlier window to take a threshold from: it is judged whole
 when it closes (``judge_complete``: percentile within the window itself, highest losses kept by the
@@ -37,7 +43,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import normalise
 from pipeline.config import AlertingConfig
+from pipeline.normalise import Moments, baseline, combine, entity_score
 from pipeline.scorefile import ScoreRow
 from pipeline.stats import midrank_percentiles
 from pipeline.windowing import event_order
@@ -50,12 +58,21 @@ class EntityHistory:
     """An entity's most recent losses (oldest first), its event count and the last window it was
     seen in. Slots and a flat float array: ~0.3 KB + 8 B per loss, a deque of floats costs 3x."""
 
-    __slots__ = ("losses", "total_events", "last_window")
+    __slots__ = ("losses", "total_events", "last_window", "seen", "mean", "m2")
 
-    def __init__(self, losses=(), total_events: int = 0, last_window: int = 0):
+    def __init__(self, losses=(), total_events: int = 0, last_window: int = 0, seen: int = 0,
+                 mean: float = 0.0, m2: float = 0.0):
         self.losses = array("d", losses)
-        self.total_events = total_events
+        self.total_events = total_events  # losses ever added (the count of mean and m2)
         self.last_window = last_window
+        # For the normalised score (pipeline/normalise.py): events in closed windows, scored or
+        # not, and the mean and squared deviations of every loss ever added (not only the kept).
+        self.seen = seen
+        self.mean = mean
+        self.m2 = m2
+
+    def moments(self) -> Moments:
+        return Moments(self.total_events, self.mean, self.m2)
 
     def add(self, loss: float, keep: int) -> None:
         self.losses.append(loss)
@@ -89,9 +106,10 @@ def entity_keys(entities: dict[str, str]) -> list[tuple[str, str]]:
 @dataclass
 class Alert:
     record: dict  # the scored event (ScoredEvent fields)
-    window_percentile: float
+    window_percentile: float  # of its score
     reasons: list[str]
     entity_stats: list[dict]
+    score: float | None = None  # what it was ranked by: the normalised score (or the loss)
 
 
 def alert_record(alert: Alert) -> dict:
@@ -102,6 +120,7 @@ def alert_record(alert: Alert) -> dict:
         "window": r["window"], "raw": r["raw"], "loss": r["loss"],
         "window_percentile": alert.window_percentile, "entities": r["entities"],
         "entity_stats": alert.entity_stats, "reasons": alert.reasons,
+        "score": r["loss"] if alert.score is None else alert.score,
     }
 
 
@@ -113,20 +132,24 @@ EventKey = tuple  # pipeline.windowing.event_order: (time, line, (topic, partiti
 @dataclass
 class Reference:
     """What the percentile rule keeps of the latest closed window that had losses: the lowest
-    loss the rule flags in that window (inf: none, e.g. window_percentile 100) and its sorted
-    losses at GRID_POINTS evenly spaced ranks, to say where a later loss stands against them."""
+    score the rule flags in that window (inf: none, e.g. window_percentile 100), its sorted
+    scores at GRID_POINTS evenly spaced ranks, to say where a later score stands against them,
+    and its mean loss (the population the normalised score shrinks toward). The score is the
+    loss when alerting.normalise is empty."""
 
     window: int
     threshold: float
     grid: np.ndarray
+    mean: float = 0.0
 
     @classmethod
-    def of(cls, window: int, losses: list[float], percentile: float) -> Reference:
-        ordered = np.sort(np.asarray(losses, dtype=np.float64))
+    def of(cls, window: int, scores: list[float], percentile: float,
+           mean: float = 0.0) -> Reference:
+        ordered = np.sort(np.asarray(scores, dtype=np.float64))
         flagged = ordered[midrank_percentiles(ordered) >= percentile]
         threshold = float(flagged[0]) if len(flagged) else math.inf
         ranks = np.linspace(0, len(ordered) - 1, GRID_POINTS).round().astype(np.int64)
-        return cls(window, threshold, ordered[ranks])
+        return cls(window, threshold, ordered[ranks], mean)
 
     def percentile(self, loss: float) -> float:
         """The mid-rank percentile of ``loss`` among the grid: about its percentile among the
@@ -139,6 +162,7 @@ class Reference:
 class AlertEngine:
     def __init__(self, config: AlertingConfig):
         self.config = config
+        self.normalise = normalise.entities(config.normalise)  # kinds the score normalises by
         # Insertion order is recency: an entity moves to the end when first seen in a window,
         # so the front holds the least recently seen (evicted first).
         self.histories: dict[tuple[str, str], EntityHistory] = {}
@@ -184,6 +208,47 @@ class AlertEngine:
             del self.histories[key]
         self.evicted += len(victims)
 
+    def score(self, loss: float, entities: dict[str, str], population_mean: float) -> float:
+        """The event's normalised score (pipeline/normalise.py) against the histories the
+        closed windows left; the loss itself when alerting.normalise is empty."""
+        config = self.config
+        if not self.normalise:
+            return loss
+        scores = []
+        for kind in self.normalise:
+            value = entities.get(kind)
+            if not value:
+                continue
+            history = self.histories.get((kind, value))
+            if history is None:
+                scores.append(0.0)  # never seen: no usual to be surprising against
+            else:
+                scores.append(entity_score(loss, history.seen, history.total_events, history.mean,
+                                           population_mean, config.normalise_prior,
+                                           config.normalise_trust))
+        return combine(scores, loss, population_mean)
+
+    def _score_reason(self, entities: dict[str, str], loss: float, population_mean: float) -> str:
+        """Where the normalised score comes from: each entity's baseline and history."""
+        parts = []
+        for kind in self.normalise:
+            value = entities.get(kind)
+            if not value:
+                continue
+            history = self.histories.get((kind, value)) or EntityHistory()
+            base = baseline(history.total_events, history.mean, population_mean,
+                            self.config.normalise_prior)
+            parts.append(f"{kind} {value}: {loss - base:+.3f} nats against its usual {base:.3f} "
+                         f"({history.total_events} losses, {history.seen} events before)")
+        return "; ".join(parts) or f"no entity: against the population mean {population_mean:.3f}"
+
+    def _flag_reason(self, score: float, loss: float, entities: dict[str, str], where: str,
+                     population_mean: float) -> str:
+        if not self.normalise:
+            return f"loss {loss:.3f} {where}"
+        return (f"score {score:.3f} (loss {loss:.3f}) {where}; "
+                f"{self._score_reason(entities, loss, population_mean)}")
+
     def _entity_verdicts(self, record: dict) -> tuple[list[str], list[dict]]:
         """(reasons, stats) of the robust z-score rule for each entity with enough history."""
         reasons, stats = [], []
@@ -213,18 +278,20 @@ class AlertEngine:
         if key in self.alerted.get(window, ()):
             return None
         loss, reference = record["loss"], self.reference
+        score = self.score(loss, record["entities"], reference.mean)
         reasons, stats = self._entity_verdicts(record)
-        if loss >= reference.threshold:
-            reasons.insert(0, f"loss {loss:.3f} at or above {reference.threshold:.3f}, the "
-                              f"{self.config.window_percentile:g}th percentile of window "
-                              f"{reference.window}")
+        if score >= reference.threshold:
+            reasons.insert(0, self._flag_reason(
+                score, loss, record["entities"],
+                f"at or above {reference.threshold:.3f}, the {self.config.window_percentile:g}th "
+                f"percentile of window {reference.window}", reference.mean))
         if not reasons:
             return None
         counts = self.throttle.setdefault(window, {})
         if not self._admit(counts, record):
             return None
         self.alerted.setdefault(window, set()).add(key)
-        return Alert(record, reference.percentile(loss), reasons, stats)
+        return Alert(record, reference.percentile(score), reasons, stats, score)
 
     def _admit(self, counts: dict[tuple[str, str], int], record: dict) -> bool:
         """The throttle: False when every entity of the event had max_alerts_per_entity alerts in
@@ -247,38 +314,86 @@ class AlertEngine:
         losses first, for their ranks): only the losses and the alerts are held at once."""
         if self.closed(window):
             return []
-        losses = array("d", (r["loss"] for r in read() if r["loss"] is not None))
-        ranks = midrank_percentiles(np.frombuffer(losses, dtype=np.float64)).tolist()
+        population = self._population_mean(lambda: ((r["loss"], None) for r in read()))
+        scores = array("d", (self.score(r["loss"], r["entities"], population)
+                             for r in read() if r["loss"] is not None))
+        ranks = midrank_percentiles(np.frombuffer(scores, dtype=np.float64)).tolist()
         scored = (r for r in read() if r["loss"] is not None)
         candidates = []
-        for record, percentile in zip(scored, ranks):
+        for record, score, percentile in zip(scored, scores, ranks):
             reasons, stats = self._entity_verdicts(record)
             if percentile >= self.config.window_percentile:
-                reasons.insert(0, f"loss {record['loss']:.3f} at the {percentile:.2f}th "
-                                  f"percentile of window {window}")
+                reasons.insert(0, self._flag_reason(
+                    score, record["loss"], record["entities"],
+                    f"at the {percentile:.2f}th percentile of window {window}", population))
             if reasons:
-                candidates.append(Alert(record, percentile, reasons, stats))
+                candidates.append(Alert(record, percentile, reasons, stats, score))
         counts = self.throttle.setdefault(window, {})
-        return [alert for alert in sorted(candidates, key=lambda a: (-a.record["loss"],
+        return [alert for alert in sorted(candidates, key=lambda a: (-a.score,
                                                                       event_order(a.record)))
                 if self._admit(counts, alert.record)]
 
-    def close_window(self, window: int, scored: Iterable[tuple[float | None, dict]]) -> None:
+    def _population_mean(self, read: Callable[[], Iterable[tuple[float | None, dict]]]) -> float:
+        """The population mean the normalised score shrinks toward: the latest earlier window's
+        mean loss; for the first window with losses (none earlier) its own (``read()`` yields
+        its (loss, entities))."""
+        if self.reference is not None:
+            return self.reference.mean
+        if not self.normalise:
+            return 0.0  # unused
+        own = Moments()
+        for loss, _ in read():
+            if loss is not None:
+                own.add(loss)
+        return own.mean
+
+    def window_scores(self, window: int, records: list[dict]) -> list[float | None]:
+        """The score of each of a window's records (None: unscored) as the alerter judges them:
+        against what the windows before it left. Call before closing it."""
+        population = self._population_mean(lambda: ((r["loss"], None) for r in records))
+        return [None if r["loss"] is None else self.score(r["loss"], r["entities"], population)
+                for r in records]
+
+    def close_window(self, window: int, scored: Iterable[tuple[float | None, dict]]
+                     | Callable[[], Iterable[tuple[float | None, dict]]]) -> None:
         """Learn from a window whose events were all judged: ``scored`` is its (loss, entities)
-        in event order (the histories' LRU order and eviction follow it). Its losses give the
-        next windows' threshold. A window closed already changes nothing."""
+        in event order (the histories' LRU order and eviction follow it), or a function that
+        yields them (read twice for the first window with losses when normalising, so that an
+        iterator need not be held in memory). Its scores give the next windows' threshold. A
+        window closed already changes nothing."""
         if self.closed(window):
             return
-        keep, losses = self.config.history, array("d")  # 8 bytes a loss, not a float object
-        for loss, entities in scored:
-            if loss is None:
-                continue
-            losses.append(loss)
+        if callable(scored):
+            read = scored
+        else:
+            items = scored if isinstance(scored, (list, tuple)) else list(scored)
+            read = lambda: items  # noqa: E731
+        population = self._population_mean(read)
+        keep = self.config.history
+        scores, own = array("d"), Moments()  # 8 bytes a score, not a float object
+        # The window's losses per entity join the histories after the pass: every score of the
+        # window is against the state the earlier windows left.
+        pending: dict[tuple[str, str], tuple[EntityHistory, list]] = {}
+        for loss, entities in read():
             for key in entity_keys(entities):
-                self._touch(key, window).add(loss, keep)
+                history = self._touch(key, window)
+                pending.setdefault(key, (history, []))[1].append(loss)
+            if loss is not None:
+                own.add(loss)
+                scores.append(self.score(loss, entities, population))
+        for history, losses in pending.values():
+            history.seen += len(losses)
+            added = Moments()
+            for loss in losses:
+                if loss is not None:
+                    added.add(loss)
+                    history.add(loss, keep)
+            merged = Moments(history.total_events - added.n, history.mean, history.m2)
+            merged.merge(added)
+            history.mean, history.m2 = merged.mean, merged.m2
         self._evict(window)
-        if losses:
-            self.reference = Reference.of(window, losses, self.config.window_percentile)
+        if scores:
+            self.reference = Reference.of(window, scores, self.config.window_percentile, own.mean)
         self.last_window = window
         for table in (self.throttle, self.alerted):
             for w in [w for w in table if w <= window]:
@@ -303,7 +418,8 @@ class AlertEngine:
         """As plain JSON-able data (for tests and inspection; the stage saves encode_state)."""
         return {
             "last_window": self.last_window,
-            "histories": [[kind, value, h.total_events, h.last_window, list(h.losses)]
+            "histories": [[kind, value, h.total_events, h.last_window, list(h.losses), h.seen,
+                           h.mean, h.m2]
                           for (kind, value), h in self.histories.items()],  # in LRU order
             **self._small_state(),
             "grid": [] if self.reference is None else self.reference.grid.tolist(),
@@ -314,7 +430,7 @@ class AlertEngine:
         ref = self.reference
         return {
             "reference": None if ref is None else {
-                "window": ref.window,
+                "window": ref.window, "mean": ref.mean,
                 "threshold": None if math.isinf(ref.threshold) else ref.threshold},
             "open": [[window, [[kind, value, n] for (kind, value), n in counts.items()],
                       sorted([t, line, *source] for t, line, source in self.alerted.get(window, ()))]
@@ -326,7 +442,7 @@ class AlertEngine:
         if ref is not None:
             threshold = math.inf if ref["threshold"] is None else float(ref["threshold"])
             self.reference = Reference(int(ref["window"]), threshold,
-                                       np.asarray(grid, dtype=np.float64))
+                                       np.asarray(grid, dtype=np.float64), float(ref["mean"]))
         for window, counts, alerted in state["open"]:
             self.throttle[int(window)] = {(kind, value): int(n) for kind, value, n in counts}
             self.alerted[int(window)] = {(t, line, (topic, partition, offset))
@@ -336,14 +452,17 @@ class AlertEngine:
     def from_state(cls, config: AlertingConfig, state: dict) -> AlertEngine:
         engine = cls(config)
         engine.last_window = state["last_window"]
-        for kind, value, total, seen, losses in state["histories"]:
+        for kind, value, total, last, losses, seen, mean, m2 in state["histories"]:
             engine.histories[(kind, value)] = EntityHistory(
-                (float(v) for v in losses[-config.history:]), int(total), int(seen))
+                (float(v) for v in losses[-config.history:]), int(total), int(last), int(seen),
+                float(mean), float(m2))
         engine._load_small_state(state, state["grid"])
         return engine
 
 
-STATE_FORMAT = "salka-alerter-state-v3"  # v3: the threshold and the open windows' throttle
+# v3: the threshold and the open windows' throttle; v4: the normalised score's per-entity
+# moments and event counts, and the threshold window's mean loss.
+STATE_FORMAT = "salka-alerter-state-v4"
 
 
 class StateFormatError(ValueError):
@@ -356,6 +475,7 @@ def encode_state(engine: AlertEngine, extra: dict) -> bytes:
     resume offset)."""
     kinds: dict[str, int] = {}
     kind_ids, names, name_ends, totals, seen, counts = [], [], [], [], [], []
+    events, means, m2s = [], array("d"), array("d")
     losses = array("d")
     end = 0
     for (kind, value), history in engine.histories.items():
@@ -368,6 +488,9 @@ def encode_state(engine: AlertEngine, extra: dict) -> bytes:
         seen.append(history.last_window)
         counts.append(len(history.losses))
         losses.extend(history.losses)
+        events.append(history.seen)
+        means.append(history.mean)
+        m2s.append(history.m2)
     meta = {"format": STATE_FORMAT, "last_window": engine.last_window, "kinds": list(kinds),
             "extra": extra, **engine._small_state()}
     grid = np.empty(0) if engine.reference is None else engine.reference.grid
@@ -378,7 +501,8 @@ def encode_state(engine: AlertEngine, extra: dict) -> bytes:
              name_ends=np.array(name_ends, dtype=np.int64),
              total=np.array(totals, dtype=np.int64), seen=np.array(seen, dtype=np.int64),
              count=np.array(counts, dtype=np.int64), losses=np.frombuffer(losses, dtype=np.float64),
-             grid=np.asarray(grid, dtype=np.float64))
+             grid=np.asarray(grid, dtype=np.float64), events=np.array(events, dtype=np.int64),
+             mean=np.frombuffer(means, dtype=np.float64), m2=np.frombuffer(m2s, dtype=np.float64))
     return out.getvalue()
 
 
@@ -391,9 +515,11 @@ def decode_state(data: bytes, config: AlertingConfig) -> tuple[AlertEngine, dict
                 # an older format too: its windows' thresholds and throttles are not there
                 raise StateFormatError(f"not a salka alerter state ({STATE_FORMAT} expected)")
             arrays = {name: npz[name] for name in ("kind", "names", "name_ends", "total",
-                                                   "seen", "count", "losses", "grid")}
+                                                   "seen", "count", "losses", "grid", "events",
+                                                   "mean", "m2")}
         n = len(arrays["kind"])
-        if any(len(arrays[name]) != n for name in ("name_ends", "total", "seen", "count")) or \
+        if any(len(arrays[name]) != n for name in ("name_ends", "total", "seen", "count",
+                                                   "events", "mean", "m2")) or \
                 int(arrays["count"].sum()) != len(arrays["losses"]) or \
                 (n and int(arrays["name_ends"][-1]) != len(arrays["names"])):
             raise StateFormatError("inconsistent array lengths")
@@ -402,13 +528,14 @@ def decode_state(data: bytes, config: AlertingConfig) -> tuple[AlertEngine, dict
         engine.last_window = meta["last_window"]
         losses = arrays["losses"].tolist()
         start = used = 0
-        for kind, end, total, seen, count in zip(arrays["kind"].tolist(),
-                                                 arrays["name_ends"].tolist(),
-                                                 arrays["total"].tolist(), arrays["seen"].tolist(),
-                                                 arrays["count"].tolist()):
+        for kind, end, total, seen, count, events, mean, m2 in zip(
+                arrays["kind"].tolist(), arrays["name_ends"].tolist(), arrays["total"].tolist(),
+                arrays["seen"].tolist(), arrays["count"].tolist(), arrays["events"].tolist(),
+                arrays["mean"].tolist(), arrays["m2"].tolist()):
             value = blob[start:end].decode("utf-8", "surrogatepass")
             kept = losses[used:used + count][-config.history:]
-            engine.histories[(kinds[kind], value)] = EntityHistory(kept, total, seen)
+            engine.histories[(kinds[kind], value)] = EntityHistory(kept, total, seen, events,
+                                                                   mean, m2)
             start, used = end, used + count
         if (meta["reference"] is None) != (len(arrays["grid"]) == 0):
             raise StateFormatError("a threshold without its grid, or a grid without one")
@@ -446,3 +573,23 @@ def alerts_from_rows(rows: list[ScoreRow], config: AlertingConfig,
     for window in sorted(windows):
         alerts += engine.judge_window(window, sorted(windows[window], key=event_order))
     return alerts
+
+
+def row_scores(rows: list[ScoreRow], config: AlertingConfig) -> list[float | None]:
+    """The score each row is ranked and alerted by (None: unscored), as ``alerts_from_rows`` and
+    the alerter stage compute it: the normalised score (pipeline/normalise.py), or the loss when
+    ``config.normalise`` is empty. Aligned with ``rows``."""
+    if not normalise.entities(config.normalise):
+        return [row.loss for row in rows]
+    windows: dict[int, list[tuple[dict, int]]] = {}
+    for index, row in enumerate(rows):
+        windows.setdefault(row.window, []).append((row_to_record(row), index))
+    engine = AlertEngine(config)
+    out: list[float | None] = [None] * len(rows)
+    for window in sorted(windows):
+        ordered = sorted(windows[window], key=lambda pair: event_order(pair[0]))
+        records = [record for record, _ in ordered]
+        for (_, index), score in zip(ordered, engine.window_scores(window, records)):
+            out[index] = score
+        engine.close_window(window, [(r["loss"], r["entities"]) for r in records])
+    return out

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline.alerting import alert_record, alerts_from_rows
 from pipeline.config import AlertingConfig
+from pipeline.normalise import entities
 from pipeline.ranking import raw_lines
 from pipeline.safetext import printable
 from pipeline.scorefile import read_scores
@@ -24,20 +25,27 @@ def offline_alerts(scores_path: str | Path, config: AlertingConfig,
     return [alert_record(a) for a in alerts_from_rows(rows, config, raw)], len(rows)
 
 
+def alert_score(alert: dict) -> float:
+    """What an alert ranks by: its score (normalised, alerting.normalise), else its loss."""
+    score = alert.get("score")
+    return alert["loss"] if score is None else score
+
+
 def highest(alerts: list[dict], limit: int) -> list[dict]:
-    """The ``limit`` highest-loss alerts, highest first (ties keep their order)."""
-    return sorted(alerts, key=lambda a: -a["loss"])[:limit]
+    """The ``limit`` highest-scoring alerts, highest first (ties keep their order)."""
+    return sorted(alerts, key=lambda a: -alert_score(a))[:limit]
 
 
 def alert_lines(alerts: list[dict], limit: int) -> list[str]:
-    """The ``limit`` highest-loss alerts: rank, loss, line, window, entities, then the raw line and
-    one line per reason."""
+    """The ``limit`` highest-scoring alerts: rank, score (when normalised), loss, line, window,
+    entities, then the raw line and one line per reason."""
     lines = []
     for rank, a in enumerate(highest(alerts, limit), start=1):
         # entities, raw line and reasons carry log text: printable() each
         entities = " ".join(f"{k}={v}" for k, v in a["entities"].items())
-        lines.append(f"{rank:>3}. loss {a['loss']:.3f}  line {a['line']}  window {a['window']}  "
-                     f"{printable(entities)}")
+        score = "" if alert_score(a) == a["loss"] else f"score {alert_score(a):.3f}  "
+        lines.append(f"{rank:>3}. {score}loss {a['loss']:.3f}  line {a['line']}  "
+                     f"window {a['window']}  {printable(entities)}")
         if a["raw"]:
             lines.append(f"     {printable(a['raw'])}")
         lines += [f"     - {printable(reason)}" for reason in a["reasons"]]
@@ -45,7 +53,7 @@ def alert_lines(alerts: list[dict], limit: int) -> list[str]:
 
 
 def precision_line(alerts: list[dict], labels: Mapping[int, int], k: int) -> str:
-    """The share of the ``k`` highest-loss alerts whose line is labelled anomalous."""
+    """The share of the ``k`` highest-scoring alerts whose line is labelled anomalous."""
     top = highest(alerts, k)
     hits = sum(labels.get(a["line"], 0) for a in top)
     return f"precision of the top {len(top)} alerts: {hits / max(len(top), 1):.2f}"
@@ -58,7 +66,8 @@ def offline_report(scores_path: str | Path, config: AlertingConfig, limit: int,
     their precision."""
     alerts, events = offline_alerts(scores_path, config, input_path)
     shown = min(limit, len(alerts))
-    lines = [f"{len(alerts)} alerts from {events} events; top {shown} by loss:",
+    by = "normalised score" if entities(config.normalise) else "loss"
+    lines = [f"{len(alerts)} alerts from {events} events; top {shown} by {by}:",
              *alert_lines(alerts, limit)]
     if labels is not None:
         lines.append(precision_line(alerts, labels, limit))

@@ -85,9 +85,11 @@ def cli(verbose: int, quiet: bool, log_format: str) -> None:
 @click.option("--redteam-events", default=60, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=7, show_default=True, type=int)
 @click.option("--profile", default="simple", show_default=True,
-              type=click.Choice(["simple", "realistic"]),
+              type=click.Choice(["simple", "realistic", "sessions"]),
               help="simple: tidy habits; realistic: onboarding, admins, backup sweep, hot-desking, "
-                   "red team over known hosts (needs --users >= 10, --computers >= 30).")
+                   "red team over known hosts (needs --users >= 10, --computers >= 30); sessions: a "
+                   "free-text service log of sessions, --redteam-events of them with missing / extra "
+                   "/ reordered steps (pipeline/generate_sessions.py; examples/sessions.yaml).")
 @click.option("--no-header", is_flag=True, help="Do not write a header row.")
 def generate_command(config: Config, output, labels, users, computers, days, events_per_day, redteam_events,
                      seed, profile, no_header) -> None:
@@ -100,6 +102,14 @@ def generate_command(config: Config, output, labels, users, computers, days, eve
     spec = GenerateSpec(users=users, computers=computers, days=days,
                         events_per_day=events_per_day, redteam_events=redteam_events, seed=seed,
                         profile=profile)
+    if profile == "sessions":  # a text log (no header), labels per line and per session
+        from pipeline.generate_sessions import session_labels_path, write_sessions
+
+        summary = write_sessions(spec, Path(output), Path(labels))
+        click.echo(f"wrote {summary['events']} lines of {summary['sessions']} sessions "
+                   f"({summary['anomalous_sessions']} anomalous) to {output}; labels in {labels} "
+                   f"and {session_labels_path(Path(labels))}")
+        return
     summary = write_log(spec, Path(output), Path(labels), header=not no_header)
     click.echo(f"wrote {summary['events']} events ({summary['redteam']} red-team) to {output}; "
                f"labels in {labels}")
@@ -112,13 +122,15 @@ def generate_command(config: Config, output, labels, users, computers, days, eve
               help="Scores file (gzip CSV).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: only on a terminal).")
-def replay_command(config: Config, input_path, output_path, progress) -> None:
+@click.option("--save-model", "save_model", type=click.Path(dir_okay=False),
+              help="Also checkpoint the final model here (for pipeline report --model).")
+def replay_command(config: Config, input_path, output_path, progress, save_model) -> None:
     """Score each event-time window with the model trained on the windows before it, then
     train on it; write one row per event to a gzip CSV."""
     from pipeline.replay import replay
 
     start_torch(config, "replay")
-    count, report = replay(input_path, output_path, config, progress=progress)
+    count, report = replay(input_path, output_path, config, progress=progress, save_model=save_model)
     click.echo(f"scored {count} events into {output_path} "
                f"({len(report.errors)} malformed lines skipped)", err=True)
 
@@ -200,14 +212,14 @@ def scores_source(command):
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
               help="Also write the table to this CSV file for a spreadsheet (formula-safe cells).")
 def top_command(config: Config, rows, limit, by, input_path, csv_path) -> None:
-    """Print the highest-loss events (or entities ranked by their worst event), most anomalous
-    first."""
+    """Print the most anomalous events (or entities ranked by their worst event) first: by the
+    entity-normalised score (alerting.normalise), or by loss when that is []."""
     from pipeline.ranking import format_top, write_top_csv
 
     try:
-        click.echo(format_top(rows, limit, by, input_path))
+        click.echo(format_top(rows, limit, by, input_path, config.alerting))
         if csv_path:
-            count = write_top_csv(csv_path, rows, limit, by, input_path)
+            count = write_top_csv(csv_path, rows, limit, by, input_path, config.alerting)
             click.echo(f"wrote {count} rows to {csv_path}", err=True)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--by") from exc
@@ -224,7 +236,10 @@ def top_command(config: Config, rows, limit, by, input_path, csv_path) -> None:
               help="The scored log file, to show the top events' raw lines.")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False), required=True)
 @click.option("-n", "top_n", default=30, show_default=True, type=click.IntRange(min=1))
-def report_command(config: Config, rows, labels_path, input_path, output_path, top_n) -> None:
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False),
+              help="A checkpoint with RNN attention (trainer checkpoint or replay --save-model): "
+                   "shows what the top events' worst tokens attended to; needs --input.")
+def report_command(config: Config, rows, labels_path, input_path, output_path, top_n, model_path) -> None:
     """Write an HTML file (no network needed to view it): loss distribution per window, top
     events with per-token highlighting (when scores.explain was on), top users and hosts with
     their trend over windows, and with labels ROC / precision-recall curves."""
@@ -232,7 +247,19 @@ def report_command(config: Config, rows, labels_path, input_path, output_path, t
     from pipeline.htmlreport import build_report
 
     labels = read_labels(labels_path) if labels_path else None
-    summary = build_report(rows, Path(output_path), labels=labels, raw_lines=input_path, top_n=top_n)
+    attention, refusals = None, ()
+    if model_path:
+        if not input_path:
+            raise click.UsageError("--model needs --input (the scored log file): attention is "
+                                   "recomputed from the top events' raw lines")
+        from pipeline.attentionview import AttentionUnavailable, attention_for_rows
+
+        attention, refusals = functools.partial(attention_for_rows, config, model_path), AttentionUnavailable
+    try:
+        summary = build_report(rows, Path(output_path), labels=labels, raw_lines=input_path,
+                               top_n=top_n, attention=attention, alerting=config.alerting)
+    except refusals as exc:  # the --model checkpoint cannot explain: one line
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote {output_path}: {summary['events']} events, {summary['plots']} plots", err=True)
 
 
@@ -357,21 +384,23 @@ def broker_command(config: Config, port: int, storage: str) -> None:
     # SIGTERM as Ctrl-C: the handler must not take a lock (an Event.set() run while the main
     # thread sat in Event.wait() on the same lock deadlocked about one stop in five).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        broker = EmbeddedBroker(port=port, storage=storage).start()
-    except TimeoutError as exc:
-        raise click.ClickException(f"{exc}: check --storage {storage} (s3:// needs AWS_ENDPOINT "
-                                   f"and credentials in the environment)") from exc
-    with broker:
+    broker = EmbeddedBroker(port=port, storage=storage)
+    try:  # a signal may come at any point once the process exists: stopped whatever happens
+        try:
+            broker.start()
+        except TimeoutError as exc:
+            raise click.ClickException(f"{exc}: check --storage {storage} (s3:// needs AWS_ENDPOINT "
+                                       f"and credentials in the environment)") from exc
         click.echo(f"broker listening on {broker.bootstrap}; {storage_note(storage)} "
                    f"(Ctrl-C to stop)", err=True)
-        try:
-            while True:
-                time.sleep(0.5)
-                if broker.process.poll() is not None:
-                    raise click.ClickException(f"broker exited with code {broker.process.returncode}")
-        except KeyboardInterrupt:
-            pass
+        while True:
+            time.sleep(0.5)
+            if broker.process.poll() is not None:
+                raise click.ClickException(f"broker exited with code {broker.process.returncode}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
 
 
 @cli.command("audit", short_help="Reconcile raw records against archive, dead letters and late.")

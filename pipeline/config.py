@@ -146,6 +146,26 @@ class BpeTokenizerConfig:
     min_frequency: int = field(default=2, metadata=_check(_positive))
 
 
+_sim_threshold = _range_check("a number in (0, 1]", lambda v: 0 < v <= 1)
+_drain_depth = _range_check("an integer >= 3 (drain3's tree depth)", lambda v: v >= 3)
+
+
+@dataclass(frozen=True)
+class TemplateTokenizerConfig:
+    """``tokenizer.template``: drain3 templates mined from the first window (nn/templates.py)."""
+
+    # drain3: a line joins a template when at least this fraction of its tokens equal it.
+    sim_threshold: float = field(default=0.4, metadata=_check(_sim_threshold))
+    depth: int = field(default=4, metadata=_check(_drain_depth))
+    max_children: int = field(default=100, metadata=_check(_positive))
+    max_templates: int = field(default=1000, metadata=_check(_positive))
+    # "word": the template id, then one token per parameter word; "none": the template id only.
+    parameters: Literal["word", "none"] = "word"
+    # The first window's most frequent words that get ids (as parameters, or in unknown lines).
+    max_word_vocab: int = field(default=5000, metadata=_check(_positive))
+    oov_buckets: int = field(default=8, metadata=_check(_positive))
+
+
 @dataclass(frozen=True)
 class MaskPattern:
     # The mask token is "<name>" (letters, digits, _; starting with a letter).
@@ -177,11 +197,12 @@ class MaskConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    kind: Literal["char", "word", "bpe"] = "word"
+    kind: Literal["char", "word", "bpe", "template"] = "word"
     # Longest event in tokens (without BOS/EOS); longer events are truncated.
     max_tokens: int = field(default=120, metadata=_check(_positive))
     word: WordTokenizerConfig = field(default_factory=WordTokenizerConfig)
     bpe: BpeTokenizerConfig = field(default_factory=BpeTokenizerConfig)
+    template: TemplateTokenizerConfig = field(default_factory=TemplateTokenizerConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
 
 
@@ -195,6 +216,8 @@ class RnnSection:
     # Forward state at t-1 and backward state at t+1 predict token t.
     bidirectional: bool = False
     dropout: float = field(default=0.0, metadata=_check(_probability))
+    # Attention over the event's earlier tokens' states (Brown et al. 2018): none, fixed, syntax.
+    attention: Literal["none", "fixed", "syntax"] = "none"
 
 
 @dataclass(frozen=True)
@@ -208,10 +231,21 @@ class GptSection:
 
 
 @dataclass(frozen=True)
+class ContextSection:
+    """The config file's ``model.context``: entity context (pipeline/context.py)."""
+
+    # An entity name of input.entities (e.g. "user"): each event is read after that entity's
+    # last ``events`` events from earlier windows. Empty: off.
+    entity: str = ""
+    events: int = field(default=4, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     kind: Literal["rnn", "gpt"] = "rnn"
     rnn: RnnSection = field(default_factory=RnnSection)
     gpt: GptSection = field(default_factory=GptSection)
+    context: ContextSection = field(default_factory=ContextSection)
 
 
 @dataclass(frozen=True)
@@ -313,6 +347,14 @@ class AlertingConfig:
     max_entities: int = field(default=100_000, metadata=_check(_positive))
     # An entity absent for more than this many windows loses its history.
     entity_ttl_windows: int = field(default=30, metadata=_check(_positive))
+    # Entities (names in input.entities) whose own history normalises the score that events are
+    # ranked and alerted by (pipeline/normalise.py); empty: the raw loss; "auto": [user] when
+    # input.entities has a user, else [] (resolved when the config loads).
+    normalise: Literal["auto"] | list[str] = "auto"
+    # Pseudo-losses of the population mean in an entity's mean (shrinkage for little history).
+    normalise_prior: float = field(default=20.0, metadata=_check(_non_negative))
+    # Earlier events after which an entity's surprise counts half (0 events: score 0).
+    normalise_trust: float = field(default=20.0, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)
@@ -356,18 +398,36 @@ class Config:
                 f"model.gpt.n_embd: expected a multiple of model.gpt.n_head "
                 f"({self.model.gpt.n_head}), got {self.model.gpt.n_embd}"
             )
+        context = self.model.context.entity
+        if context and context not in self.input.entities:
+            raise ConfigError(
+                f"model.context.entity: expected one of input.entities "
+                f"{sorted(self.input.entities)}, got {context!r}; name an entity, or \"\" for no context"
+            )
         source, known, remedy = _known_fields(self.input)
         for key, name in self._field_refs():
             if name and name not in known:
                 raise ConfigError(
                     f"{key}: expected one of {source} {sorted(known)}, got {name!r}; {remedy}"
                 )
+        self._check_normalise()
 
     def _field_refs(self) -> list[tuple[str, str]]:
         refs = [("input.time_field", self.input.time_field)]
         refs += [(f"input.entities.{k}", v) for k, v in self.input.entities.items()]
         refs += [(f"input.model_fields[{i}]", v) for i, v in enumerate(self.input.model_fields)]
         return refs
+
+    def _check_normalise(self) -> None:
+        if self.alerting.normalise == "auto":  # frozen: resolved once, here
+            resolved = ["user"] if "user" in self.input.entities else []
+            object.__setattr__(self, "alerting", dataclasses.replace(self.alerting,
+                                                                    normalise=resolved))
+        for i, name in enumerate(self.alerting.normalise):
+            if name not in self.input.entities:
+                raise ConfigError(f"alerting.normalise[{i}]: expected one of input.entities "
+                                  f"{sorted(self.input.entities)}, got {name!r}; fix the name, "
+                                  f"or use [] for the raw loss")
 
 
 def _known_fields(config: InputConfig) -> tuple[str, set[str], str]:

@@ -14,7 +14,7 @@ import functools
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +24,7 @@ import numpy as np
 from markupsafe import Markup
 
 from pipeline import ranking
+from pipeline.config import AlertingConfig
 from pipeline.evaluate import scored_truth
 from pipeline.ranking import (
     columns_for,
@@ -64,6 +65,27 @@ class TopEvent:
     entities: list[str]
     tokens: list[Token] | None  # the per-token explanation, None where the row has none
     raw: str | None  # the raw log line, None where unknown
+    attention: Attention | None = None  # the RNN's attention for its worst token (report --model)
+    score: float | None = None  # the entity-normalised score it ranks by (alerting.normalise)
+
+
+@dataclass(frozen=True)
+class Attention:
+    """pipeline.attentionview.AttentionView, shaded for display: ``tokens`` carry the weight as
+    ``loss`` (None: not readable for this prediction) and ``alpha`` relative to the largest."""
+
+    target: str
+    loss: float
+    tokens: list[Token]
+    trained_through: int | None
+
+
+def _attention(view) -> Attention:
+    top = max((w for _, w in view.context if w is not None), default=0.0) or 1.0
+    tokens = [Token(text, None) if w is None else
+              Token(text, w, 0.03 + 0.87 * w / top, "#fff" if w / top > 0.6 else "inherit")
+              for text, w in view.context]
+    return Attention(view.target, view.loss, tokens, view.trained_through)
 
 
 @dataclass(frozen=True)
@@ -71,6 +93,7 @@ class TopEvents:
     columns: list[str]  # entity columns, one table column each
     events: list[TopEvent]
     scale: float | None  # loss of full shading (the legend's maximum), None when nothing is explained
+    normalised: bool = False  # ranked by the entity-normalised score (a score column)
 
     @property
     def explained(self) -> int:
@@ -89,6 +112,7 @@ class EntityTable:
     windows: list[int]  # the trend's windows (the scored ones)
     trend: dict[str, tuple[list[float], list[float]]]  # name -> max and mean loss per window
     numeric: frozenset[int] = ENTITY_NUMERIC
+    ranked_by: str = "loss"  # what "highest event ..." means: loss or normalised score
 
 
 @dataclass(frozen=True)
@@ -182,17 +206,24 @@ def _shade(pairs: list[tuple[str, float | None]], scale: float) -> list[Token]:
     return tokens
 
 
-def top_events_data(top: list[ScoreRow], columns: list[str], raw: Mapping[int, str]) -> TopEvents:
-    """The top events table of ranked rows ``top``: entity ``columns``, explanations, ``raw`` lines."""
+def top_events_data(top: list[ScoreRow], columns: list[str], raw: Mapping[int, str],
+                    attention: Mapping[int, object] | None = None,
+                    scores: ranking.Scores | None = None) -> TopEvents:
+    """The top events table of ranked rows ``top``: entity ``columns``, explanations, ``raw`` lines,
+    ``attention`` (line -> pipeline.attentionview.AttentionView) where given, and the normalised
+    ``scores`` (ranking.ranking_scores) they were ranked by, where given."""
+    attention = attention or {}
     pairs = [_token_explanation(row) for row in top]
     token_losses = [loss for p in pairs if p for _, loss in p if loss is not None]
     # One scale for the whole table, so shades compare across events.
     scale = max(max(token_losses, default=1.0), 1e-6)
     events = [TopEvent(rank, row.loss, row["line"], row["window"],
                        [row.entities.get(c, "") for c in columns], _shade(p, scale) if p else None,
-                       raw.get(line_number(row)))
+                       raw.get(line_number(row)),
+                       _attention(attention[line_number(row)]) if line_number(row) in attention else None,
+                       scores.get(id(row)) if scores is not None else None)
               for rank, (row, p) in enumerate(zip(top, pairs), start=1)]
-    return TopEvents(columns, events, scale if token_losses else None)
+    return TopEvents(columns, events, scale if token_losses else None, scores is not None)
 
 
 def _window_losses(scored: list[ScoreRow]) -> dict[int, np.ndarray]:
@@ -270,23 +301,28 @@ def _trend_plot(table: EntityTable) -> Plot:
 
 
 def entity_table(rows: list[ScoreRow], kind: str, entity: str, title: str, top_n: int,
-                 windows: list[int]) -> EntityTable:
-    """The ``top_n`` entities of kind ``entity`` (``user``, ``host``) ranked by their worst event,
-    with the loss trend of the first few over ``windows``."""
+                 windows: list[int], scores: ranking.Scores | None = None) -> EntityTable:
+    """The ``top_n`` entities of kind ``entity`` (``user``, ``host``) ranked by their worst event
+    (by the normalised ``scores`` where given, else by loss), with the loss trend of the first
+    few over ``windows``."""
     try:
         columns = columns_for(rows, entity)
     except ValueError:
         columns = []
-    ranking = entity_ranking(rows, entity, top_n) if columns else []
-    header = ["rank", entity, "max loss", "mean loss", "scored", "events", "top 1%", "worst line",
-              "worst window"]
-    body = [[str(rank), e["entity"], _fmt(e["max_loss"]), _fmt(e["mean_loss"]), str(e["scored"]),
+    ranked = entity_ranking(rows, entity, top_n, scores) if columns else []
+    extra = ["max score"] if scores is not None else []
+    header = ["rank", entity, *extra, "max loss", "mean loss", "scored", "events", "top 1%",
+              "worst line", "worst window"]
+    body = [[str(rank), e["entity"], *([_fmt(e["max_score"])] if extra else []), _fmt(e["max_loss"]),
+             _fmt(e["mean_loss"]), str(e["scored"]),
              str(e["events"]), str(e["top1pct"]), str(e["worst_line"]) if e["worst_line"] >= 0 else "",
              str(e["worst_window"]) if e["worst_window"] >= 0 else ""]
-            for rank, e in enumerate(ranking, start=1)]
-    names = [e["entity"] for e in ranking[:TREND_ENTITIES]]
+            for rank, e in enumerate(ranked, start=1)]
+    names = [e["entity"] for e in ranked[:TREND_ENTITIES]]
+    numeric = frozenset({0, *range(2, len(header))})
     return EntityTable(kind, entity, title, columns, header, body, names, windows,
-                       _trend_series(rows, columns, names, windows))
+                       _trend_series(rows, columns, names, windows), numeric,
+                       "normalised score" if extra else "loss")
 
 
 def evaluation_data(scored: list[ScoreRow], labels: Mapping[int, int]) -> Evaluation:
@@ -392,7 +428,9 @@ def render_report(title: str, summary: list[tuple[str, str]], per_window: dict[i
 def build_report(rows: list[ScoreRow], output_path: str | Path,
                  labels: Mapping[int, int] | None = None,
                  raw_lines: Mapping[int, str] | str | Path | None = None,
-                 top_n: int = 30, title: str = "salka report") -> dict:
+                 top_n: int = 30, title: str = "salka report",
+                 attention: Callable[[list[ScoreRow], Mapping[int, str]], Mapping[int, object]] | None = None,
+                 alerting: AlertingConfig | None = None) -> dict:
     """Write a self-contained HTML report of scores ``rows`` (from ``read_scores``) to ``output_path``.
 
     ``labels``: line -> 0/1 (``read_labels``), adds ROC / precision-recall curves and per-window AUC.
@@ -400,18 +438,24 @@ def build_report(rows: list[ScoreRow], output_path: str | Path,
     raw line. Returns what the report contains: ``events``, ``scored``, ``windows``, ``plots``,
     ``top_events``, ``top_users``, ``top_hosts``, ``explained`` (top events shown with per-token
     losses), ``has_labels`` (plus ``roc_auc`` / ``average_precision`` where they could be computed)
-    and ``path``.
+    and ``path``. ``attention(ranked rows, raw lines)`` -> line -> AttentionView (as
+    pipeline.attentionview.attention_for_rows) adds attention weights under the top events.
+    ``alerting`` with ``normalise``: events and entities are ranked by the entity-normalised score
+    (as ``pipeline top`` and the alerts rank them), shown next to the loss.
     """
     output_path = Path(output_path)
     scored = [r for r in rows if r.loss is not None]
     all_windows = sorted({r.window for r in rows})
     per_window = _window_losses(scored)
     columns = entity_columns(rows)
-    ranked = top_events(rows, top_n)
-    top = top_events_data(ranked, columns, _raw_lines(ranked, raw_lines))
+    scores = ranking.ranking_scores(rows, alerting)
+    shown = scores if ranking.normalised(alerting) else None  # a score column only when it differs
+    ranked = top_events(rows, top_n, scores)
+    raw = _raw_lines(ranked, raw_lines)
+    top = top_events_data(ranked, columns, raw, attention(ranked, raw) if attention else None, shown)
     scored_windows = list(per_window)  # trends leave out the unscored first window
-    tables = [entity_table(rows, "users", "user", "Top users", top_n, scored_windows),
-              entity_table(rows, "hosts", "host", "Top hosts", top_n, scored_windows)]
+    tables = [entity_table(rows, "users", "user", "Top users", top_n, scored_windows, shown),
+              entity_table(rows, "hosts", "host", "Top hosts", top_n, scored_windows, shown)]
     evaluation = evaluation_data(scored, labels) if labels is not None else None
     summary = summary_items(rows, scored, all_windows, columns)
     document, plots = render_report(title, summary, per_window, top, tables, evaluation)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nn.context import event_ids, with_context
 from nn.scoring import score_sequences
 from nn.tokenizers import WordTokenizer, encode_event, needs_fit, stable_bucket, tokenizer_from_state
 from nn.training import (
@@ -31,6 +32,7 @@ from nn.training import (
 )
 from pipeline.compute import score_batch_size, training_device
 from pipeline.config import RENAMED_KEYS, Config, ConfigError, config_to_dict
+from pipeline.context import EntityHistory, compared_model_section
 from pipeline.modelspec import make_tokenizer, model_args_for
 from pipeline.parsing import Event
 from pipeline.score import Score
@@ -39,7 +41,7 @@ from pipeline.windowing import event_order
 log = logging.getLogger(__name__)
 # Config keys added since checkpoints were first written: a checkpoint without one was made
 # before it existed and is compared as if it had the running config's value.
-ADDED_KEYS = ("tokenizer.word.grow", "tokenizer.word.grow_reserve")
+ADDED_KEYS = ("tokenizer.word.grow", "tokenizer.word.grow_reserve", "tokenizer.template")
 
 
 def _chunk_progress(on_progress: Callable[[int, float, float], None], epochs: int, start: int,
@@ -125,6 +127,8 @@ class WindowLearner:
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.last_window: int | None = None  # last window trained on
+        # model.context: entity value -> its last events of the windows trained on (None: off)
+        self.history = EntityHistory.for_config(config)
 
     @property
     def ready(self) -> bool:
@@ -143,6 +147,13 @@ class WindowLearner:
         self.optimizer = make_optimizer(self.model, tc.learning_rate, tc.weight_decay)
 
     def encode(self, events: Sequence[Event]) -> list[list[int]]:
+        """Each event's BOS..EOS ids, after its entity's context when model.context is on."""
+        own = self.encode_own(events)
+        if self.history is None:
+            return own
+        return [with_context(ids, self.history.context(e)) for e, ids in zip(events, own)]
+
+    def encode_own(self, events: Sequence[Event]) -> list[list[int]]:
         max_tokens = self.config.tokenizer.max_tokens
         return [
             list(e.token_ids) if e.token_ids is not None
@@ -168,7 +179,7 @@ class WindowLearner:
         return [
             Score(e, window, mean, total, tuple(per_token),
                   tuple(self.tokenizer.decode(ids[1:-1] if inner else ids[1:])))
-            for e, ids, (mean, total, per_token) in zip(events, encoded, results)
+            for e, ids, (mean, total, per_token) in zip(events, map(event_ids, encoded), results)
         ]
 
     def train(self, window: int, events: Sequence[Event],
@@ -215,6 +226,9 @@ class WindowLearner:
                 device=self.device, precision=tc.precision,
             ))
             start += len(chunk)
+        if self.history is not None:  # after training: w's events were trained with windows < w
+            for chunk in batched(read(), tc.max_chunk_events):  # all of them, not the sample
+                self.history.remember(zip(chunk, self.encode_own(chunk)))
         self.last_window = window
         return sum(losses) / len(losses) if losses else float("nan")
 
@@ -258,6 +272,7 @@ class WindowLearner:
             optimizer=self.optimizer.state_dict() if self.optimizer is not None else None,
             tokenizer=self.tokenizer.state_dict(),
             last_window=self.last_window,
+            history=self.history.state_dict() if self.history is not None else None,
         )
 
     @classmethod
@@ -270,6 +285,11 @@ class WindowLearner:
             saved = added_keys_filled(renamed_keys_applied(data["config"]), current)
             # A checkpoint from before tokenizer.mask existed read unmasked text: masking off.
             saved.get("tokenizer", {}).setdefault("mask", config_to_dict(Config())["tokenizer"]["mask"])
+            # And one from before model.rnn.attention had none (its model_args build none).
+            saved.get("model", {}).get("rnn", {}).setdefault("attention", "none")
+            # model.context off, or from before it: compared without it (pipeline/context.py)
+            saved["model"] = compared_model_section(saved["model"])
+            current["model"] = compared_model_section(current["model"])
             for section in ("model", "tokenizer", "seed"):
                 if saved[section] != current[section]:
                     raise CheckpointError(f"{path}: made with a different {section} configuration "
@@ -288,6 +308,7 @@ class WindowLearner:
                 learner.optimizer = make_optimizer(learner.model, tc.learning_rate, tc.weight_decay)
                 load_optimizer_state(learner.optimizer, learner.model, data["optimizer"])
             learner.last_window = data["last_window"]
+            learner.history = EntityHistory.from_state(data.get("history"), config)
         except (CheckpointError, ConfigError):  # a ConfigError is ours (the device), not the file's
             raise
         except Exception as exc:  # missing keys, wrong shapes, a tokenizer state that is not ours

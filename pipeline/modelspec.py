@@ -23,6 +23,8 @@ def make_tokenizer(config: Config) -> AnyTokenizer:
         return build_tokenizer("word", **vars(tc.word))
     if tc.kind == "bpe":
         return build_tokenizer("bpe", **vars(tc.bpe))
+    if tc.kind == "template":
+        return build_tokenizer("template", **vars(tc.template))
     return build_tokenizer("char")
 
 
@@ -34,6 +36,8 @@ def model_args_for(config: Config, vocab_size: int) -> dict:
     # sequence's length, one spare position, because changing it would change the seeded
     # initialisation of every GPT, and so every score of an existing configuration.
     block_size = config.tokenizer.max_tokens + 2
+    if mc.context.entity:  # BOS, k context events and the event, each at most max_tokens + 1
+        block_size = (mc.context.events + 1) * (config.tokenizer.max_tokens + 1) + 2
     if mc.kind == "gpt":
         g = mc.gpt
         return {
@@ -44,4 +48,5 @@ def model_args_for(config: Config, vocab_size: int) -> dict:
     return {
         "kind": "rnn", "vocab_size": vocab_size, "cell": r.cell, "hidden_size": r.hidden_size,
         "n_layer": r.n_layer, "bidirectional": r.bidirectional, "dropout": r.dropout,
+        "attention": r.attention, "block_size": block_size,
     }

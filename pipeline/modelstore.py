@@ -25,6 +25,7 @@ from nn.tokenizers import tokenizer_from_state
 from nn.training import build_model, model_args_of
 from pipeline.atomic import write_bytes_atomic
 from pipeline.config import Config, ConfigError, config_to_dict, model_store_location
+from pipeline.context import EntityHistory, compared_model_section
 from pipeline.learner import WindowLearner
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,14 @@ def config_fingerprint(config: Config) -> str:
     """What decides a model's numbers besides its training data: the model, tokenizer and seed
     sections (as WindowLearner.load compares them for checkpoints)."""
     sections = config_to_dict(config)
+    # Keys added since models were first announced count only when in use, so that a scorer
+    # of this release takes the models an earlier trainer announced (a rolling upgrade, or the
+    # announcements already on the compacted topic), and the reverse.
+    sections["model"] = compared_model_section(sections["model"])  # as before model.context
+    if sections["model"]["rnn"].get("attention") == "none":
+        del sections["model"]["rnn"]["attention"]
+    if sections["tokenizer"]["kind"] != "template":
+        sections["tokenizer"].pop("template", None)
     chosen = {name: sections[name] for name in ("model", "tokenizer", "seed")}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -54,6 +63,8 @@ def model_bytes(learner: WindowLearner, fingerprint: str) -> bytes:
                "model_args": model_args_of(learner.model),
                "model": to_cpu(learner.model.state_dict()),
                "tokenizer": learner.tokenizer.state_dict()}
+    if learner.history is not None:  # model.context: the entity table is part of the model
+        payload["history"] = learner.history.state_dict()
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return buffer.getvalue()
@@ -136,6 +147,7 @@ def load(config: Config, record: dict) -> WindowLearner:
         learner.model = build_model(payload["model_args"])
         learner.model.load_state_dict(payload["model"])
         learner.model.to(learner.device)
+        learner.history = EntityHistory.from_state(payload.get("history"), config)
     except ModelRefused:
         raise
     except Exception as exc:  # a file that hashes right but was written wrong, or not by us

@@ -119,10 +119,12 @@ def write_scores(path: str | Path, config: Config, scores: Iterable[Score]) -> i
 
 
 def replay_scores(
-    windows: dict[int, list[Event]], config: Config, progress: bool | None = None
+    windows: dict[int, list[Event]], config: Config, progress: bool | None = None,
+    learner: WindowLearner | None = None,
 ) -> Iterator[Score]:
-    """Score each window with the model trained on the windows before it, then train on it."""
-    learner = WindowLearner(config)
+    """Score each window with the model trained on the windows before it, then train on it
+    (with ``learner`` when given, so the caller can save the final model)."""
+    learner = learner or WindowLearner(config)
     total = sum(len(v) for v in windows.values())
     show = sys.stderr.isatty() if progress is None else progress
     started = time.monotonic()
@@ -161,11 +163,16 @@ def _mean(values: list[float]) -> str:
 
 @interruptible("replay")  # SIGTERM cleans up like Ctrl-C: no hidden .OUT.csv.gz.*.tmp left
 def replay(input_path: str | Path, output_path: str | Path, config: Config,
-           progress: bool | None = None) -> tuple[int, ParseReport]:
+           progress: bool | None = None,
+           save_model: str | Path | None = None) -> tuple[int, ParseReport]:
+    """``save_model``: also checkpoint the final model there (for ``pipeline report --model``)."""
     windows, report = parse_file(input_path, config)
     report.log_summary(str(input_path))
     problem = malformed_problem(report, str(input_path), config.input.max_malformed_fraction)
     if problem:
         raise InputError(problem)
-    count = write_scores(output_path, config, replay_scores(windows, config, progress))
+    learner = WindowLearner(config)
+    count = write_scores(output_path, config, replay_scores(windows, config, progress, learner))
+    if save_model:
+        learner.save(save_model)
     return count, report

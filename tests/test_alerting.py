@@ -19,8 +19,9 @@ from pipeline.scorefile import parse_row
 from pipeline.serde import codec
 from pipeline.stages.alerter import judged_through
 
+# The raw-loss rules (normalise=[]); tests/test_normalise.py covers the normalised score.
 CONFIG = AlertingConfig(window_percentile=99.9, z_threshold=4.0, min_history=20, history=500,
-                        mad_floor=0.05, max_alerts_per_entity=3)
+                        mad_floor=0.05, max_alerts_per_entity=3, normalise=[])
 
 
 def record(offset: int, window: int, loss: float | None, user: str = "U1", src: str = "C1",
@@ -363,7 +364,7 @@ def test_a_state_of_the_previous_format_is_refused():
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     out = io.BytesIO()
     np.savez(out, **arrays)
-    with pytest.raises(StateFormatError, match="v3 expected"):
+    with pytest.raises(StateFormatError, match="v4 expected"):
         decode_state(out.getvalue(), CONFIG)
 
 

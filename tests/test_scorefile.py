@@ -135,7 +135,7 @@ def scored_records(seed: int = 5) -> list[list[dict]]:
 def test_alerts_print_the_same_from_the_engine_and_from_the_alerts_topic():
     """`pipeline alerts` formats the engine's alerts; the demo formats the alerter's Avro records
     read back from the topic: the same lines, log text made printable."""
-    config = AlertingConfig(window_percentile=99.0, min_history=20, history=500)
+    config = AlertingConfig(window_percentile=99.0, min_history=20, history=500, normalise=[])
     engine = AlertEngine(config)
     records = [alert_record(a) for w, window in enumerate(scored_records())
                for a in engine.judge_window(w, window)]
@@ -162,9 +162,10 @@ def test_pipeline_alerts_prints_the_offline_report(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("line,label\n309,1\n")
     result = CliRunner().invoke(cli, ["alerts", "--scores", str(path), "-n", "2", "--labels", str(labels),
-                                      "--set", "alerting.window_percentile=99.0"])
+                                      "--set", "alerting.window_percentile=99.0",
+                                      "--set", "alerting.normalise=[]"])  # ranked by loss
     assert result.exit_code == 0, result.output
-    config = replace(config_from_dict({}).alerting, window_percentile=99.0)
+    config = replace(config_from_dict({}).alerting, window_percentile=99.0, normalise=[])
     assert result.output == offline_report(path, config, 2, labels={309: 1}) + "\n"
     lines = result.output.splitlines()
     assert lines[0].startswith(f"{lines[0].split()[0]} alerts from 240 events; top 2 by loss:")

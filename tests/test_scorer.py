@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 import signal
 from pathlib import Path
@@ -217,9 +218,15 @@ def test_an_event_is_scored_while_its_window_is_still_open(kafka_bootstrap, tmp_
 
 
 @pytest.mark.slow
-def test_two_scorers_over_three_partitions_equal_replay(kafka_bootstrap, tmp_path):
+@pytest.mark.parametrize("extra", [
+    {},
+    # Entity context (pipeline/context.py): each scorer scores with the history table of the
+    # model it loaded; the trainer updates it from the window read back from its spill files.
+    {"model": {"context": {"entity": "user", "events": 3}}, "streaming": {"spill_events": 64}},
+], ids=["plain", "entity-context"])
+def test_two_scorers_over_three_partitions_equal_replay(kafka_bootstrap, tmp_path, extra):
     log = small_log(tmp_path / "auth.csv", days=3, per_day=500, seed=3)
-    config, config_path = stream_config(tmp_path, kafka_bootstrap, {"topics": {"partitions": 3}})
+    config, config_path = stream_config(tmp_path, kafka_bootstrap, {"topics": {"partitions": 3}, **extra})
     stages = StageProcesses(config_path, tmp_path / "logs")
     archive = Path(config.streaming.archive_dir)
     try:
@@ -306,3 +313,21 @@ def test_a_corrupt_model_is_refused_and_the_scorer_recovers_when_it_is_good(kafk
         stages.stop()
     assert len(re.findall(r"refusing model", (logs / "scorer-0.log").read_text())) == 1  # said once
     assert_archive_equals_replay(log, config, tmp_path)
+
+
+def test_keys_added_since_models_were_announced_change_the_fingerprint_only_when_used():
+    """A scorer of this release takes the models an earlier trainer announced (and the reverse):
+    the fingerprint of a config that leaves model.rnn.attention, model.context and
+    tokenizer.template unused is the one computed without those keys; using one changes it."""
+    from pipeline.config import config_to_dict
+
+    config = config_from_dict({})
+    sections = config_to_dict(config)
+    del sections["model"]["rnn"]["attention"], sections["model"]["context"], sections["tokenizer"]["template"]
+    before = {name: sections[name] for name in ("model", "tokenizer", "seed")}
+    assert config_fingerprint(config) == hashlib.sha256(
+        json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    for used in ({"model": {"rnn": {"attention": "fixed"}}},
+                 {"model": {"context": {"entity": "user"}}},
+                 {"tokenizer": {"kind": "template"}}):
+        assert config_fingerprint(config_from_dict(used)) != config_fingerprint(config), used

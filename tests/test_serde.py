@@ -217,7 +217,7 @@ RECORDS = [
             "entities": {"user": "U1@DOM1", "src_host": "C1", "dst_host": "C2"},
             "entity_stats": [{"kind": "user", "entity": "U1@DOM1", "events": 40, "median": 0.5,
                               "mad": 0.1, "z": 6.5}],
-            "reasons": ["user U1@DOM1: robust z 6.5"],
+            "reasons": ["user U1@DOM1: robust z 6.5"], "score": 2.25,
         },
     ),
     (
@@ -226,6 +226,7 @@ RECORDS = [
         {
             "source": SRC, "line": None, "event_time": None, "window": 0, "raw": "", "loss": 0.0,
             "window_percentile": 100.0, "entities": {}, "entity_stats": [], "reasons": [],
+            "score": None,
         },
     ),
 ]

@@ -139,7 +139,10 @@ class AlerterStage(WindowStage):
             for record in held.values():
                 self._judge(window, record)
         self.unjudged = {w for w in self.unjudged if w > window}
-        self.engine.close_window(window, ((r["loss"], r["entities"]) for r in self.records(items)))
+        # A function, not a generator: the first window with losses is read twice (its mean
+        # loss comes before its normalised scores), from disk both times.
+        self.engine.close_window(
+            window, lambda: ((r["loss"], r["entities"]) for r in self.records(items)))
         self.counts["windows"] += 1
         alerts = self.window_alerts.pop(window, 0)
         if alerts:
