@@ -15,6 +15,7 @@ from nn.context import with_context
 from nn.scoring import pad_batch, score_sequences
 from nn.tokenizers import BOS, EOS, N_SPECIAL, encode_event
 from nn.training import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from pipeline.compute import score_batch_size
 from pipeline.config import ConfigError, config_from_dict, config_to_dict
 from pipeline.learner import WindowLearner
 from pipeline.modelspec import model_args_for
@@ -306,7 +307,8 @@ def test_context_off_reads_plain_events_with_the_fingerprint_of_before(tmp_path)
     # replay's scores are the plain sequences' scores
     replay(tmp_path / "auth.csv", tmp_path / "out.csv.gz", config, progress=False)
     replayed = [float(r["loss"]) for r in read_scores(tmp_path / "out.csv.gz") if r["window"] == "1"]
-    expected = [mean for mean, _, _ in score_sequences(learner.model, plain)]
+    expected = [mean for mean, _, _ in score_sequences(  # as replay batches them, where it runs
+        learner.model, plain, score_batch_size(config.training, learner.device), device=learner.device)]
     assert replayed == pytest.approx(expected, abs=5e-7)  # the file keeps 6 decimals
 
 
