@@ -38,3 +38,15 @@ def _delete_created_topics(request):
     for config in made:
         if config.kafka.get("bootstrap.servers") == bootstrap:
             delete_topics(config)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Model tests on one torch thread (pytestmark usefixtures): fast and steady on a shared
+    machine, whatever other tests set."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

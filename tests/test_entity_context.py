@@ -29,12 +29,7 @@ HOUR = 3600
 TARGET_TIME = 2 * HOUR + 1800  # the event under test: user U1, window 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_config(tmp_path: Path | None = None, **context):

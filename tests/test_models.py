@@ -35,14 +35,7 @@ BI = ["bi-lstm", "bi-gru"]
 ALL = UNI + BI
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core machine makes a thread pool
-    spin; restore the setting for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(kind: str, seed: int = 0, n_layer: int = 2) -> torch.nn.Module:

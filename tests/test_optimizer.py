@@ -18,12 +18,7 @@ from pipeline.parsing import Event, LineParser
 KINDS = ["gpt", "lstm", "bi-gru"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(kind: str) -> torch.nn.Module:

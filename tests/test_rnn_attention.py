@@ -22,12 +22,7 @@ ATTENTION = ["fixed", "syntax"]
 CELLS = ["lstm", "gru"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(cell: str, attention: str, bidirectional: bool = False, seed: int = 0,
