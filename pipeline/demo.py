@@ -161,7 +161,7 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
     from pipeline.evaluate import evaluate, format_report, read_labels
     from pipeline.generate import write_log
     from pipeline.produce import produce_file
-    from pipeline.ranking import format_top_events
+    from pipeline.ranking import format_top_events, normalised
     from pipeline.scorefile import read_scores
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -218,8 +218,9 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
     click.echo(f"dead letters: {dead} {printable(str(reasons)) if reasons else ''}   late: {late}")
     click.echo(f"end to end: {elapsed:.1f}s, {produced.records / elapsed:.0f} events/s")
     click.echo(latency)
-    click.echo(f"\ntop 10 events by loss (archive: {archive}):")
-    click.echo(format_top_events(rows, 10, input_path))
+    ranked_by = "score (loss for its entity, alerting.normalise)" if normalised(config.alerting) else "loss"
+    click.echo(f"\ntop 10 events by {ranked_by} (archive: {archive}):")
+    click.echo(format_top_events(rows, 10, input_path, config.alerting))
     labels = read_labels(labels_path) if labels_path is not None else None
     click.echo(f"\nalerts: {len(alerts)} (topic {config.topics.alerts}); the 5 highest:")
     for line in alert_lines(alerts, 5):
