@@ -38,6 +38,7 @@ import io
 import json
 import math
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -317,10 +318,11 @@ class AlertEngine:
         population = self._population_mean(lambda: ((r["loss"], None) for r in read()))
         scores = array("d", (self.score(r["loss"], r["entities"], population)
                              for r in read() if r["loss"] is not None))
-        ranks = midrank_percentiles(np.frombuffer(scores, dtype=np.float64)).tolist()
+        ranks = midrank_percentiles(np.frombuffer(scores, dtype=np.float64))  # 8 B an event
         scored = (r for r in read() if r["loss"] is not None)
         candidates = []
-        for record, score, percentile in zip(scored, scores, ranks):
+        for record, score, rank in zip(scored, scores, ranks):
+            percentile = float(rank)
             reasons, stats = self._entity_verdicts(record)
             if percentile >= self.config.window_percentile:
                 reasons.insert(0, self._flag_reason(
@@ -372,24 +374,28 @@ class AlertEngine:
         keep = self.config.history
         scores, own = array("d"), Moments()  # 8 bytes a score, not a float object
         # The window's losses per entity join the histories after the pass: every score of the
-        # window is against the state the earlier windows left.
-        pending: dict[tuple[str, str], tuple[EntityHistory, list]] = {}
+        # window is against the state the earlier windows left. Per entity only what joins is
+        # held (events, moments, the last ``keep`` losses), not its every loss of the window.
+        pending: dict[tuple[str, str], tuple[EntityHistory, list[int], Moments, deque]] = {}
         for loss, entities in read():
             for key in entity_keys(entities):
-                history = self._touch(key, window)
-                pending.setdefault(key, (history, []))[1].append(loss)
+                if key not in pending:
+                    pending[key] = (self._touch(key, window), [0], Moments(), deque(maxlen=keep))
+                _, events, added, tail = pending[key]
+                events[0] += 1
+                if loss is not None:
+                    added.add(loss)
+                    tail.append(loss)
             if loss is not None:
                 own.add(loss)
                 scores.append(self.score(loss, entities, population))
-        for history, losses in pending.values():
-            history.seen += len(losses)
-            added = Moments()
-            for loss in losses:
-                if loss is not None:
-                    added.add(loss)
-                    history.add(loss, keep)
-            merged = Moments(history.total_events - added.n, history.mean, history.m2)
+        for history, (events,), added, tail in pending.values():
+            history.seen += events
+            merged = history.moments()
             merged.merge(added)
+            history.total_events += added.n - len(tail)  # the losses the kept tail pushed out
+            for loss in tail:
+                history.add(loss, keep)
             history.mean, history.m2 = merged.mean, merged.m2
         self._evict(window)
         if scores:
