@@ -29,6 +29,9 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "fetch.wait.max.ms": 20,
     # A trainer may spend minutes on one window between polls.
     "max.poll.interval.ms": 1_800_000,
+    # Records fetched ahead of the stage: 16 MB (librdkafka's default is 64 MB), so that a
+    # backlog costs a stage the same memory whether it holds 100k events or 3M.
+    "queued.max.messages.kbytes": 16384,
 }
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
