@@ -38,7 +38,6 @@ import io
 import json
 import math
 from array import array
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -376,16 +375,18 @@ class AlertEngine:
         # The window's losses per entity join the histories after the pass: every score of the
         # window is against the state the earlier windows left. Per entity only what joins is
         # held (events, moments, the last ``keep`` losses), not its every loss of the window.
-        pending: dict[tuple[str, str], tuple[EntityHistory, list[int], Moments, deque]] = {}
+        pending: dict[tuple[str, str], tuple[EntityHistory, list[int], Moments, array]] = {}
         for loss, entities in read():
             for key in entity_keys(entities):
                 if key not in pending:
-                    pending[key] = (self._touch(key, window), [0], Moments(), deque(maxlen=keep))
+                    pending[key] = (self._touch(key, window), [0], Moments(), array("d"))
                 _, events, added, tail = pending[key]
                 events[0] += 1
                 if loss is not None:
                     added.add(loss)
-                    tail.append(loss)
+                    tail.append(loss)  # 8 bytes, as the histories keep them
+                    if len(tail) > 2 * keep:
+                        del tail[: len(tail) - keep]
             if loss is not None:
                 own.add(loss)
                 scores.append(self.score(loss, entities, population))
@@ -393,6 +394,7 @@ class AlertEngine:
             history.seen += events
             merged = history.moments()
             merged.merge(added)
+            tail = tail[max(0, len(tail) - keep):]
             history.total_events += added.n - len(tail)  # the losses the kept tail pushed out
             for loss in tail:
                 history.add(loss, keep)
