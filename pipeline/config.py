@@ -217,7 +217,7 @@ class RnnSection:
     bidirectional: bool = False
     dropout: float = field(default=0.0, metadata=_check(_probability))
     # Attention over the event's earlier tokens' states (Brown et al. 2018): none, fixed, syntax.
-    attention: Literal["none", "fixed", "syntax"] = "none"
+    attention: Literal["none", "fixed", "syntax"] = "syntax"
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ class ModelConfig:
 class TrainingConfig:
     epochs: int = field(default=2, metadata=_check(_positive))
     batch_size: int = field(default=64, metadata=_check(_positive))
-    learning_rate: float = field(default=3e-3, metadata=_check(_positive))
+    learning_rate: float = field(default=1e-2, metadata=_check(_positive))
     weight_decay: float = field(default=0.0, metadata=_check(_non_negative))
     grad_clip: float = field(default=1.0, metadata=_check(_non_negative))
     # Events scored per forward pass (no gradients, so larger than the training batch).
@@ -352,9 +352,9 @@ class AlertingConfig:
     # input.entities has a user, else [] (resolved when the config loads).
     normalise: Literal["auto"] | list[str] = "auto"
     # Pseudo-losses of the population mean in an entity's mean (shrinkage for little history).
-    normalise_prior: float = field(default=20.0, metadata=_check(_non_negative))
+    normalise_prior: float = field(default=100.0, metadata=_check(_non_negative))
     # Earlier events after which an entity's surprise counts half (0 events: score 0).
-    normalise_trust: float = field(default=20.0, metadata=_check(_positive))
+    normalise_trust: float = field(default=1.0, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)

@@ -83,14 +83,15 @@ def test_attention_none_creates_nothing_and_draws_nothing(bidirectional):
     assert not torch.equal(after_today, after_on)
 
 
-def test_config_default_is_none_and_model_args_carry_it():
+def test_config_default_is_syntax_and_model_args_carry_it():
+    """syntax is the default: benchmarks/detect.py chose it (README, Entity-normalised scores)."""
     config = config_from_dict({})
-    assert config.model.rnn.attention == "none"
-    args = model_args_for(config, vocab_size=100)
+    assert config.model.rnn.attention == "syntax"
+    none = config_from_dict({"model": {"rnn": {"attention": "none"}}})
+    args = model_args_for(none, vocab_size=100)
     assert args["attention"] == "none"
     assert args["block_size"] == config.tokenizer.max_tokens + 2
-    syntax = config_from_dict({"model": {"rnn": {"attention": "syntax"}}})
-    model = build_model(model_args_for(syntax, vocab_size=100))
+    model = build_model(model_args_for(config, vocab_size=100))
     assert model.attention.query.shape == (config.tokenizer.max_tokens + 2, 128)  # one per position
 
 

@@ -321,13 +321,14 @@ def test_keys_added_since_models_were_announced_change_the_fingerprint_only_when
     tokenizer.template unused is the one computed without those keys; using one changes it."""
     from pipeline.config import config_to_dict
 
-    config = config_from_dict({})
+    unused = {"model": {"rnn": {"attention": "none"}}}
+    config = config_from_dict(unused)
     sections = config_to_dict(config)
     del sections["model"]["rnn"]["attention"], sections["model"]["context"], sections["tokenizer"]["template"]
     before = {name: sections[name] for name in ("model", "tokenizer", "seed")}
     assert config_fingerprint(config) == hashlib.sha256(
         json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     for used in ({"model": {"rnn": {"attention": "fixed"}}},
-                 {"model": {"context": {"entity": "user"}}},
-                 {"tokenizer": {"kind": "template"}}):
+                 {"model": {"rnn": {"attention": "none"}, "context": {"entity": "user"}}},
+                 {"model": {"rnn": {"attention": "none"}}, "tokenizer": {"kind": "template"}}):
         assert config_fingerprint(config_from_dict(used)) != config_fingerprint(config), used
