@@ -210,7 +210,7 @@ def test_detect_small_runs_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())["realistic"]["seeds"][0]
     assert set(result) == {"pair-rarity", "pair-rarity-cond", "byte-3gram", "byte-3gram-masked",
-                           "LM default"}
+                           "LM default", "LM default+norm"}
     assert len({r["scored"] for r in result.values()}) == 1  # same windows for every method
     assert len({r["positives"] for r in result.values()}) == 1
     for r in result.values():

@@ -109,7 +109,8 @@ def test_default_config_detects_planted_red_team_events(root, tmp_path):
     assert result["roc_auc"] >= 0.95
     assert result["average_precision"] > 0.1
     top = run("top", "--scores", out, "-n", "5", "--input", log).output
-    assert top.splitlines()[0].split()[:3] == ["rank", "loss", "line"]
+    # ranked by the entity-normalised score (alerting.normalise: auto), the raw loss beside it
+    assert top.splitlines()[0].split()[:4] == ["rank", "score", "loss", "line"]
 
 
 @pytest.mark.parametrize("tokenizer", ["word", "char"])

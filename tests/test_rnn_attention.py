@@ -369,8 +369,9 @@ def test_report_shows_attention_from_a_replay_model_and_refuses_one_without(tmp_
                                  "--output", html), 2)
     assert "--model needs --input" in line
     none_scores, none_model = runs["none"]
-    line = one_error_line(invoke("report", *TINY_MODEL, "--scores", none_scores, "--input", log,
-                                 "--model", none_model, "--output", html), 1)
+    line = one_error_line(invoke("report", "--set", "model.rnn.attention=none", *TINY_MODEL,
+                                 "--scores", none_scores, "--input", log, "--model", none_model,
+                                 "--output", html), 1)
     assert "no attention" in line and str(none_model) in line
     line = one_error_line(invoke("report", *TINY_MODEL, "--scores", scores, "--input", log,
                                  "--model", model, "--output", html), 1)
