@@ -247,15 +247,16 @@ def run_seed(profile: str, seed: int, args, folder: Path) -> dict[str, dict]:
 COLUMNS = ("auc", "ap", "p@10", "p@50", "p@100", "alert@20", "seconds")
 
 
-def table(title: str, results: dict[str, dict]) -> str:
-    lines = [title, f"{'method':<22}" + "".join(f"{c:>10}" for c in COLUMNS)]
+def table(title: str, results: dict[str, dict], columns: tuple[str, ...] = COLUMNS,
+          width: int = 10) -> str:
+    lines = [title, f"{'method':<22}" + "".join(f"{c:>{width}}" for c in columns)]
     for name, r in results.items():
-        lines.append(f"{name:<22}" + "".join(f"{r.get(c, math.nan):>10.3f}" for c in COLUMNS))
+        lines.append(f"{name:<22}" + "".join(f"{r.get(c, math.nan):>{width}.3f}" for c in columns))
     return "\n".join(lines)
 
 
-def mean_over_seeds(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
-    return {name: {c: float(np.mean([s[name].get(c, math.nan) for s in per_seed])) for c in COLUMNS}
+def mean_over_seeds(per_seed: list[dict[str, dict]], columns: tuple[str, ...] = COLUMNS) -> dict[str, dict]:
+    return {name: {c: float(np.mean([s[name].get(c, math.nan) for s in per_seed])) for c in columns}
             for name in per_seed[0]}
 
 
@@ -288,19 +289,20 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for profile in args.profile:
                 text = profile in TEXT_PROFILES
-                show, average = (detect_text.table, detect_text.mean_over_seeds) if text \
-                    else (table, mean_over_seeds)
+                columns = detect_text.COLUMNS if text else COLUMNS  # text: session columns too
+                width = 11 if text else 10
                 per_seed = []
                 for seed in range(1, args.seeds + 1):
                     results = detect_text.run_seed(profile, seed, argparse.Namespace(
                         **{**vars(args), "lm": text_lm}), Path(tmp)) if text \
                         else run_seed(profile, seed, args, Path(tmp))
                     positives = next(iter(results.values()))["positives"]
-                    print(show(f"\n{profile} profile, seed {seed} ({positives} red-team events "
-                               f"scored)", results), flush=True)
+                    print(table(f"\n{profile} profile, seed {seed} ({positives} red-team events "
+                                f"scored)", results, columns, width), flush=True)
                     per_seed.append(results)
-                mean = average(per_seed)
-                print(show(f"\n{profile} profile, mean over {args.seeds} seeds", mean), flush=True)
+                mean = mean_over_seeds(per_seed, columns)
+                print(table(f"\n{profile} profile, mean over {args.seeds} seeds", mean, columns, width),
+                      flush=True)
                 everything[profile] = {"seeds": per_seed, "mean": mean}
     except (Problem, ConfigError, detect_text.TextProblem) as exc:
         print(f"detect.py: {exc}", file=sys.stderr)

@@ -168,15 +168,3 @@ def run_seed(profile: str, seed: int, args, folder: Path) -> dict[str, dict]:
         results[name] = {**line_metrics(rows, labels), **session_metrics(rows, line_session, session_label),
                          "seconds": time.perf_counter() - started}
     return results
-
-
-def table(title: str, results: dict[str, dict]) -> str:
-    lines = [title, f"{'method':<22}" + "".join(f"{c:>11}" for c in COLUMNS)]
-    for name, r in results.items():
-        lines.append(f"{name:<22}" + "".join(f"{r.get(c, math.nan):>11.3f}" for c in COLUMNS))
-    return "\n".join(lines)
-
-
-def mean_over_seeds(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
-    return {name: {c: float(np.mean([s[name].get(c, math.nan) for s in per_seed])) for c in COLUMNS}
-            for name in per_seed[0]}
