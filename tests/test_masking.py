@@ -11,19 +11,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import stream_config, wait_for
-from test_stream import assert_same_scores
+from helpers import stream_config
+from test_stream import streamed_equal_to_replay
 
 from nn.masking import DEFAULT_PATTERNS, Masker
 from nn.tokenizers import encode_event
 from pipeline.cli import cli
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.demo import ArchiveCounter, StageProcesses
 from pipeline.modelspec import make_masker, make_tokenizer
 from pipeline.parsing import Event, LineParser
-from pipeline.produce import produce_file
-from pipeline.replay import replay
-from pipeline.scorefile import read_scores
 from pipeline.topicrecords import event_to_record, record_to_event
 
 TEXT_INPUT = {
@@ -266,21 +262,7 @@ def test_stream_archive_equals_replay_with_masking(kafka_bootstrap, tmp_path, ki
         {"input": TEXT_INPUT, "window": {"size_seconds": 3600}, "scores": {"explain": True},
          "training": {"epochs": 1}, "topics": {"partitions": 2}},
         (f"tokenizer.kind={kind}", "tokenizer.mask.enabled=true", *KINDS[kind]))
-    replay_out = tmp_path / "replay.csv.gz"
-    replay(log, replay_out, config, progress=False)
-    archive = Path(config.streaming.archive_dir)
-    stages = StageProcesses(config_path, tmp_path / "logs")
-    try:
-        for stage in ("tokenizer", "windower", "trainer", "scorer", "archiver"):
-            stages.start(stage)
-        produce_file(config, log)
-        wait_for(lambda: (archive.exists() and ArchiveCounter(archive).count()[0] >= 240)
-                 or stages.dead(), 180, what="every event archived")
-        assert not stages.dead(), stages.dead()
-    finally:
-        stages.stop()
-    streamed, replayed = read_scores(archive), read_scores(replay_out)
-    assert_same_scores(streamed, replayed)
+    streamed = streamed_equal_to_replay(config, config_path, log, tmp_path, 240)
     tokens = " ".join("".join(json.loads(r["tokens"])) for r in streamed if r["tokens"])
     assert "<num>" in tokens and "<ipv4>" in tokens and "<<num>" in tokens
     assert not re.search(r"\d{3}", tokens), tokens[:300]

@@ -57,6 +57,28 @@ def assert_same_scores(streamed: list[dict], replayed: list[dict]) -> None:
             assert abs(float(a[line][2]) - float(loss)) <= 1e-5, (line, a[line][2], loss)
 
 
+def streamed_equal_to_replay(config, config_path: Path, log: Path, tmp_path: Path,
+                             events: int) -> list[dict]:
+    """Stream ``log`` through tokenizer, windower, trainer, scorer and archiver until ``events``
+    rows are archived, assert the archive equals replay of the same log; the archived rows."""
+    replay_out = tmp_path / "replay.csv.gz"
+    replay(log, replay_out, config, progress=False)
+    archive = Path(config.streaming.archive_dir)
+    stages = StageProcesses(config_path, tmp_path / "logs")
+    try:
+        for stage in ("tokenizer", "windower", "trainer", "scorer", "archiver"):
+            stages.start(stage)
+        produce_file(config, log)
+        wait_for(lambda: (archive.exists() and ArchiveCounter(archive).count()[0] >= events)
+                 or stages.dead(), 180, what="every event archived")
+        assert not stages.dead(), stages.dead()
+    finally:
+        stages.stop()
+    streamed = read_scores(archive)
+    assert_same_scores(streamed, read_scores(replay_out))
+    return streamed
+
+
 @pytest.fixture(scope="module")
 def streamed_run(kafka_bootstrap, tmp_path_factory):
     """One run of the whole pipeline: 3 raw partitions, 2 tokenizer processes, a log with a few

@@ -7,12 +7,11 @@ import csv
 import json
 import random
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import stream_config, wait_for
-from test_stream import assert_same_scores
+from helpers import stream_config
+from test_stream import streamed_equal_to_replay
 
 from nn.templates import TemplateMatcher, TemplateTokenizer, line_words
 from nn.tokenizers import N_SPECIAL, encode_event, tokenizer_from_state
@@ -257,11 +256,6 @@ def test_generate_sessions_from_the_cli(tmp_path):
 def test_stream_archive_equals_replay_with_templates(kafka_bootstrap, tmp_path):
     """The trainer mines templates from the first window it reads back from Kafka (two
     partitions, any interleaving): the same templates, ids and scores as replay."""
-    from pipeline.demo import ArchiveCounter, StageProcesses
-    from pipeline.produce import produce_file
-    from pipeline.replay import replay
-    from pipeline.scorefile import read_scores
-
     log = tmp_path / "sessions.log"
     spec = GenerateSpec(users=8, computers=24, days=1, events_per_day=400, redteam_events=4, seed=2)
     write_sessions(spec, log, tmp_path / "labels.csv")
@@ -271,21 +265,7 @@ def test_stream_archive_equals_replay_with_templates(kafka_bootstrap, tmp_path):
         {"input": SESSIONS_INPUT, "window": {"size_seconds": 21600}, "scores": {"explain": True},
          "training": {"epochs": 1}, "topics": {"partitions": 2}},
         ("tokenizer.kind=template", "tokenizer.mask.enabled=true", "model.rnn.hidden_size=16"))
-    replay_out = tmp_path / "replay.csv.gz"
-    replay(log, replay_out, config, progress=False)
-    archive = Path(config.streaming.archive_dir)
-    stages = StageProcesses(config_path, tmp_path / "logs")
-    try:
-        for stage in ("tokenizer", "windower", "trainer", "scorer", "archiver"):
-            stages.start(stage)
-        produce_file(config, log)
-        wait_for(lambda: (archive.exists() and ArchiveCounter(archive).count()[0] >= total)
-                 or stages.dead(), 180, what="every event archived")
-        assert not stages.dead(), stages.dead()
-    finally:
-        stages.stop()
-    streamed, replayed = read_scores(archive), read_scores(replay_out)
-    assert_same_scores(streamed, replayed)
+    streamed = streamed_equal_to_replay(config, config_path, log, tmp_path, total)
     tokens = " ".join("".join(json.loads(r["tokens"])) for r in streamed if r["tokens"])
     assert "<T" in tokens and "<num>" in tokens
 
