@@ -538,6 +538,24 @@ def _require_finite(value: Any, path: str) -> None:
 RENAMED_KEYS = {"model.rnn.layers": "model.rnn.n_layer"}
 
 
+def compared_sections(config: dict) -> dict:
+    """The model, tokenizer and seed sections of a config dict, as checkpoints and model
+    fingerprints compare them (what decides a model's numbers besides its data). Keys added
+    since the first models count only when used (model.context with an entity, an attention
+    other than none, tokenizer.template with the template kind), so that a checkpoint or model
+    made before they existed, or with other values while unused, still matches."""
+    model, tokenizer = dict(config["model"]), dict(config["tokenizer"])
+    if not (model.get("context") or {}).get("entity"):
+        model.pop("context", None)
+    rnn = dict(model.get("rnn") or {})
+    if rnn.get("attention", "none") == "none":
+        rnn.pop("attention", None)
+    model["rnn"] = rnn
+    if tokenizer.get("kind") != "template":
+        tokenizer.pop("template", None)
+    return {"model": model, "tokenizer": tokenizer, "seed": config["seed"]}
+
+
 def _build(cls: type, data: dict, path: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -94,12 +94,3 @@ class EntityHistory:
             history.table[key] = tuple(entries)
         return history
 
-
-def compared_model_section(model: dict) -> dict:
-    """A config's ``model`` section as checkpoints and model fingerprints compare it: without
-    ``context`` when context is off (or the section predates it), so that a checkpoint or model
-    made before model.context existed, or with another k while off, still matches."""
-    context = model.get("context") or {}
-    if context.get("entity"):
-        return model
-    return {name: value for name, value in model.items() if name != "context"}

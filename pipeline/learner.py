@@ -31,8 +31,8 @@ from nn.training import (
     train_sequences,
 )
 from pipeline.compute import score_batch_size, training_device
-from pipeline.config import RENAMED_KEYS, Config, ConfigError, config_to_dict
-from pipeline.context import EntityHistory, compared_model_section
+from pipeline.config import RENAMED_KEYS, Config, ConfigError, compared_sections, config_to_dict
+from pipeline.context import EntityHistory
 from pipeline.modelspec import make_tokenizer, model_args_for
 from pipeline.parsing import Event
 from pipeline.score import Score
@@ -41,7 +41,7 @@ from pipeline.windowing import event_order
 log = logging.getLogger(__name__)
 # Config keys added since checkpoints were first written: a checkpoint without one was made
 # before it existed and is compared as if it had the running config's value.
-ADDED_KEYS = ("tokenizer.word.grow", "tokenizer.word.grow_reserve", "tokenizer.template")
+ADDED_KEYS = ("tokenizer.word.grow", "tokenizer.word.grow_reserve")
 
 
 def _chunk_progress(on_progress: Callable[[int, float, float], None], epochs: int, start: int,
@@ -285,13 +285,10 @@ class WindowLearner:
             saved = added_keys_filled(renamed_keys_applied(data["config"]), current)
             # A checkpoint from before tokenizer.mask existed read unmasked text: masking off.
             saved.get("tokenizer", {}).setdefault("mask", config_to_dict(Config())["tokenizer"]["mask"])
-            # And one from before model.rnn.attention had none (its model_args build none).
-            saved.get("model", {}).get("rnn", {}).setdefault("attention", "none")
-            # model.context off, or from before it: compared without it (pipeline/context.py)
-            saved["model"] = compared_model_section(saved["model"])
-            current["model"] = compared_model_section(current["model"])
+            # Attention, context and templates: compared only where used (config.compared_sections)
+            saved, now = compared_sections(saved), compared_sections(current)
             for section in ("model", "tokenizer", "seed"):
-                if saved[section] != current[section]:
+                if saved[section] != now[section]:
                     raise CheckpointError(f"{path}: made with a different {section} configuration "
                                           f"({saved[section]!r})")
             learner = cls(config)

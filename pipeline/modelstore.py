@@ -24,8 +24,8 @@ from nn.device import to_cpu
 from nn.tokenizers import tokenizer_from_state
 from nn.training import build_model, model_args_of
 from pipeline.atomic import write_bytes_atomic
-from pipeline.config import Config, ConfigError, config_to_dict, model_store_location
-from pipeline.context import EntityHistory, compared_model_section
+from pipeline.config import Config, ConfigError, compared_sections, config_to_dict, model_store_location
+from pipeline.context import EntityHistory
 from pipeline.learner import WindowLearner
 
 log = logging.getLogger(__name__)
@@ -39,16 +39,10 @@ class ModelRefused(ValueError):
 def config_fingerprint(config: Config) -> str:
     """What decides a model's numbers besides its training data: the model, tokenizer and seed
     sections (as WindowLearner.load compares them for checkpoints)."""
-    sections = config_to_dict(config)
     # Keys added since models were first announced count only when in use, so that a scorer
     # of this release takes the models an earlier trainer announced (a rolling upgrade, or the
     # announcements already on the compacted topic), and the reverse.
-    sections["model"] = compared_model_section(sections["model"])  # as before model.context
-    if sections["model"]["rnn"].get("attention") == "none":
-        del sections["model"]["rnn"]["attention"]
-    if sections["tokenizer"]["kind"] != "template":
-        sections["tokenizer"].pop("template", None)
-    chosen = {name: sections[name] for name in ("model", "tokenizer", "seed")}
+    chosen = compared_sections(config_to_dict(config))
     return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
