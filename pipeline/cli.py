@@ -176,10 +176,11 @@ def check_command(config: Config, input_path, limit: int) -> None:
               show_default=True, help="k for precision@k (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def eval_command(config: Config, scores_path, labels_path, ks, as_json) -> None:
-    """Evaluate a scores file against labels."""
+    """Evaluate a scores file against labels: by the raw loss, and by the entity-normalised score
+    that top and the alerts rank by (alerting.normalise; the loss only when that is [])."""
     from pipeline.evaluate import evaluate, format_report
 
-    result = evaluate(scores_path, labels_path, tuple(ks))
+    result = evaluate(scores_path, labels_path, tuple(ks), config.alerting)
     click.echo(json.dumps(result, indent=2) if as_json else format_report(result))
 
 

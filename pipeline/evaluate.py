@@ -9,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.alerting import row_scores
+from pipeline.config import AlertingConfig
 from pipeline.errors import InputError
+from pipeline.normalise import entities
 from pipeline.scorefile import ScoreRow, read_scores
 from pipeline.stats import detection_scores, midrank_percentiles
 
@@ -75,15 +78,30 @@ def precision_at_k(truth: np.ndarray, losses: np.ndarray, ks: tuple[int, ...]) -
     return {str(k): float(ranked[:k].mean()) for k in ks if k <= len(ranked)}
 
 
-def evaluate(scores_path: str | Path, labels_path: str | Path, ks: tuple[int, ...] = (10, 50, 100)) -> dict:
-    """ROC AUC, average precision, precision@k and the average red-team percentile.
+def ranking_values(rows: list[ScoreRow], alerting: AlertingConfig | None) -> np.ndarray | None:
+    """The entity-normalised scores (pipeline.alerting.row_scores) of the scored rows, in
+    ``scored_truth``'s order: what ``pipeline top``, the alerts and the report rank by. None when
+    ``alerting`` is None or its ``normalise`` is empty: then the loss itself is the ranking."""
+    if alerting is None or not entities(alerting.normalise):
+        return None
+    scores = row_scores(rows, alerting)  # None exactly where the loss is None
+    return np.array([s for r, s in zip(rows, scores) if r.loss is not None], dtype=np.float64)
 
-    The percentile metric (Tuor et al. 2018) is the mean, over labelled events, of the
-    percentage of scored events whose loss is below theirs: 100 is perfect, 50 is chance.
-    Events of the first window carry no score and are left out (counted in ``unscored``).
-    """
-    labels = read_labels(labels_path)
-    rows = read_scores(scores_path)
+
+def detection_metrics(truth: np.ndarray, values: np.ndarray, ks: tuple[int, ...]) -> dict | None:
+    """ROC AUC, average precision, precision@k and the average red-team percentile of one
+    ranking (``values``, higher = more anomalous); None without both labelled and normal events."""
+    detection = detection_scores(truth, values)
+    if detection is None:
+        return None
+    return {"roc_auc": detection[0], "average_precision": detection[1],
+            "precision_at_k": precision_at_k(truth, values, ks),
+            "mean_percentile_of_positives": float(midrank_percentiles(values)[truth == 1].mean())}
+
+
+def evaluate_rows(rows: list[ScoreRow], labels: Mapping[int, int], ks: tuple[int, ...] = (10, 50, 100),
+                  alerting: AlertingConfig | None = None) -> dict:
+    """:func:`evaluate` of rows already read (``read_scores``) and labels (``read_labels``)."""
     losses, truth = scored_truth(rows, labels)
     result: dict = {
         "events": len(rows),
@@ -92,14 +110,31 @@ def evaluate(scores_path: str | Path, labels_path: str | Path, ks: tuple[int, ..
         "positives": int(truth.sum()),
         "positives_unscored": sum(labels.get(r.line, 0) for r in rows if r.loss is None),
     }
-    detection = detection_scores(truth, losses)
-    if detection is None:
+    by_loss = detection_metrics(truth, losses, ks)
+    if by_loss is None:
         result["error"] = "need both labelled and normal scored events"
         return result
-    result["roc_auc"], result["average_precision"] = detection
-    result["precision_at_k"] = precision_at_k(truth, losses, ks)
-    result["mean_percentile_of_positives"] = float(midrank_percentiles(losses)[truth == 1].mean())
+    result.update(by_loss)  # the loss's metrics keep the top-level keys they always had
+    scores = ranking_values(rows, alerting)
+    if scores is not None:
+        result["score"] = {"normalise": entities(alerting.normalise),
+                           **detection_metrics(truth, scores, ks)}
     return result
+
+
+def evaluate(scores_path: str | Path, labels_path: str | Path, ks: tuple[int, ...] = (10, 50, 100),
+             alerting: AlertingConfig | None = None) -> dict:
+    """ROC AUC, average precision, precision@k and the average red-team percentile.
+
+    The percentile metric (Tuor et al. 2018) is the mean, over labelled events, of the
+    percentage of scored events whose loss is below theirs: 100 is perfect, 50 is chance.
+    Events of the first window carry no score and are left out (counted in ``unscored``).
+    The top-level metrics rank by the raw loss. With ``alerting`` whose ``normalise`` names
+    entities, ``score`` holds the same metrics (and ``normalise``) for the entity-normalised
+    score that ``pipeline top``, the alerts and the report rank by, over the same events.
+    """
+    labels = read_labels(labels_path)  # first: a wrong labels file is named before a long read
+    return evaluate_rows(read_scores(scores_path), labels, ks, alerting)
 
 
 def format_report(result: dict) -> str:
@@ -111,6 +146,8 @@ def format_report(result: dict) -> str:
     ]
     if "error" in result:
         return "\n".join([*lines, f"cannot evaluate: {result['error']}"])
+    if "score" in result:
+        return "\n".join([*lines, *_side_by_side(result["score"], result)])
     lines += [
         f"ROC AUC: {result['roc_auc']:.4f}",
         f"average precision: {result['average_precision']:.4f}",
@@ -118,3 +155,23 @@ def format_report(result: dict) -> str:
         f"average percentile of anomalous events: {result['mean_percentile_of_positives']:.2f}",
     ]
     return "\n".join(lines)
+
+
+def _side_by_side(score: dict, loss: dict) -> list[str]:
+    """The two rankings' metrics as a table, one column each: the score's first (it is what
+    the alerts rank by), the loss beside it for comparison."""
+    def metric(key: str):
+        return lambda metrics: metrics[key]
+
+    def at(k: str):
+        return lambda metrics: metrics["precision_at_k"][k]
+
+    rows = [("ROC AUC", metric("roc_auc"), ".4f"), ("average precision", metric("average_precision"), ".4f"),
+            *((f"precision@{k}", at(k), ".3f") for k in loss["precision_at_k"]),
+            ("average percentile of anomalous events", metric("mean_percentile_of_positives"), ".2f")]
+    width = max(len(label) for label, _, _ in rows)
+    return [f"score: the loss for its {', '.join(score['normalise'])} (alerting.normalise), as top and "
+            f"the alerts rank; loss: the raw loss",
+            f"{'':<{width}}  {'score':>8}  {'loss':>8}",
+            *(f"{label:<{width}}  {format(get(score), spec):>8}  {format(get(loss), spec):>8}"
+              for label, get, spec in rows)]

@@ -26,6 +26,7 @@ from markupsafe import Markup
 from pipeline import ranking
 from pipeline.config import AlertingConfig
 from pipeline.evaluate import scored_truth
+from pipeline.normalise import entities
 from pipeline.ranking import (
     columns_for,
     entity_columns,
@@ -116,8 +117,22 @@ class EntityTable:
 
 
 @dataclass(frozen=True)
+class Detection:
+    """How well one ranking (the normalised score) finds the labelled events, as Evaluation's
+    fields do for the loss."""
+
+    normalise: list[str]  # alerting.normalise: the entities the score is normalised by
+    roc_auc: float
+    average_precision: float
+    roc: tuple[np.ndarray, np.ndarray]  # false / true positive rates
+    pr: tuple[np.ndarray, np.ndarray]  # recall / precision
+
+
+@dataclass(frozen=True)
 class Evaluation:
-    """Detection against labels; ``roc_auc`` is None where it cannot be computed (one class only)."""
+    """Detection against labels by loss, and by ``score`` (the entity-normalised score events are
+    ranked by) where alerting.normalise is on; ``roc_auc`` is None where it cannot be computed
+    (one class only)."""
 
     positives: int
     scored: int
@@ -126,14 +141,23 @@ class Evaluation:
     roc: tuple[np.ndarray, np.ndarray] | None = None  # false / true positive rates
     pr: tuple[np.ndarray, np.ndarray] | None = None  # recall / precision
     base_rate: float = 0.0
-    windows: list[list[str]] = field(default_factory=list)  # window, scored, labelled, AUC, AP
+    windows: list[list[str]] = field(default_factory=list)  # window_header's cells, one row a window
+    score: Detection | None = None
+
+    @property
+    def window_header(self) -> list[str]:
+        by = ["score AUC", "score AP", "loss AUC", "loss AP"] if self.score else ["ROC AUC", "AP"]
+        return ["window", "scored", "labelled", *by]
 
     def info(self) -> dict:
         """What ``build_report`` returns about it."""
         if self.roc_auc is None:
             return {"positives": self.positives}
+        score = ({"score": {"normalise": self.score.normalise, "roc_auc": self.score.roc_auc,
+                            "average_precision": self.score.average_precision}} if self.score else {})
         return {"positives": self.positives, "roc_auc": self.roc_auc,
-                "average_precision": self.average_precision, "windows_evaluated": len(self.windows)}
+                "average_precision": self.average_precision, "windows_evaluated": len(self.windows),
+                **score}
 
 
 @functools.cache
@@ -325,46 +349,79 @@ def entity_table(rows: list[ScoreRow], kind: str, entity: str, title: str, top_n
                        "normalised score" if extra else "loss")
 
 
-def evaluation_data(scored: list[ScoreRow], labels: Mapping[int, int]) -> Evaluation:
-    """Detection of the labelled events (``labels``: line -> 0/1) by loss: AUC, AP and their curves,
-    over all ``scored`` rows and per window."""
+def _curves(truth: np.ndarray, values: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray],
+                                                                tuple[np.ndarray, np.ndarray]]:
+    """((false, true positive rates), (recall, precision)) of ranking by ``values``."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
+    fpr, tpr, _ = roc_curve(truth, values)
+    precision, recall, _ = precision_recall_curve(truth, values)
+    return (fpr, tpr), (recall, precision)
+
+
+def evaluation_data(scored: list[ScoreRow], labels: Mapping[int, int],
+                    scores: ranking.Scores | None = None, normalise: list[str] | None = None) -> Evaluation:
+    """Detection of the labelled events (``labels``: line -> 0/1) by loss: AUC, AP and their curves,
+    over all ``scored`` rows and per window; and the same by the normalised ``scores``
+    (ranking.ranking_scores, by the entities ``normalise``) where given."""
     losses, truth = scored_truth(scored, labels)
     positives = int(truth.sum())
     detection = detection_scores(truth, losses)
     if detection is None:
         return Evaluation(positives, len(truth))
     auc, ap = detection
-    fpr, tpr, _ = roc_curve(truth, losses)
-    precision, recall, _ = precision_recall_curve(truth, losses)
-    windows = _window_evaluation(truth, losses, np.array([r.window for r in scored]))
-    return Evaluation(positives, len(truth), auc, ap, (fpr, tpr), (recall, precision), float(truth.mean()),
-                      windows)
+    roc, pr = _curves(truth, losses)
+    by = [losses]
+    score = None
+    if scores is not None:
+        values = np.array([scores[id(r)] for r in scored], dtype=np.float64)  # scored_truth's order
+        by.insert(0, values)  # the score's columns first, as in eval's table
+        score = Detection(list(normalise or []), *detection_scores(truth, values), *_curves(truth, values))
+    windows = _window_evaluation(truth, by, np.array([r.window for r in scored]))
+    return Evaluation(positives, len(truth), auc, ap, roc, pr, float(truth.mean()), windows, score)
 
 
-def _window_evaluation(truth: np.ndarray, losses: np.ndarray, windows: np.ndarray) -> list[list[str]]:
-    """Per-window AUC and AP rows, for the windows with both labelled and normal scored events."""
+def _window_evaluation(truth: np.ndarray, rankings: list[np.ndarray], windows: np.ndarray) -> list[list[str]]:
+    """Per-window rows: window, scored, labelled, then AUC and AP of each ranking (the same
+    events ranked by each of ``rankings``), for the windows with both labelled and normal
+    scored events."""
     body = []
     for w in sorted(set(windows.tolist())):
         mask = windows == w
-        detection = detection_scores(truth[mask], losses[mask])
-        if detection is not None:
+        found = [detection_scores(truth[mask], values[mask]) for values in rankings]
+        if found[0] is not None:  # the truth decides, so the same for every ranking
             body.append([str(w), str(int(mask.sum())), str(int(truth[mask].sum())),
-                         f"{detection[0]:.4f}", f"{detection[1]:.4f}"])
+                         *(f"{value:.4f}" for detection in found for value in detection)])
     return body
+
+
+# Line colours of the rankings in the ROC / PR plots: the score as the alerts rank, the raw loss.
+SCORE_COLOR, LOSS_COLOR = "#d95f02", "#1f77b4"
+
+
+def _legend(fig, ax, corner: str, two: bool) -> None:
+    """One ranking's legend sits in the plot's empty ``corner``; with two rankings, one curve is
+    often in that corner (a good score's PR curve runs along the top), so it goes below the plot."""
+    if two:
+        fig.legend(loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    else:
+        ax.legend(loc=corner, fontsize=8)
 
 
 def _roc_plot(evaluation: Evaluation) -> Plot:
     fpr, tpr = evaluation.roc
     fig = _figure(4.8, 4.2)
     ax = fig.add_subplot()
-    ax.plot(fpr, tpr, color="#1f77b4", linewidth=1.6, label=f"AUC = {evaluation.roc_auc:.3f}")
+    score = evaluation.score
+    if score is not None:
+        ax.plot(*score.roc, color=SCORE_COLOR, linewidth=1.6, label=f"score: AUC = {score.roc_auc:.3f}")
+    ax.plot(fpr, tpr, color=LOSS_COLOR, linewidth=1.6,
+            label=f"{'loss: ' if score is not None else ''}AUC = {evaluation.roc_auc:.3f}")
     ax.plot([0, 1], [0, 1], color="#999", linestyle="--", linewidth=0.8, label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
     ax.set_title("ROC curve", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    _legend(fig, ax, "lower right", two=score is not None)
     return _plot(fig, "ROC curve", "roc-plot")
 
 
@@ -372,14 +429,19 @@ def _pr_plot(evaluation: Evaluation) -> Plot:
     recall, precision = evaluation.pr
     fig = _figure(4.8, 4.2)
     ax = fig.add_subplot()
-    ax.step(recall, precision, where="post", color="#2ca02c", linewidth=1.6,
-            label=f"AP = {evaluation.average_precision:.3f}")
+    score = evaluation.score
+    if score is not None:
+        ax.step(*score.pr, where="post", color=SCORE_COLOR, linewidth=1.6,
+                label=f"score: AP = {score.average_precision:.3f}")
+    # Alone, the loss keeps the PR plot's own green; beside the score, the loss's colour of the ROC.
+    ax.step(recall, precision, where="post", color="#2ca02c" if score is None else LOSS_COLOR, linewidth=1.6,
+            label=f"{'loss: ' if score is not None else ''}AP = {evaluation.average_precision:.3f}")
     base = evaluation.base_rate
     ax.axhline(base, color="#999", linestyle="--", linewidth=0.8, label=f"base rate {base:.3g}")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01))
     ax.set_title("precision-recall curve", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    _legend(fig, ax, "upper right", two=score is not None)
     return _plot(fig, "precision-recall curve", "pr-plot")
 
 
@@ -441,7 +503,9 @@ def build_report(rows: list[ScoreRow], output_path: str | Path,
     and ``path``. ``attention(ranked rows, raw lines)`` -> line -> AttentionView (as
     pipeline.attentionview.attention_for_rows) adds attention weights under the top events.
     ``alerting`` with ``normalise``: events and entities are ranked by the entity-normalised score
-    (as ``pipeline top`` and the alerts rank them), shown next to the loss.
+    (as ``pipeline top`` and the alerts rank them), shown next to the loss; with labels, the curves
+    and AUCs are drawn for both, and the result's ``score`` holds the score's ``roc_auc`` and
+    ``average_precision`` (and ``normalise``).
     """
     output_path = Path(output_path)
     scored = [r for r in rows if r.loss is not None]
@@ -456,7 +520,8 @@ def build_report(rows: list[ScoreRow], output_path: str | Path,
     scored_windows = list(per_window)  # trends leave out the unscored first window
     tables = [entity_table(rows, "users", "user", "Top users", top_n, scored_windows, shown),
               entity_table(rows, "hosts", "host", "Top hosts", top_n, scored_windows, shown)]
-    evaluation = evaluation_data(scored, labels) if labels is not None else None
+    by = entities(alerting.normalise) if shown is not None else None
+    evaluation = evaluation_data(scored, labels, shown, by) if labels is not None else None
     summary = summary_items(rows, scored, all_windows, columns)
     document, plots = render_report(title, summary, per_window, top, tables, evaluation)
     output_path.write_text(document, encoding="utf-8")
