@@ -351,9 +351,15 @@ class AlertEngine:
     def window_scores(self, window: int, records: list[dict]) -> list[float | None]:
         """The score of each of a window's records (None: unscored) as the alerter judges them:
         against what the windows before it left. Call before closing it."""
-        population = self._population_mean(lambda: ((r["loss"], None) for r in records))
-        return [None if r["loss"] is None else self.score(r["loss"], r["entities"], population)
-                for r in records]
+        return list(self.scores_read(lambda: ((r["loss"], r["entities"]) for r in records)))
+
+    def scores_read(self, read: Callable[[], Iterable[tuple[float | None, dict]]]
+                    ) -> Iterator[float | None]:
+        """``window_scores`` of the (loss, entities) that ``read()`` yields for a window not
+        closed yet (read twice for the first window with losses), without holding them."""
+        population = self._population_mean(read)
+        for loss, entities in read():
+            yield None if loss is None else self.score(loss, entities, population)
 
     def close_window(self, window: int, scored: Iterable[tuple[float | None, dict]]
                      | Callable[[], Iterable[tuple[float | None, dict]]]) -> None:

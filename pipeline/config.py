@@ -264,6 +264,9 @@ class TrainingConfig:
     # Train on a deterministic sample of at most this many events per window (0: all of them);
     # every event is still scored.
     sample_events: int = field(default=0, metadata=_check(_non_negative))
+    # Leave this fraction of each window's events out of its training: those the alerter's score
+    # ranks highest (pipeline/surprising.py), so an attack is not learnt as normal (0: none).
+    exclude_top_fraction: float = field(default=0.01, metadata=_check(_probability))
     # auto: CUDA when torch sees a GPU, else the CPU; cuda without a GPU fails at start-up.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Forward passes in fp32, or bf16 autocast (fp32 master weights) for GPU speed.

@@ -36,6 +36,7 @@ from pipeline.context import EntityHistory
 from pipeline.modelspec import make_tokenizer, model_args_for
 from pipeline.parsing import Event
 from pipeline.score import Score
+from pipeline.surprising import SurpriseRanking
 from pipeline.windowing import event_order
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,9 @@ class WindowLearner:
         self.last_window: int | None = None  # last window trained on
         # model.context: entity value -> its last events of the windows trained on (None: off)
         self.history = EntityHistory.for_config(config)
+        # training.exclude_top_fraction: the alerter's per-entity state, to rank a window by
+        self.surprise = SurpriseRanking.for_config(config)
+        self.left_out = 0  # events of the last window trained that exclude_top_fraction left out
 
     @property
     def ready(self) -> bool:
@@ -197,6 +201,14 @@ class WindowLearner:
         chunk, not the window (the streaming trainer reads them back from disk)."""
         tc = self.config.training
         keep = sample_mask((sample_key(e, self.config.seed) for e in read()), total, tc.sample_events)
+        self.left_out = 0
+        if self.surprise is not None:
+            leave_out = self.surprise.top(window, read, self.losses(read, total))
+            if leave_out is not None:
+                self.left_out = int(leave_out.sum())
+                log.info("window %d: its %d most surprising events left out of training",
+                         window, self.left_out)
+                keep = ~leave_out if keep is None else keep & ~leave_out
 
         def chosen() -> Iterator[Event]:
             return read() if keep is None else (e for e, k in zip(read(), keep) if k)
@@ -231,6 +243,22 @@ class WindowLearner:
                 self.history.remember(zip(chunk, self.encode_own(chunk)))
         self.last_window = window
         return sum(losses) / len(losses) if losses else float("nan")
+
+    def losses(self, read: Callable[[], Iterator[Event]], total: int) -> np.ndarray | None:
+        """The mean loss of each of the ``total`` events ``read()`` yields (NaN: nothing to
+        predict) under the current model, chunk by chunk: 8 bytes an event. None: no model yet."""
+        if not self.ready:
+            return None
+        tc = self.config.training
+        out = np.full(total, np.nan)
+        start = 0
+        for chunk in batched(read(), tc.max_chunk_events):
+            results = score_sequences(self.model, self.encode(chunk),
+                                      score_batch_size(tc, self.device), device=self.device,
+                                      precision=tc.precision, per_token=False)
+            out[start:start + len(chunk)] = [mean for mean, _, _ in results]
+            start += len(chunk)
+        return out
 
     def grow(self, events: Iterable[Event]) -> int:
         """Give the window's new word values ids of their own (nn/tokenizers.py
@@ -273,6 +301,7 @@ class WindowLearner:
             tokenizer=self.tokenizer.state_dict(),
             last_window=self.last_window,
             history=self.history.state_dict() if self.history is not None else None,
+            surprise=self.surprise.state_dict() if self.surprise is not None else None,
         )
 
     @classmethod
@@ -306,6 +335,7 @@ class WindowLearner:
                 load_optimizer_state(learner.optimizer, learner.model, data["optimizer"])
             learner.last_window = data["last_window"]
             learner.history = EntityHistory.from_state(data.get("history"), config)
+            learner.surprise = SurpriseRanking.from_state(data.get("surprise"), config)
         except (CheckpointError, ConfigError):  # a ConfigError is ours (the device), not the file's
             raise
         except Exception as exc:  # missing keys, wrong shapes, a tokenizer state that is not ours

@@ -269,6 +269,9 @@ def _trainer_families(m: StageMetrics) -> None:
     m.model_window = Gauge("salka_trainer_model_window", "Last window the model was trained on",
                            registry=r)
     m.events_trained = Counter("salka_trainer_events_trained", "Events trained on", registry=r)
+    m.events_left_out = Counter("salka_trainer_events_left_out", "Events left out of training as "
+                                "the most surprising of their window (training.exclude_top_fraction)",
+                                registry=r)
     m.events_scored = Counter("salka_trainer_events_scored", "Always 0: the scorer stage scores "
                               "(salka_scorer_events_scored_total)", registry=r)
     m.windows_trained = Counter("salka_trainer_windows_trained", "Windows trained", registry=r)
@@ -380,14 +383,17 @@ class _Observer:
 
 class TrainerObserver(_Observer):
     def window_done(self, window: int, events: int, score_seconds: float, train_seconds: float,
-                    loss: float, published: float | None, announced_at: float) -> None:
+                    loss: float, published: float | None, announced_at: float,
+                    left_out: int = 0) -> None:
         """A window trained and its model announced; ``published``: when the windower sent the
-        window's completion record. ``score_seconds`` is ignored: the scorer stage scores."""
+        window's completion record. ``score_seconds`` is ignored: the scorer stage scores.
+        ``left_out``: of ``events``, those training.exclude_top_fraction kept out."""
         m = self.metrics
         m.train_seconds.observe(train_seconds)
         if loss is not None and math.isfinite(loss):
             m.train_loss.set(loss)
         m.events_trained.inc(events)
+        m.events_left_out.inc(left_out)
         m.windows_trained.inc()
         m.model_window.set(window)
         if published is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import re
 import signal
 import socket
@@ -381,6 +382,9 @@ def test_stage_counters_match_the_records_they_processed(scraped_pipeline):
     assert value(tr, "salka_trainer_events_scored_total") == 0  # kept for dashboards: always 0
     assert value(tr, "salka_trainer_score_latency_seconds_count") == 0
     assert value(tr, "salka_trainer_events_trained_total") == events
+    # training.exclude_top_fraction (1% by default) of every window trained after the first
+    left_out = value(tr, "salka_trainer_events_left_out_total")
+    assert 0 < left_out <= math.ceil(0.01 * events) + windows, left_out
     assert value(tr, "salka_trainer_model_latency_seconds_count") == windows
     assert value(tr, "salka_trainer_window_train_seconds_count") == windows
     assert value(tr, "salka_trainer_checkpoint_seconds_count") >= 1

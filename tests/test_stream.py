@@ -97,10 +97,12 @@ def streamed_run(kafka_bootstrap, tmp_path_factory):
     # A growing word vocabulary (tokenizer.word.grow): the trainer's tokenizer changes after every
     # window, and streaming must still give replay's numbers.
     # And a trainer that keeps at most 64 records of a window in memory: the rest waits on disk
-    # in sorted runs, read back in event order (pipeline/spill.py).
+    # in sorted runs, read back in event order (pipeline/spill.py). And a trainer that leaves
+    # each window's most surprising events out of its training (pipeline/surprising.py).
     config, config_path = stream_config(tmp, kafka_bootstrap, {"topics": {"partitions": 3},
                                                                "tokenizer": {"word": {"grow": True}},
-                                                               "streaming": {"spill_events": 64}})
+                                                               "streaming": {"spill_events": 64},
+                                                               "training": {"exclude_top_fraction": 0.02}})
     replay_out = tmp / "replay.csv.gz"
     replay(log, replay_out, config, progress=False)
 
@@ -133,6 +135,12 @@ def test_stream_archive_equals_replay(streamed_run):
     although Kafka delivered them over 3 partitions through 2 tokenizer processes."""
     assert_same_scores(streamed_run["archive"], streamed_run["replay"])
     assert any(r["loss"] for r in streamed_run["archive"])
+
+
+def test_the_trainer_left_surprising_events_out(streamed_run):
+    """The run above had training.exclude_top_fraction on, and it did leave events out."""
+    trainer = (streamed_run["tmp"] / "logs" / "trainer-0.log").read_text()
+    assert re.search(r"its [1-9][0-9]* most surprising events left out of training", trainer)
 
 
 def test_both_tokenizers_did_work(streamed_run):

@@ -149,7 +149,7 @@ class TrainerStage(WindowStage):
                  extra={"window": window, "events": count, "loss": loss})
         if self.observer is not None:
             self.observer.window_done(window, count, 0.0, trained - started, loss, published,
-                                      time.time())
+                                      time.time(), self.learner.left_out)
 
     def tick(self, out: Output) -> bool:
         return self.unsaved  # commit (and so checkpoint) right after each window
