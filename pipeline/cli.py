@@ -124,15 +124,25 @@ def generate_command(config: Config, output, labels, users, computers, days, eve
               help="Progress bar (default: only on a terminal).")
 @click.option("--save-model", "save_model", type=click.Path(dir_okay=False),
               help="Also checkpoint the final model here (for pipeline report --model).")
-def replay_command(config: Config, input_path, output_path, progress, save_model) -> None:
+@click.option("--sessions", "sessions_path", type=click.Path(dir_okay=False),
+              help="Also write each session's score here (gzip CSV; needs sessions.entity).")
+def replay_command(config: Config, input_path, output_path, progress, save_model,
+                   sessions_path) -> None:
     """Score each event-time window with the model trained on the windows before it, then
     train on it; write one row per event to a gzip CSV."""
     from pipeline.replay import replay
 
+    if sessions_path and not config.sessions.entity:
+        raise click.BadParameter("session scores need sessions.entity in the config (an entity "
+                                 "of input.entities, with tokenizer.kind: template)",
+                                 param_hint="--sessions")
     start_torch(config, "replay")
-    count, report = replay(input_path, output_path, config, progress=progress, save_model=save_model)
+    count, report = replay(input_path, output_path, config, progress=progress, save_model=save_model,
+                           sessions_output=sessions_path)
     click.echo(f"scored {count} events into {output_path} "
                f"({len(report.errors)} malformed lines skipped)", err=True)
+    if sessions_path:
+        click.echo(f"session scores in {sessions_path}", err=True)
 
 
 def _format_choices() -> list[str]:

@@ -277,6 +277,18 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class SessionsConfig:
+    # An entity name of input.entities (e.g. "session", a block id): when its window closes, each
+    # session (its events in the window, in event order) is read as one sequence of template ids
+    # and scored by a small LM of earlier windows' sessions (pipeline/sessions.py). Empty: off.
+    entity: str = ""
+    # Hidden size of that LM (a one-layer LSTM with tied embeddings).
+    hidden_size: int = field(default=64, metadata=_check(_positive))
+    # A session longer than this many events is read in parts of this many (bounds the sequence).
+    max_events: int = field(default=256, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
 class ScoresConfig:
     # Also write each event's tokens and per-token losses, so an analyst sees what surprised
     # the model (larger score files and records).
@@ -294,6 +306,9 @@ class TopicsConfig:
     alerts: str = "salka.alerts"
     # Compacted: the trainer announces each model here (window, file, sha256, fingerprint).
     models: str = "salka.models"
+    # Session scores (Avro salka.SessionScore, from the trainer when sessions.entity is set),
+    # keyed by window and session.
+    sessions: str = "salka.sessions"
     # Partitions of raw, tokens and windows when salka creates them (scale tokenizers and
     # scorers up to this many).
     partitions: int = field(default=3, metadata=_check(_positive))
@@ -385,6 +400,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     scores: ScoresConfig = field(default_factory=ScoresConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
     # librdkafka settings, passed through unchanged (security.protocol, sasl.*, ssl.* ...).
     kafka: dict[str, Any] = field(
         default_factory=lambda: {"bootstrap.servers": "127.0.0.1:9092"},
@@ -406,6 +422,17 @@ class Config:
             raise ConfigError(
                 f"model.context.entity: expected one of input.entities "
                 f"{sorted(self.input.entities)}, got {context!r}; name an entity, or \"\" for no context"
+            )
+        sessions = self.sessions.entity
+        if sessions and sessions not in self.input.entities:
+            raise ConfigError(
+                f"sessions.entity: expected one of input.entities {sorted(self.input.entities)}, "
+                f"got {sessions!r}; name an entity, or \"\" for no session scores"
+            )
+        if sessions and self.tokenizer.kind != "template":
+            raise ConfigError(
+                f"sessions.entity: needs tokenizer.kind: template (a session is read as its "
+                f"events' template ids), got {self.tokenizer.kind!r}; set tokenizer.kind: template"
             )
         source, known, remedy = _known_fields(self.input)
         for key, name in self._field_refs():

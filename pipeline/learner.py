@@ -36,6 +36,7 @@ from pipeline.context import EntityHistory
 from pipeline.modelspec import make_tokenizer, model_args_for
 from pipeline.parsing import Event
 from pipeline.score import Score
+from pipeline.sessions import SessionModel, SessionScore
 from pipeline.surprising import SurpriseRanking
 from pipeline.windowing import event_order
 
@@ -133,6 +134,9 @@ class WindowLearner:
         # training.exclude_top_fraction: the alerter's per-entity state, to rank a window by
         self.surprise = SurpriseRanking.for_config(config)
         self.left_out = 0  # events of the last window trained that exclude_top_fraction left out
+        # sessions.entity: the session LM (built with the tokenizer) and the last window's scores
+        self.sessions: SessionModel | None = None
+        self.session_scores: list[SessionScore] = []
 
     @property
     def ready(self) -> bool:
@@ -241,6 +245,10 @@ class WindowLearner:
         if self.history is not None:  # after training: w's events were trained with windows < w
             for chunk in batched(read(), tc.max_chunk_events):  # all of them, not the sample
                 self.history.remember(zip(chunk, self.encode_own(chunk)))
+        if self.config.sessions.entity:  # after the event model: its random numbers stay its own
+            if self.sessions is None:
+                self.sessions = SessionModel(self.config, self.tokenizer.param_start).to(self.device)
+            self.session_scores = self.sessions.process(window, read, self.template_ids, self.device)
         self.last_window = window
         return sum(losses) / len(losses) if losses else float("nan")
 
@@ -259,6 +267,11 @@ class WindowLearner:
             out[start:start + len(chunk)] = [mean for mean, _, _ in results]
             start += len(chunk)
         return out
+
+    def template_ids(self, events: Iterable[Event]) -> Iterator[int]:
+        """Each event's template id (its first token after BOS), chunk by chunk."""
+        for chunk in batched(events, self.config.training.max_chunk_events):
+            yield from (ids[1] for ids in self.encode_own(chunk))
 
     def grow(self, events: Iterable[Event]) -> int:
         """Give the window's new word values ids of their own (nn/tokenizers.py
@@ -302,6 +315,7 @@ class WindowLearner:
             last_window=self.last_window,
             history=self.history.state_dict() if self.history is not None else None,
             surprise=self.surprise.state_dict() if self.surprise is not None else None,
+            sessions=self.sessions.state_dict() if self.sessions is not None else None,
         )
 
     @classmethod
@@ -336,6 +350,8 @@ class WindowLearner:
             learner.last_window = data["last_window"]
             learner.history = EntityHistory.from_state(data.get("history"), config)
             learner.surprise = SurpriseRanking.from_state(data.get("surprise"), config)
+            if data.get("sessions") is not None and config.sessions.entity:
+                learner.sessions = SessionModel.from_state(data["sessions"], config, learner.device)
         except (CheckpointError, ConfigError):  # a ConfigError is ours (the device), not the file's
             raise
         except Exception as exc:  # missing keys, wrong shapes, a tokenizer state that is not ours

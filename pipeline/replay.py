@@ -7,7 +7,7 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -22,6 +22,7 @@ from pipeline.modelspec import make_masker
 from pipeline.parsing import Event, HeaderRow, LineParser, Malformed, read_lines
 from pipeline.score import Score
 from pipeline.scorefile import explain_cells, format_loss, format_number, score_columns, write_rows
+from pipeline.sessions import SESSION_COLUMNS, SessionScore, session_row
 from pipeline.windowing import window_of
 
 log = logging.getLogger(__name__)
@@ -121,9 +122,11 @@ def write_scores(path: str | Path, config: Config, scores: Iterable[Score]) -> i
 def replay_scores(
     windows: dict[int, list[Event]], config: Config, progress: bool | None = None,
     learner: WindowLearner | None = None,
+    on_sessions: Callable[[list[SessionScore]], None] | None = None,
 ) -> Iterator[Score]:
     """Score each window with the model trained on the windows before it, then train on it
-    (with ``learner`` when given, so the caller can save the final model)."""
+    (with ``learner`` when given, so the caller can save the final model). ``on_sessions``: the
+    window's session scores (sessions.entity), after each window."""
     learner = learner or WindowLearner(config)
     total = sum(len(v) for v in windows.values())
     show = sys.stderr.isatty() if progress is None else progress
@@ -140,6 +143,8 @@ def replay_scores(
             losses = [s.loss for s in scores if s.loss is not None]
             train_loss = learner.train(index, events, _advance(bar, done, len(events), index,
                                                                config.training.epochs))
+            if on_sessions is not None and config.sessions.entity:
+                on_sessions(learner.session_scores)
             done += len(events)
             bar.update(done - bar.n)
             bar.set_postfix(window=index, score_loss=_mean(losses), train_loss=f"{train_loss:.3f}")
@@ -164,15 +169,21 @@ def _mean(values: list[float]) -> str:
 @interruptible("replay")  # SIGTERM cleans up like Ctrl-C: no hidden .OUT.csv.gz.*.tmp left
 def replay(input_path: str | Path, output_path: str | Path, config: Config,
            progress: bool | None = None,
-           save_model: str | Path | None = None) -> tuple[int, ParseReport]:
-    """``save_model``: also checkpoint the final model there (for ``pipeline report --model``)."""
+           save_model: str | Path | None = None,
+           sessions_output: str | Path | None = None) -> tuple[int, ParseReport]:
+    """``save_model``: also checkpoint the final model there (for ``pipeline report --model``);
+    ``sessions_output``: also write the session scores there (needs sessions.entity)."""
     windows, report = parse_file(input_path, config)
     report.log_summary(str(input_path))
     problem = malformed_problem(report, str(input_path), config.input.max_malformed_fraction)
     if problem:
         raise InputError(problem)
     learner = WindowLearner(config)
-    count = write_scores(output_path, config, replay_scores(windows, config, progress, learner))
+    sessions: list[SessionScore] = []
+    count = write_scores(output_path, config, replay_scores(windows, config, progress, learner,
+                                                            sessions.extend))
+    if sessions_output:
+        write_rows(sessions_output, SESSION_COLUMNS, map(session_row, sessions))
     if save_model:
         learner.save(save_model)
     return count, report
