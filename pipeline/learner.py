@@ -248,7 +248,7 @@ class WindowLearner:
         if self.config.sessions.entity:  # after the event model: its random numbers stay its own
             if self.sessions is None:
                 self.sessions = SessionModel(self.config, self.tokenizer.param_start).to(self.device)
-            self.session_scores = self.sessions.process(window, read, self.template_ids, self.device)
+            self.session_scores = self.sessions.process(window, self.template_ids(read()), self.device)
         self.last_window = window
         return sum(losses) / len(losses) if losses else float("nan")
 
@@ -268,10 +268,10 @@ class WindowLearner:
             start += len(chunk)
         return out
 
-    def template_ids(self, events: Iterable[Event]) -> Iterator[int]:
-        """Each event's template id (its first token after BOS), chunk by chunk."""
+    def template_ids(self, events: Iterable[Event]) -> Iterator[tuple[Event, int]]:
+        """Each event with its template id (its first token after BOS), chunk by chunk."""
         for chunk in batched(events, self.config.training.max_chunk_events):
-            yield from (ids[1] for ids in self.encode_own(chunk))
+            yield from ((e, ids[1]) for e, ids in zip(chunk, self.encode_own(chunk)))
 
     def grow(self, events: Iterable[Event]) -> int:
         """Give the window's new word values ids of their own (nn/tokenizers.py

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +60,12 @@ class _Session:
         self.last_line, self.last_time = event.line, event.time
 
 
-def group(events: Iterator[Event], symbols: Iterator[int], entity: Callable[[Event], str]
+def group(events: Iterable[tuple[Event, int]], entity: Callable[[Event], str]
           ) -> dict[str, _Session]:
-    """Each session of the events (in event order, with their symbols), in order of first event;
+    """Each session of the (event, symbol) pairs (in event order), in order of first event;
     events without a session value belong to none."""
     sessions: dict[str, _Session] = {}
-    for event, symbol in zip(events, symbols):
+    for event, symbol in events:
         value = entity(event)
         if not value:
             continue
@@ -105,13 +105,12 @@ class SessionModel:
         self.model.to(device)
         return self
 
-    def process(self, window: int, read: Callable[[], Iterator[Event]],
-                symbols: Callable[[Iterator[Event]], Iterator[int]], device: torch.device
+    def process(self, window: int, events: Iterable[tuple[Event, int]], device: torch.device
                 ) -> list[SessionScore]:
         """Score the window's sessions with the model of the windows before it, then train on
-        them; ``symbols`` gives each event's template id, ``read()`` the events in event order."""
+        them; ``events``: the window's, in event order, each with its template id."""
         entity_name, inputs = self.config.sessions.entity, self.config.input
-        sessions = group(read(), symbols(read()), lambda e: e.entity(entity_name, inputs))
+        sessions = group(events, lambda e: e.entity(entity_name, inputs))
         max_events, tc = self.config.sessions.max_events, self.config.training
         parts = [sequences(s.symbols, max_events) for s in sessions.values()]
         flat = list(itertools.chain.from_iterable(parts))

@@ -149,7 +149,7 @@ def test_a_long_session_is_scored_over_all_its_parts(tmp_path):
     learner = WindowLearner(config)
     for w in (0, 1):
         learner.process_window(w, windows[w])
-    parts = sequences(list(learner.template_ids(windows[2])), 3)
+    parts = sequences([symbol for _, symbol in learner.template_ids(windows[2])], 3)
     assert [len(p) for p in parts] == [4, 4, 5]
     expected = sum(total for _, total, _ in score_sequences(learner.sessions.model, parts))
     learner.process_window(2, windows[2])
