@@ -36,8 +36,11 @@ def write_frame(handle, key: OrderKey, value: bytes) -> None:
     handle.write(value)
 
 
+READ_BUFFER = 1 << 16  # per run being merged: up to MAX_RUNS are read at once (4 MiB, not 64)
+
+
 def read_frames(path: Path) -> Iterator[tuple[OrderKey, bytes]]:
-    with open(path, "rb", buffering=1 << 20) as handle:
+    with open(path, "rb", buffering=READ_BUFFER) as handle:
         while head := handle.read(HEAD.size):
             time, line, partition, offset, name_size = HEAD.unpack(head)
             topic = handle.read(name_size).decode()
