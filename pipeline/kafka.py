@@ -101,7 +101,9 @@ def require_reachable(config: Config) -> None:
 
 def topic_plan(config: Config) -> dict[str, int]:
     """Topic -> partitions. Windows has as many as tokens (the windower forwards each event to its
-    tokens partition's number; scorers share them); scores keeps one: the archiver reads it whole."""
+    tokens partition's number; scorers share them); scores keeps one: the archiver reads it whole.
+    Sessions only with sessions.entity: a deployment without session scores neither creates it
+    nor has its stages wait for it (pipeline/brokerwatch.py watches these topics)."""
     t = config.topics
     return {
         t.raw: t.partitions,
@@ -112,6 +114,7 @@ def topic_plan(config: Config) -> dict[str, int]:
         t.dead_letters: 1,
         t.late: 1,
         t.alerts: 1,
+        **({t.sessions: 1} if config.sessions.entity else {}),
     }
 
 
@@ -120,8 +123,11 @@ def create_topics(config: Config, timeout: float = 30.0) -> list[str]:
     admin = make_admin(config)
     existing = set(require_broker(admin, bootstrap_servers(config)).topics)
     # Only the newest announcement per model matters; a broker that ignores the setting (the
-    # embedded one) keeps them all, which scorers read the same way.
-    settings = {config.topics.models: {"cleanup.policy": "compact"}}
+    # embedded one) keeps them all, which scorers read the same way. Session scores are keyed
+    # "<window>/<session>" and a window re-trained after a restart sends the same values again:
+    # compaction drops only those repeats, and keeps every window's scores (no time retention).
+    compact = {"cleanup.policy": "compact"}
+    settings = {config.topics.models: compact, config.topics.sessions: compact}
     wanted = [
         NewTopic(name, num_partitions=parts, replication_factor=config.topics.replication_factor,
                  config=settings.get(name, {}))

@@ -7,7 +7,8 @@ they are up to date. Regenerate with ``python -m schemas.standalone``.
 Which topic carries which records (each value: 10-byte single-object header C3 01 + the writer
 schema's CRC-64-AVRO fingerprint, then the Avro binary body):
 tokens: TokenizedEvent; windows: WindowedEvent, WindowComplete; scores: ScoredEvent,
-WindowComplete; models: ModelAnnouncement; late: LateEvent; alerts: Alert; dead letters: DeadLetter.
+WindowComplete; models: ModelAnnouncement; late: LateEvent; alerts: Alert; dead letters: DeadLetter;
+sessions: SessionScore.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from pipeline.topicread import TopicReader
 ROOT = Path(__file__).resolve().parent.parent
 LANL_LINE = "3600,U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success"
 SMALL_MODEL = {"model": {"rnn": {"hidden_size": 32}}}
-TOPIC_ROLES = ("raw", "tokens", "windows", "scores", "dead_letters", "late", "alerts", "models")
+TOPIC_ROLES = ("raw", "tokens", "windows", "scores", "dead_letters", "late", "alerts", "models",
+               "sessions")
 # Configs whose topics stream_config created during the current test: conftest.py deletes them
 # when the test ends, whatever happened, so nothing is left on an external cluster.
 created: list[Config] = []

@@ -39,6 +39,9 @@ SAMPLES = {
                                       "mad": 0.02, "z": 12.0}], "reasons": ["loss 9.000"]},
     "salka.DeadLetter": {"stage": "tokenizer", "source": SOURCE, "line": 9, "reason": "bad time",
                          "payload": b"\x00\xff", "time_ms": 1_700_000_000_000},
+    "salka.SessionScore": {"window": 19675, "session": "blk_-160\u00fc", "events": 7, "first_line": 3,
+                           "last_line": 2**40, "first_time": 1_700_000_000.5, "last_time": None,
+                           "loss": 0.75, "loss_total": None},
 }
 
 

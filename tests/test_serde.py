@@ -206,6 +206,13 @@ RECORDS = [
         {"stage": "windower", "source": SRC, "line": None, "reason": "empty record value (null)",
          "payload": None, "time_ms": 0, "payload_size": None, "payload_sha256": None},
     ),
+    ("salka.SessionScore", "set",
+     {"window": 19675, "session": "blk_-1608999687919862906", "events": 7, "first_line": 8,
+      "last_line": 2**40, "first_time": 1_709_511_944.177, "last_time": 1_709_511_950.757,
+      "loss": 1.710332, "loss_total": 13.682652}),
+    ("salka.SessionScore", "null",
+     {"window": -1, "session": "", "events": 0, "first_line": 0, "last_line": 0,
+      "first_time": None, "last_time": None, "loss": None, "loss_total": None}),
     ("salka.EntityStat", "set",
      {"kind": "user", "entity": "U1@DOM1", "events": 40, "median": 0.5, "mad": 0.1, "z": 6.5}),
     (

@@ -15,6 +15,7 @@ The scorers, not the trainer, score: each event as it arrives, with the announce
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from pipeline.modelstore import announcement, announcement_key, config_fingerpri
 from pipeline.parsing import Event, LineParser
 from pipeline.progress import training_logger
 from pipeline.runner import Output
+from pipeline.sessions import SessionScore
 from pipeline.spill import SpilledWindow
 from pipeline.stages.collect import WindowStage
 from pipeline.topicrecords import record_to_event
@@ -41,6 +43,17 @@ def published_at(msg: Message) -> float | None:
     """When the record was produced (epoch seconds), when the broker says."""
     kind, ms = msg.timestamp()
     return ms / 1000 if kind != TIMESTAMP_NOT_AVAILABLE and ms > 0 else None
+
+
+def session_key(score: SessionScore) -> bytes:
+    """The sessions topic's compaction key: the window (digits, so the first "/" ends it), then
+    the session value whole."""
+    return f"{score.window}/{score.session}".encode()
+
+
+def session_record(score: SessionScore) -> dict:
+    """A session score as a salka.SessionScore record (the same fields, in the same units)."""
+    return dataclasses.asdict(score)
 
 
 def checkpoint_dir(config: Config) -> Path:
@@ -86,7 +99,8 @@ class TrainerStage(WindowStage):
         self.unsaved = False
         # The announcement of the model now serving (the learner's), once made.
         self.serving: dict | None = None
-        self.counts = {"windows": 0, "trained": 0, "models": 0, "dead_letters": 0, "skipped": 0}
+        self.counts = {"windows": 0, "trained": 0, "models": 0, "sessions": 0, "dead_letters": 0,
+                       "skipped": 0}
         self.observer = None  # pipeline/metrics.TrainerObserver when metrics are on
 
     def already_done(self, window: int) -> bool:
@@ -139,6 +153,7 @@ class TrainerStage(WindowStage):
             progress = self.observer.training(progress)
         loss = self.learner.train_ordered(window, read, count, progress)
         trained = time.monotonic()
+        self._send_sessions(out)
         self._announce(out, publish(self.config, self.learner, window + 1))
         self.unsaved = True
         self.counts["windows"] += 1
@@ -150,6 +165,17 @@ class TrainerStage(WindowStage):
         if self.observer is not None:
             self.observer.window_done(window, count, 0.0, trained - started, loss, published,
                                       time.time(), self.learner.left_out)
+
+    def _send_sessions(self, out: Output) -> None:
+        """The session scores of the window just trained (sessions.entity). Acknowledged, like
+        the model announcement, before the checkpoint that moves past the window: a trainer that
+        restarts before it trains the window again and sends the same keys with the same values."""
+        if not self.config.sessions.entity:
+            return
+        for score in self.learner.session_scores:
+            out.send_record(self.config.topics.sessions, "salka.SessionScore",
+                            session_record(score), key=session_key(score))
+        self.counts["sessions"] += len(self.learner.session_scores)
 
     def tick(self, out: Output) -> bool:
         return self.unsaved  # commit (and so checkpoint) right after each window
