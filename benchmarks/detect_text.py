@@ -4,11 +4,20 @@ Methods, each scoring window w with what it learned from windows < w (first wind
 - LM variants over the profile's example config (examples/sessions.yaml, examples/bgl.yaml):
   ``example`` (the config as it is), ``word-mask`` (whitespace words, tokenizer.mask on),
   ``template`` (drain3 templates + parameter words, mask on), ``template-only`` (the template
-  id alone), or NAME:key=value;... (default: word-mask and template).
+  id alone), or NAME:key=value;... (default: word-mask, template and session-LM). Session
+  scores are off in these (sessions.entity="", before the variant's own overrides).
 - byte-3gram and byte-3gram-masked (digits -> 0): detect.py's baselines, on the raw lines.
 - template-bigram (sessions only): -log P(template | the session's previous template) under an
   add-k smoothed bigram of the earlier windows' sessions, templates from the first window (the
   template tokenizer). Not an LM: a sequence comparator, to show what in-session order is worth.
+- session-LM (sessions only): the product's session scores (pipeline/sessions.py): replay_scores
+  with sessions.entity=session on the example config, each session of a window scored by the
+  session LM of the earlier windows. Two rankings of one run: ``session-LM`` by the session's
+  ``loss`` (mean per predicted template), ``session-LM total`` by its ``loss_total``. Variants:
+  ``--lm session-LM:key=value;...`` or ``--lm "session-LM NAME:key=value;..."``. Each line gets
+  its (window, session)'s score, so the line and session columns below apply unchanged (a
+  session that spans windows: max / mean over its parts, weighted by lines for the mean). The
+  replay is timed under the first ranking's ``seconds``; the second reuses it.
 
 Metrics: per line (ROC AUC, AP, precision@k, as detect.py) and, for sessions, per session: a
 session's score is the max (s-*-max) or the mean (s-*-mean) of its scored lines' scores; a
@@ -32,6 +41,7 @@ from pipeline.generate_sessions import session_labels_path, write_sessions
 from pipeline.parsing import Event, read_lines
 from pipeline.replay import parse_file, replay_scores
 from pipeline.scorefile import ScoreRow
+from pipeline.sessions import SessionScore
 from pipeline.stats import detection_scores
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +54,9 @@ TEXT_LM_PRESETS = {
     "template-only": ["tokenizer.kind=template", "tokenizer.mask.enabled=true",
                       "tokenizer.template.parameters=none"],
 }
-DEFAULT_LMS = ("word-mask", "template")
+SESSION_LM = "session-LM"  # a --lm variant named so (or "session-LM NAME") is a session LM
+SESSION_RANKINGS = {"": "loss", " total": "loss_total"}  # method-name suffix -> SessionScore field
+DEFAULT_LMS = ("word-mask", "template", SESSION_LM)
 BIGRAM_K = 0.1
 KS = (10, 50, 100)
 COLUMNS = ("auc", "ap", "p@10", "p@100", "s-auc-max", "s-ap-max", "s-auc-mean", "s-ap-mean", "seconds")
@@ -83,6 +95,30 @@ def template_bigram(windows: dict[int, list[Event]], sessions: dict[int, str],
             pairs[prev, t] += 1
             context[prev] += 1
     return out
+
+
+def session_line_scores(windows: dict[int, list[Event]], sessions: list[SessionScore],
+                        config: Config, column: str) -> dict[int, float]:
+    """Line -> the ``column`` (loss or loss_total) of its window's session score; lines of an
+    unscored session (the first window) and lines without a session value get none."""
+    by_key = {(s.window, s.session): getattr(s, column) for s in sessions}
+    entity, inputs = config.sessions.entity, config.input
+    out: dict[int, float] = {}
+    for w, events in windows.items():
+        for e in events:
+            score = by_key.get((w, e.entity(entity, inputs)))
+            if score is not None:
+                out[e.line] = score
+    return out
+
+
+def session_lm(windows: dict[int, list[Event]], config: Config) -> dict[str, dict[int, float]]:
+    """One replay with session scores: ranking suffix -> line scores (session_line_scores)."""
+    sessions: list[SessionScore] = []
+    for _ in replay_scores(windows, config, progress=False, on_sessions=sessions.extend):
+        pass  # the event scores are the LM variants' business; the sessions are this one's
+    return {suffix: session_line_scores(windows, sessions, config, column)
+            for suffix, column in SESSION_RANKINGS.items()}
 
 
 def session_metrics(rows: list[ScoreRow], line_session: dict[int, str],
@@ -137,7 +173,7 @@ def run_seed(profile: str, seed: int, args, folder: Path) -> dict[str, dict]:
         with open(session_labels_path(labels_path)) as f:
             session_label = {r["session"]: int(r["label"]) for r in csv.DictReader(f)}
     small_model = ["model.rnn.hidden_size=16", "model.gpt.n_embd=16", "model.gpt.n_layer=1",
-                   "training.epochs=1"]
+                   "sessions.hidden_size=16", "training.epochs=1"]
     overrides = [*(small_model if args.small else []), *args.set, f"seed={seed}"]
     config_path = ROOT / "examples" / f"{example}.yaml"
     base = load_config(config_path, overrides)
@@ -151,13 +187,26 @@ def run_seed(profile: str, seed: int, args, folder: Path) -> dict[str, dict]:
     }
     if line_session:
         methods["template-bigram"] = lambda: template_bigram(windows, line_session, base)
+    session_runs: dict[str, dict[str, dict[int, float]]] = {}  # one replay per session-LM variant
     for variant in args.lm or DEFAULT_LMS:
         name, _, extra = variant.partition(":")
+        more = [s for s in extra.split(";") if s]
+        if name.split(" ")[0] == SESSION_LM:
+            if not line_session:
+                continue  # BGL has no session ids: no session labels to rank against
+            config = load_config(config_path, [*overrides, "sessions.entity=session", *more])
+            for suffix in SESSION_RANKINGS:
+                methods[f"{name}{suffix}"] = lambda config=config, name=name, suffix=suffix: (
+                    session_runs.get(name) or session_runs.setdefault(name, session_lm(windows, config))
+                )[suffix]
+            continue
         if name not in TEXT_LM_PRESETS and not extra:
             raise TextProblem(f"--lm {variant!r}: unknown text-log variant; use one of "
-                              f"{', '.join(TEXT_LM_PRESETS)} or NAME:key=value;key=value")
-        config = load_config(config_path, [*overrides, *TEXT_LM_PRESETS.get(name, []),
-                                           *(s for s in extra.split(";") if s)])
+                              f"{', '.join(TEXT_LM_PRESETS)}, {SESSION_LM} or NAME:key=value;key=value")
+        # Session scores off (examples/sessions.yaml turns them on): they need the template
+        # tokenizer, and the line variants are scored by their event losses only.
+        config = load_config(config_path, [*overrides, "sessions.entity=",
+                                           *TEXT_LM_PRESETS.get(name, []), *more])
         methods[f"LM {name}"] = lambda config=config: {
             s.event.line: s.loss for s in replay_scores(windows, config, progress=False)
             if s.loss is not None}

@@ -282,8 +282,9 @@ class SessionsConfig:
     # session (its events in the window, in event order) is read as one sequence of template ids
     # and scored by a small LM of earlier windows' sessions (pipeline/sessions.py). Empty: off.
     entity: str = ""
-    # Hidden size of that LM (a one-layer LSTM with tied embeddings).
-    hidden_size: int = field(default=64, metadata=_check(_positive))
+    # Hidden size of that LM (a one-layer LSTM with tied embeddings; 128 chosen by
+    # benchmarks/detect.py --profile sessions over 32 and 64).
+    hidden_size: int = field(default=128, metadata=_check(_positive))
     # A session longer than this many events is read in parts of this many (bounds the sequence).
     max_events: int = field(default=256, metadata=_check(_positive))
 

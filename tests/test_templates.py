@@ -299,6 +299,26 @@ def test_template_bigram_learns_only_from_earlier_windows_of_each_session():
     assert merged != scores
 
 
+def test_session_lm_scores_every_line_of_a_session_with_its_window_s_score():
+    from pipeline.sessions import SessionScore
+
+    detect_text = _detect_text()
+    config = config_for("sessions.entity=session")
+    lines = [f"2024-03-04T0{h}:00:00.000Z gw1 INFO gateway [{sid}] Accepted connection"
+             for h, sid in ((1, "A"), (2, "B"), (3, "A"), (7, "A"), (8, "C"))]
+    events = parse(config, lines)
+    # A spans both windows (its window-0 lines must not get its window-1 score); C has no score.
+    windows = {0: events[:3], 1: events[3:]}
+
+    def score(window, session, loss, total):
+        return SessionScore(window, session, 1, 0, 0, None, None, loss, total)
+
+    sessions = [score(0, "A", None, None), score(0, "B", None, None),  # no model yet
+                score(1, "A", 1.5, 6.0), score(1, "B", 9.0, 9.0)]  # B has no line in window 1
+    assert detect_text.session_line_scores(windows, sessions, config, "loss") == {4: 1.5}
+    assert detect_text.session_line_scores(windows, sessions, config, "loss_total") == {4: 6.0}
+
+
 @pytest.mark.slow
 def test_detect_sessions_small_runs_end_to_end(tmp_path):
     import os
@@ -315,7 +335,7 @@ def test_detect_sessions_small_runs_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())["sessions"]["seeds"][0]
     assert set(result) == {"byte-3gram", "byte-3gram-masked", "template-bigram", "LM word-mask",
-                           "LM template"}
+                           "LM template", "session-LM", "session-LM total"}
     assert len({r["scored"] for r in result.values()}) == 1  # the same windows for every method
     assert len({r["sessions"] for r in result.values()}) == 1
     for r in result.values():
