@@ -86,6 +86,9 @@ class ScorerStage(BaseStage):
         self.consumer = None
         # (window, late, Event, its model) to score at the end of this batch
         self.batch: list[tuple[int, bool, object, WindowLearner]] = []
+        # window -> its model, until the next tick reads announcements: model_for once per
+        # window and batch, not once per record
+        self.batch_models: dict[int, WindowLearner] = {}
         self.waiting: dict[tuple[str, int], int] = {}  # paused partition -> window it waits for
         self.next_offsets: dict[tuple[str, int], int] = {}
         self.counts = {"scored": 0, "late": 0, "waits": 0, "refused": 0, "dead_letters": 0}
@@ -162,10 +165,13 @@ class ScorerStage(BaseStage):
         if decoded is not None and decoded[0] != COMPLETE:
             name, record = decoded
             window = record["window"]
-            model = self.model_for(window)
+            model = self.batch_models.get(window)
             if model is None:
-                self._wait(msg, window)
-                return
+                model = self.model_for(window)
+                if model is None:
+                    self._wait(msg, window)
+                    return
+                self.batch_models[window] = model
             event = record_to_event(record["event"], self.model_fields, self.masker)
             self.batch.append((window, name == LATE, event, model))
             if self.observer is not None:  # score latency is timed from this record's timestamp
@@ -184,6 +190,7 @@ class ScorerStage(BaseStage):
 
     def tick(self, out: Output) -> bool:
         self._score_batch(out)
+        self.batch_models.clear()  # announcements may change which model serves a window
         self.read_announcements()
         ready = [where for where, window in self.waiting.items() if self.model_for(window) is not None]
         if ready:
