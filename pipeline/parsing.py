@@ -14,6 +14,7 @@ import time as _time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from itertools import repeat
 from pathlib import Path
 
 from nn.masking import Masker
@@ -123,6 +124,9 @@ class LineParser:
         self.model_fields = list(config.model_fields) or [
             n for n in names if n != config.time_field
         ]
+        # Per-event work done once: the header row lowered, whether the time format has a year.
+        self._header = [c.lower() for c in config.csv.columns]
+        self._has_year = has_year(config.time_format)
 
     def parse(self, raw: bytes | str, line: int) -> Event | Malformed:
         if isinstance(raw, bytes):
@@ -152,14 +156,15 @@ class LineParser:
             problem = future_problem(time, self.clock(), self.config.max_future_seconds)
             if problem:
                 return Malformed(line, f"bad time in field {self.config.time_field!r}: {problem}")
-        text_fields = tuple((name, fields.get(name, "")) for name in self.model_fields)
+        names = self.model_fields
+        text_fields = tuple(zip(names, map(fields.get, names, repeat("", len(names)))))
         if self.masker is not None:
             text_fields = self.masker.mask_fields(text_fields)
         return Event(line=line, time=time, fields=fields, text_fields=text_fields)
 
     def _time(self, value: str) -> float:
         fmt = self.config.time_format
-        if has_year(fmt):
+        if self._has_year:
             return parse_time(value, fmt)
         if self.config.default_year:
             return parse_time(value, fmt, self.config.default_year)
@@ -177,7 +182,7 @@ class LineParser:
         if prefix and raw.startswith(prefix):
             return self._comment(raw, line)
         try:
-            rows = list(csv.reader([raw], delimiter=self.config.csv.delimiter, strict=True))
+            rows = _csv_rows(raw, self.config.csv.delimiter)
         except csv.Error as exc:
             if "field limit" in str(exc):
                 return Malformed(line, f"a CSV field longer than {csv.field_size_limit()} characters "
@@ -185,7 +190,9 @@ class LineParser:
             return Malformed(line, f"broken CSV quoting: {exc}")
         values = rows[0] if rows else []
         header = self.config.csv.header
-        looks_like_header = [v.strip().lower() for v in values] == [c.lower() for c in columns]
+        header_row = self._header  # the first value alone rules out almost every data row
+        looks_like_header = len(values) == len(header_row) and all(
+            v.strip().lower() == h for v, h in zip(values, header_row))
         if line == 1 and (header is True or (header == "auto" and looks_like_header)):
             return HeaderRow(line, "header row")
         if looks_like_header:
@@ -227,6 +234,16 @@ class LineParser:
         if "text" not in fields:
             fields["text"] = raw
         return fields
+
+
+def _csv_rows(raw: str, delimiter: str) -> list[list[str]]:
+    """``list(csv.reader([raw], delimiter=delimiter, strict=True))``: a line with no quote, no
+    line break and no field past the size limit is split by ``str.split``, which reads it the
+    same (tests/test_parsing.py compares them), in a fraction of the time."""
+    if (raw and '"' not in raw and "\r" not in raw and "\n" not in raw and len(delimiter) == 1
+            and delimiter not in '"\r\n' and len(raw) <= csv.field_size_limit()):
+        return [raw.split(delimiter)]
+    return list(csv.reader([raw], delimiter=delimiter, strict=True))
 
 
 def json_lookup(obj: object, path: str) -> object:

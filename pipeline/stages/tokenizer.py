@@ -7,7 +7,6 @@ order and so lets the windower's watermark be taken per partition.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from confluent_kafka import Message, TopicPartition
@@ -16,10 +15,11 @@ from nn.tokenizers import encode_event
 from pipeline.config import Config
 from pipeline.kafka import partition_count
 from pipeline.modelspec import make_masker, make_tokenizer
-from pipeline.parsing import Event, LineParser, Malformed
-from pipeline.runner import Output, header, send_to_dead_letters
+from pipeline.parsing import LineParser, Malformed
+from pipeline.runner import Output, send_to_dead_letters
 from pipeline.stages.base import BaseStage
-from pipeline.topicrecords import CONTROL_HEADER, LINE_HEADER, event_to_record
+from pipeline.tokenwire import TokenizedEventWriter
+from pipeline.topicrecords import CONTROL_HEADER, LINE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ class TokenizerStage(BaseStage):
         # Only a fixed tokenizer can encode before the first window is seen; word and BPE
         # vocabularies are learned by the trainer, which encodes those events itself.
         self.fixed_tokenizer = make_tokenizer(config) if config.tokenizer.kind == "char" else None
+        self.max_tokens = config.tokenizer.max_tokens
+        self.tokens_topic = config.topics.tokens
+        self.writer = TokenizedEventWriter()
         self.next_offsets: dict[tuple[str, int], int] = {}
         self.tokens_partitions: int | None = None
         self.counts = {"events": 0, "dead_letters": 0, "control": 0}
@@ -58,35 +61,46 @@ class TokenizerStage(BaseStage):
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
         self.next_offsets[(topic, partition)] = offset + 1
         tokens_partition = partition % (self.tokens_partitions or 1)
-        if header(msg, CONTROL_HEADER) is not None:
+        control, line_value = _control_and_line(msg.headers())
+        if control:
             out.send(self.config.topics.tokens, None, partition=tokens_partition, headers=msg.headers())
             self.counts["control"] += 1
             return
-        line = _line_number(header(msg, LINE_HEADER))
+        line = _line_number(line_value)
         value = msg.value()
         result = self.parser.parse(value, line) if value is not None else Malformed(line, "null value")
         if isinstance(result, Malformed):  # header rows too: every raw record is accounted for
             send_to_dead_letters(self, msg, out, result.reason, line)
             return
-        event = self._complete(result, (topic, partition, offset), value)
-        out.send_record(self.config.topics.tokens, "salka.TokenizedEvent", event_to_record(event),
-                        key=msg.key(), partition=tokens_partition)
-        self.counts["events"] += 1
-
-    def _complete(self, event: Event, source: tuple[str, int, int], value: bytes) -> Event:
         token_ids = None
         if self.fixed_tokenizer is not None:
-            token_ids = tuple(encode_event(self.fixed_tokenizer, event.text_fields,
-                                           self.config.tokenizer.max_tokens))
+            token_ids = encode_event(self.fixed_tokenizer, result.text_fields, self.max_tokens)
         raw = value.decode("utf-8").rstrip("\r\n")  # parse() already proved it is UTF-8
-        return dataclasses.replace(event, token_ids=token_ids, source=source, raw=raw)
+        # Written directly, byte for byte what codec().encode(event_to_record(...)) gives.
+        out.send(self.tokens_topic, self.writer.write(result, (topic, partition, offset), raw, token_ids),
+                 key=msg.key(), partition=tokens_partition)
+        self.counts["events"] += 1
 
     def safe_offsets(self) -> list[TopicPartition]:
         return [TopicPartition(t, p, o) for (t, p), o in self.next_offsets.items()]
 
 
-def _line_number(text: str | None) -> int:
+def _control_and_line(headers: list | None) -> tuple[bool, bytes | None]:
+    """Whether a record is a control record, and its line header's value: one pass over the
+    headers, each found as ``runner.header`` finds it (the first one with a value)."""
+    control, line = False, None
+    for key, value in headers or ():
+        if value is None:
+            continue
+        if key == CONTROL_HEADER:
+            control = True
+        elif key == LINE_HEADER and line is None:
+            line = value
+    return control, line
+
+
+def _line_number(value: bytes | None) -> int:
     try:
-        return int(text) if text is not None else 0
+        return int(value.decode("utf-8", errors="replace")) if value is not None else 0
     except ValueError:
         return 0
