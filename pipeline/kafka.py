@@ -32,6 +32,10 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     # Records fetched ahead of the stage: 16 MB (librdkafka's default is 64 MB), so that a
     # backlog costs a stage the same memory whether it holds 100k events or 3M.
     "queued.max.messages.kbytes": 16384,
+    # ... and 10k records per partition (librdkafka's default: 100k). On short log lines the
+    # count binds first: the byte cap counts message bytes, not librdkafka's overhead per
+    # message. A tokenizer reading a 1M-line backlog peaked at 108 MB with this, 147 MB without.
+    "queued.min.messages": 10000,
 }
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
