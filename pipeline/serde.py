@@ -372,8 +372,8 @@ def codec() -> AvroCodec:
 
 
 
-def _avro_long(n: int) -> bytes:
-    """Avro's zig-zag varint encoding of a long."""
+def avro_long(n: int) -> bytes:
+    """Avro's zig-zag varint encoding of a long (the caller checks the range)."""
     n = (n << 1) ^ (n >> 63)
     out = bytearray()
     while n & ~0x7F:
@@ -388,4 +388,4 @@ def windowed_event_value(window: int, tokenized: bytes) -> bytes:
     without decoding it again: Avro writes a record as its fields in order, so the body is the
     window's long followed by the event's own body. Lets the windower buffer events as the bytes
     it read (a few hundred bytes) instead of decoded dicts (kilobytes)."""
-    return MAGIC + codec().fingerprints["salka.WindowedEvent"] + _avro_long(window) + tokenized[HEADER_LEN:]
+    return MAGIC + codec().fingerprints["salka.WindowedEvent"] + avro_long(window) + tokenized[HEADER_LEN:]

@@ -22,6 +22,7 @@ from fastavro.schema import to_parsing_canonical_form
 
 from pipeline.parsing import Event
 from pipeline.serde import MAGIC, codec
+from pipeline.serde import avro_long as zigzag
 from pipeline.topicrecords import event_to_record
 
 log = logging.getLogger(__name__)
@@ -42,17 +43,6 @@ LONG_MIN, LONG_MAX = -(1 << 63), (1 << 63) - 1
 NULL = b"\x00"  # union branch 0 ("null"); also an array's end block
 SECOND = b"\x02"  # union branch 1
 _pack_double = struct.Struct("<d").pack
-
-
-def zigzag(n: int) -> bytes:
-    """Avro's zig-zag varint of a long (the caller checks the range)."""
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n & ~0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 _SMALL = tuple(zigzag(n) for n in range(8192))  # lengths, counts and ids: no loop, no allocation
