@@ -98,7 +98,7 @@ class SessionModel:
         self.model = build_model(self.model_args)
         tc = config.training
         self.optimizer = make_optimizer(self.model, tc.learning_rate, tc.weight_decay)
-        self.last_window: int | None = None
+        self.last_window: int | None = None  # the last window with sessions it trained on
 
     def to(self, device: torch.device) -> SessionModel:
         """Before any optimizer step: its state follows the parameters."""
@@ -131,7 +131,7 @@ class SessionModel:
             train_sequences(self.model, self.optimizer, flat, epochs=tc.epochs,
                             batch_size=tc.batch_size, grad_clip=tc.grad_clip, seed=seed,
                             device=device, precision=tc.precision)
-        self.last_window = window
+            self.last_window = window  # the windows after it are scored (none trained: none)
         return scores
 
     def state_dict(self) -> dict:

@@ -13,6 +13,7 @@ from pipeline.cli import cli
 from pipeline.config import config_from_dict, load_config
 from pipeline.formats import example_config, format_names
 from pipeline.parsing import CommentRow, Event, HeaderRow, LineParser, Malformed, read_lines
+from pipeline.replay import replay
 
 EXAMPLES = ROOT / "examples"
 DATA = ROOT / "tests" / "data"
@@ -136,3 +137,19 @@ def test_check_shows_why_lines_are_malformed():
     assert result.exit_code == 0, result.output
     assert "line 1: MALFORMED: expected 9 CSV columns, got" in result.output
     assert "replay would stop:" in result.output and "3 of 3 lines malformed (all)" in result.output
+
+
+def test_a_json_lone_surrogate_is_a_malformed_line_not_a_crash(tmp_path):
+    """"\\ud800" is valid JSON but no text: the line is malformed (a dead letter in the stage),
+    and replay skips it as it does, instead of failing when it writes the scores file."""
+    config = load_config(EXAMPLES / "jsonl.yaml")
+    good = sample("jsonl").read_text().splitlines()
+    hostile = good[0].replace('"alice"', '"al\\ud800ice"')
+    assert hostile != good[0]
+    result = LineParser(config.input).parse(hostile.encode(), 2)
+    assert isinstance(result, Malformed) and "lone UTF-16 surrogate" in result.reason
+    assert "'user.name'" in result.reason
+    log = tmp_path / "events.jsonl"
+    log.write_text("\n".join([good[0], hostile, *good[1:]]) + "\n")
+    count, report = replay(log, tmp_path / "scores.csv.gz", config, progress=False)
+    assert count == len(good) and [e.line for e in report.errors] == [2]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 from nn.scoring import score_sequences
 from nn.tokenizers import BOS, EOS
 from pipeline.cli import cli
-from pipeline.config import ConfigError, config_from_dict, load_config
+from pipeline.config import ConfigError, config_from_dict, config_to_dict, load_config
 from pipeline.learner import WindowLearner
 from pipeline.replay import parse_file, replay
 from pipeline.sessions import SESSION_COLUMNS, sequences
@@ -202,3 +203,22 @@ def test_replay_sessions_without_the_key_is_one_line(tmp_path):
     assert result.exit_code == 2
     assert "session scores need sessions.entity" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_window_without_sessions_trains_nothing_and_the_next_stays_unscored(tmp_path):
+    """Window 0's lines belong to no session: the session model is still untrained, so window
+    1's sessions get no loss rather than the random first weights' loss."""
+    config = make_config()
+    unnamed = [re.sub(r"\[[^\]]*\]", "[]", line, count=1) for line in session_lines(0, 4)]
+    data = config_to_dict(config)
+    data["input"]["text"]["pattern"] = r"^(?P<time>\d+) \[(?P<session>[^\]]*)\] (?P<msg>.*)$"
+    config = config_from_dict(data)
+    windows = windows_of(unnamed + session_lines(1, 5), tmp_path, config)
+    learner = WindowLearner(config)
+    learner.process_window(0, windows[0])
+    assert learner.session_scores == []
+    learner.process_window(1, windows[1])
+    assert len(learner.session_scores) == 5
+    assert all(s.loss is None for s in learner.session_scores)
+    learner.process_window(2, windows_of(session_lines(2, 5), tmp_path, config, "w2.log")[2])
+    assert all(s.loss is not None for s in learner.session_scores)

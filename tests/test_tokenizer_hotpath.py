@@ -97,7 +97,7 @@ def test_values_that_do_not_fit_fail_as_the_codec_fails(change):
 
 def test_csv_split_reads_lines_as_csv_reader():
     rnd = random.Random(7)
-    pieces = [",", "a", " ", "\t", ";", "|", "'", "\\", "\u2028", "\x0b", "\x1c", "é", '"', "\r", "\n"]
+    pieces = [",", "a", " ", "\t", ";", "|", "'", "\\", "\u2028", "\x0b", "\x1c", "é", '"', "\r", "\n", "\0"]
     for _ in range(20_000):
         raw = "".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 14)))
         for delimiter in (",", "\t", ";", "|", " ", "'", "\\"):
