@@ -228,7 +228,8 @@ def run_demo(config: Config, workdir: Path, input_path: Path | None, labels_path
     if labels is not None:
         click.echo(precision_line(alerts, labels, 20))
         click.echo("")
-        click.echo(format_report(evaluate(archive, labels_path)))
+        # Both rankings: the normalised score the alerts use, and the raw loss beside it.
+        click.echo(format_report(evaluate(archive, labels_path, alerting=config.alerting)))
     click.echo("")
     click.echo(audit_report.format())
     click.echo(lag_line(lag))
