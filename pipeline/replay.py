@@ -179,9 +179,9 @@ def replay(input_path: str | Path, output_path: str | Path, config: Config,
     if problem:
         raise InputError(problem)
     learner = WindowLearner(config)
-    sessions: list[SessionScore] = []
-    count = write_scores(output_path, config, replay_scores(windows, config, progress, learner,
-                                                            sessions.extend))
+    sessions: list[SessionScore] = []  # kept only when asked for: one row per session and window
+    count = write_scores(output_path, config, replay_scores(
+        windows, config, progress, learner, sessions.extend if sessions_output else None))
     if sessions_output:
         write_rows(sessions_output, SESSION_COLUMNS, map(session_row, sessions))
     if save_model:
