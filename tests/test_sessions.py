@@ -152,7 +152,8 @@ def test_a_long_session_is_scored_over_all_its_parts(tmp_path):
         learner.process_window(w, windows[w])
     parts = sequences([symbol for _, symbol in learner.template_ids(windows[2])], 3)
     assert [len(p) for p in parts] == [4, 4, 5]
-    expected = sum(total for _, total, _ in score_sequences(learner.sessions.model, parts))
+    expected = sum(total for _, total, _ in score_sequences(learner.sessions.model, parts,
+                                                            device=learner.device))
     learner.process_window(2, windows[2])
     (score,) = learner.session_scores
     assert score.events == 9
