@@ -11,6 +11,7 @@ import copy
 import hashlib
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -134,6 +135,7 @@ class WindowLearner:
         # training.exclude_top_fraction: the alerter's per-entity state, to rank a window by
         self.surprise = SurpriseRanking.for_config(config)
         self.left_out = 0  # events of the last window trained that exclude_top_fraction left out
+        self.timings: dict[str, float] = {}  # seconds per phase of the last train_ordered
         # sessions.entity: the session LM (built with the tokenizer) and the last window's scores
         self.sessions: SessionModel | None = None
         self.session_scores: list[SessionScore] = []
@@ -204,15 +206,30 @@ class WindowLearner:
         ``training.max_chunk_events`` at a time, so that what is held at once is bounded by the
         chunk, not the window (the streaming trainer reads them back from disk)."""
         tc = self.config.training
+        clock = time.perf_counter()
         keep = sample_mask((sample_key(e, self.config.seed) for e in read()), total, tc.sample_events)
+        self.timings = {"sample": time.perf_counter() - clock}  # seconds per phase, for the log
+        sample = keep  # the training.sample_events sample (None: every event)
+
+        def sampled() -> Iterator[Event]:
+            return read() if sample is None else (e for e, k in zip(read(), sample) if k)
+
         self.left_out = 0
         if self.surprise is not None:
-            leave_out = self.surprise.top(window, read, self.losses(read, total))
+            # Only what could be trained on is scored and ranked (the sample, when there is one):
+            # scoring the whole window here would cost the trainer as much as the training.
+            size = total if sample is None else int(sample.sum())
+            leave_out = self.surprise.top(window, sampled, self.losses(sampled, size))
             if leave_out is not None:
                 self.left_out = int(leave_out.sum())
                 log.info("window %d: its %d most surprising events left out of training",
                          window, self.left_out)
-                keep = ~leave_out if keep is None else keep & ~leave_out
+                if sample is None:
+                    keep = ~leave_out
+                else:  # leave_out is over the sample: map it back to the window's events
+                    keep = sample.copy()
+                    keep[np.flatnonzero(sample)[leave_out]] = False
+        self.timings["exclude"] = time.perf_counter() - clock - self.timings["sample"]
 
         def chosen() -> Iterator[Event]:
             return read() if keep is None else (e for e, k in zip(read(), keep) if k)
@@ -242,6 +259,7 @@ class WindowLearner:
                 device=self.device, precision=tc.precision,
             ))
             start += len(chunk)
+        self.timings["train"] = time.perf_counter() - clock - sum(self.timings.values())
         if self.history is not None:  # after training: w's events were trained with windows < w
             for chunk in batched(read(), tc.max_chunk_events):  # all of them, not the sample
                 self.history.remember(zip(chunk, self.encode_own(chunk)))

@@ -8,7 +8,9 @@ alerter ranks them by (the entity-normalised score of pipeline/normalise.py, fro
 the model it is about to update: the losses the scorers published) and trains on all but the
 top fraction. The events are still scored and alerted on; they only stay out of the weights and
 the vocabulary's growth. An entity with no history scores 0 there as in the alerter, so a new
-user's first logons are learnt, not held out window after window.
+user's first logons are learnt, not held out window after window. With ``training.sample_events``
+only the sample could be trained on, so only the sample is scored, ranked and joins the state (the
+entities' means are then estimated from it): the pass costs the sample, not the window.
 
 The per-entity state is an alerter engine of its own (pipeline/alerting.py, keeping no loss tails:
 only counts, means and the population mean), saved in the trainer's checkpoint. Everything is a

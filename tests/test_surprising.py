@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from pipeline.alerting import AlertEngine
-from pipeline.config import ConfigError, config_from_dict
+from pipeline.config import ConfigError, config_from_dict, config_to_dict
 from pipeline.generate import GenerateSpec, write_log
-from pipeline.learner import WindowLearner
+from pipeline.learner import WindowLearner, training_sample
 from pipeline.replay import parse_file
 from pipeline.windowing import event_order
 
@@ -147,3 +147,35 @@ def test_key_off_keeps_no_state(windows, tmp_path):
 def test_the_fraction_is_checked(value):
     with pytest.raises(ConfigError, match="training.exclude_top_fraction"):
         config_from_dict({"training": {"exclude_top_fraction": value}})
+
+
+def test_with_a_sample_only_the_sample_is_scored_and_ranked(windows):
+    """training.sample_events: the exclusion pass scores and ranks the sample alone (what could
+    be trained on), not the whole window: the weights are those of training on each window's
+    sample minus the top of that sample, and the pass scored just the sample's events."""
+    size = 300  # of about 500 events a window
+    on = config_from_dict({**config_to_dict(make_config(FRACTION)), "training": {
+        **config_to_dict(make_config(FRACTION))["training"], "sample_events": size}})
+    learner = WindowLearner(on)
+    scored, real = [], learner.losses
+    learner.losses = lambda read, total: scored.append(total) or real(read, total)
+    learner.train(0, windows[0])
+    sample0, sample1 = (training_sample(windows[w], size, on.seed) for w in (0, 1))
+    assert len(windows[1]) > size == len(sample1)
+    losses = [s.loss for s in learner.score(1, sample1)]
+    learner.train(1, windows[1])
+    assert scored == [size, size]  # window 0 has no model to score with, window 1 the sample
+
+    engine = AlertEngine(on.alerting)  # the ranking's state knows the samples only
+    engine.close_window(0, [(None, entities(e, on)) for e in sample0])
+    records = [{"loss": loss, "entities": entities(e, on)} for e, loss in zip(sample1, losses)]
+    scores = engine.window_scores(1, records)
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    left_out = {i for i in ranked[:math.ceil(FRACTION * size)] if scores[i] > 0}
+    assert learner.left_out == len(left_out) > 0
+
+    plain = WindowLearner(make_config(0.0))
+    plain.train(0, sample0)
+    plain.train(1, [e for i, e in enumerate(sample1) if i not in left_out])
+    assert same_weights(learner, plain)
+    assert set(learner.timings) == {"sample", "exclude", "train"}
