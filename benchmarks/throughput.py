@@ -2,6 +2,7 @@
 trainer vs a plain PyTorch loop, tokenizer events/s per process.
 
 Run: python benchmarks/throughput.py [--events-per-window 10000 --windows 4 --rounds 2]
+     python benchmarks/throughput.py --tokenizer-only [--baseline DIR]   ((c) alone)
 
 One pipeline run fills the topics first: the generated, time-compressed log of
 benchmarks/latency.py (hourly windows, small char-LSTM) goes through a tokenizer (timed alone:
@@ -265,6 +266,84 @@ def training_compare(config: Config, events: list, rounds: int) -> dict[str, tup
     return best
 
 
+# ---------------------------------------------------------------------------- --tokenizer-only
+
+
+class TreeStageProcesses(StageProcesses):
+    """Stage processes that import salka from another code tree (``--baseline``: e.g. the last
+    commit, ``git archive HEAD | tar -x -C DIR``), to measure before and after in one run."""
+
+    def __init__(self, config_path: Path, log_dir: Path, tree: Path):
+        super().__init__(config_path, log_dir)
+        self.tree = tree
+
+    def start(self, stage: str, instance: int = 0) -> None:
+        from pipeline import demo
+
+        real = demo.subprocess.Popen
+
+        def popen(argv, **kwargs):  # ``python -m pipeline`` finds the tree's package first
+            env = {**kwargs.pop("env", os.environ), "PYTHONPATH": str(self.tree)}
+            return real(argv, cwd=self.tree, env=env, **kwargs)
+
+        demo.subprocess.Popen = popen
+        try:
+            super().start(stage, instance)
+        finally:
+            demo.subprocess.Popen = real
+
+
+def tokenizer_alone(base: Config, work: Path, bootstrap: str, log: Path, n: int,
+                    tree: Path | None) -> tuple[float, float]:
+    """The tokenizer stage (this tree's, or ``tree``'s) over the log on fresh topics: (events/s
+    from its assignment to its last tokens record, events per CPU second it used)."""
+    config, path = fresh_config(base, work, bootstrap)
+    produce_file(config, log)
+    logs = work / f"logs-{config.streaming.group_prefix}"
+    stages = StageProcesses(path, logs) if tree is None else TreeStageProcesses(path, logs, tree)
+    try:
+        stages.start("tokenizer")
+        pid = stages.processes[-1][1].pid
+        t0 = logged_at(logs / "tokenizer-0.log", r"tokenizer assigned \[.+\]", poll=0.01)
+        cpu0 = cpu_seconds(pid)
+        tokens = read_until(config, config.topics.tokens,
+                            lambda r: sum(name == "salka.TokenizedEvent" for _, _, name, _ in r) >= n)
+        cpu = cpu_seconds(pid) - cpu0
+    finally:
+        stages.stop()
+    return n / (max(t for t, *_ in tokens) - t0), n / cpu
+
+
+def tokenizer_main(args, base: Config) -> None:
+    """--tokenizer-only: (c) alone, this tree against ``--baseline`` in alternating rounds."""
+    sides = {"this tree": None, **({f"baseline {args.baseline}": args.baseline} if args.baseline else {})}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        log = work / "auth.csv"
+        n = compressed_log(log, args.windows, args.events_per_window)
+        print(f"load before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores); {n} events; "
+              f"tokenizer={base.tokenizer.kind}", flush=True)
+        external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        broker = None if external else EmbeddedBroker(log_file=work / "broker.log").start()
+        try:
+            for round_ in range(args.rounds):
+                for name in (list(sides) if round_ % 2 == 0 else list(sides)[::-1]):
+                    rate, per_cpu = tokenizer_alone(base, work, external or broker.bootstrap, log, n,
+                                                    sides[name])
+                    results[name].append((rate, per_cpu))
+                    print(f"round {round_ + 1}: {name}: {rate:.0f} events/s, {per_cpu:.0f} per CPU "
+                          f"second", flush=True)
+        finally:
+            if broker is not None:
+                broker.stop()
+    print(f"\n(c) tokenizer stage alone, one process, best of {args.rounds} (goal >= 50k events/s)")
+    for name, got in results.items():
+        print(f"    {name:<30} {max(r for r, _ in got):>8.0f} events/s (assignment -> last tokens "
+              f"record), {max(c for _, c in got):>8.0f} per CPU second")
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -275,7 +354,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per comparison")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override, e.g. --set model.rnn.hidden_size=128")
+    parser.add_argument("--tokenizer-only", action="store_true",
+                        help="only (c), the tokenizer stage alone, once per round")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="with --tokenizer-only: also run the tokenizer of this code tree "
+                             "(e.g. git archive HEAD | tar -x -C DIR), alternating with this one")
     args = parser.parse_args()
+    if args.tokenizer_only:
+        return tokenizer_main(args, bench_config(args.overrides))
 
     import torch
 

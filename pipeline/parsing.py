@@ -127,40 +127,57 @@ class LineParser:
         # Per-event work done once: the header row lowered, whether the time format has a year.
         self._header = [c.lower() for c in config.csv.columns]
         self._has_year = has_year(config.time_format)
+        self._format, self._time_field = config.format, config.time_field
 
     def parse(self, raw: bytes | str, line: int) -> Event | Malformed:
+        parsed = self.parse_fields(raw, line)
+        if isinstance(parsed, Malformed):
+            return parsed
+        _, time, fields = parsed
+        return Event(line=line, time=time, fields=fields, text_fields=self.text_fields(fields))
+
+    def parse_fields(self, raw: bytes | str,
+                     line: int) -> tuple[str, float | None, dict[str, str]] | Malformed:
+        """``parse`` up to the model's text: (the line as text, only its line break stripped;
+        its event time; its fields), or why it is no event. The tokenizer stage's hot path: it
+        needs no Event, and no model text unless its tokenizer is fixed."""
         if isinstance(raw, bytes):
             try:
                 raw = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 return Malformed(line, f"invalid UTF-8 at byte {exc.start}")
-        raw = raw.rstrip("\r\n").removeprefix("\ufeff")  # a BOM (Excel, PowerShell) is not data
+        text = raw.rstrip("\r\n")
+        raw = text.removeprefix("\ufeff")  # a BOM (Excel, PowerShell) is not data
         if "\x00" in raw:
             return Malformed(line, "line contains NUL bytes")
-        if not raw.strip():
+        if not raw or raw.isspace():  # what ``not raw.strip()`` says, without the copy
             return Malformed(line, "empty line")
-        if self.config.format == "csv":
+        if self._format == "csv":
             fields = self._csv_fields(raw, line)
-        elif self.config.format == "json":
+        elif self._format == "json":
             fields = self._json_fields(raw, line)
         else:
             fields = self._text_fields(raw, line)
         if isinstance(fields, Malformed):
             return fields
         time = None
-        if self.config.time_field:
+        if self._time_field:
             try:
-                time = self._time(fields.get(self.config.time_field, ""))
+                time = self._time(fields.get(self._time_field, ""))
             except (ValueError, OverflowError) as exc:
-                return Malformed(line, f"bad time in field {self.config.time_field!r}: {exc}")
+                return Malformed(line, f"bad time in field {self._time_field!r}: {exc}")
             problem = future_problem(time, self.clock(), self.config.max_future_seconds)
             if problem:
-                return Malformed(line, f"bad time in field {self.config.time_field!r}: {problem}")
+                return Malformed(line, f"bad time in field {self._time_field!r}: {problem}")
+        return text, time, fields
+
+    def text_fields(self, fields: dict[str, str]) -> tuple[tuple[str, str], ...]:
+        """The (name, value) pairs the model reads, masked when tokenizer.mask is on."""
         names = self.model_fields
         text_fields = tuple(zip(names, map(fields.get, names, repeat("", len(names)))))
         if self.masker is not None:
             text_fields = self.masker.mask_fields(text_fields)
-        return Event(line=line, time=time, fields=fields, text_fields=text_fields)
+        return text_fields
 
     def _time(self, value: str) -> float:
         fmt = self.config.time_format
@@ -191,8 +208,9 @@ class LineParser:
         values = rows[0] if rows else []
         header = self.config.csv.header
         header_row = self._header  # the first value alone rules out almost every data row
-        looks_like_header = len(values) == len(header_row) and all(
-            v.strip().lower() == h for v, h in zip(values, header_row))
+        looks_like_header = (len(values) == len(header_row)
+                             and (not values or values[0].strip().lower() == header_row[0])
+                             and all(v.strip().lower() == h for v, h in zip(values, header_row)))
         if line == 1 and (header is True or (header == "auto" and looks_like_header)):
             return HeaderRow(line, "header row")
         if looks_like_header:

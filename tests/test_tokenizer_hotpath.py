@@ -19,9 +19,9 @@ from nn.tokenizers import encode_event
 from pipeline.config import config_from_dict
 from pipeline.modelspec import make_tokenizer
 from pipeline.parsing import Event, LineParser, Malformed, _csv_rows
-from pipeline.serde import EncodeError, codec
-from pipeline.stages.tokenizer import TokenizerStage
-from pipeline.tokenwire import TokenizedEventWriter
+from pipeline.serde import EncodeError, avro_long, codec
+from pipeline.stages.tokenizer import TokenizerStage, _line_number
+from pipeline.tokenwire import TokenizedEventWriter, long_bytes
 from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, LINE_HEADER, event_to_record
 
 SCHEMA = "salka.TokenizedEvent"
@@ -93,6 +93,44 @@ def test_values_that_do_not_fit_fail_as_the_codec_fails(change):
         assert str(got.value) == str(exc)
     else:
         assert TokenizedEventWriter().write(**case) == expected
+
+
+def test_long_bytes_is_avro_long():
+    """The table writer of offsets and line numbers, at and around every table's edge."""
+    edges = [0, 1, 63, 64, 8191, 8192, 8193, 2**13, 2**14, 2**20, 2**27 - 1, 2**27, 2**27 + 1,
+             2**34, 2**41 - 1, 2**41, 2**41 + 1, 2**63 - 1, -1, -64, -65, -(2**63)]
+    rnd = random.Random(3)
+    cases = edges + [rnd.randrange(0, 2**41) for _ in range(20_000)]
+    for n in cases:
+        assert long_bytes(n) == avro_long(n), n
+
+
+@pytest.mark.parametrize("value", [
+    None, b"17", b" 17\n", b"1_000", b"x", b"", b"\xff", "\u0661\u0662".encode(), b"\x1c5",
+    b"\x855", "\u20035".encode(), b"-3", b"+4", b"0x10", b"1e3", b"\xff7",
+])
+def test_line_header_read_as_text(value):
+    """The line header as int() reads its text (decoded with replacement): the bytes fast path
+    changes no number, ASCII or not."""
+    try:
+        expected = int(value.decode("utf-8", errors="replace")) if value is not None else 0
+    except ValueError:
+        expected = 0
+    assert _line_number(value) == expected
+    assert _line_number("\u0661\u0662".encode()) == 12  # not the fast path, still a number
+
+
+def test_parse_fields_is_parse_without_the_event():
+    config = config_from_dict({"tokenizer": {"kind": "char"}})
+    parser = LineParser(config.input)
+    for number, value in enumerate(lanl_lines(50) + [b"\xef\xbb\xbf86400,U1,U1,C1,C2,a,b,c,d\r\n"], 1):
+        full, parts = parser.parse(value, number), parser.parse_fields(value, number)
+        if isinstance(full, Malformed):
+            assert parts == full
+            continue
+        text, time, fields = parts
+        assert text == value.decode("utf-8").rstrip("\r\n")  # what the stage carries as raw
+        assert (time, fields, parser.text_fields(fields)) == (full.time, full.fields, full.text_fields)
 
 
 def test_csv_split_reads_lines_as_csv_reader():
