@@ -118,8 +118,10 @@ def wait_assigned(log: Path, stage: str, timeout: float = 120) -> None:
 
 
 def measure(base: Config, work: Path, bootstrap: str, broker_pid: int | None, events: int,
-            stages: tuple[str, ...], timeout: float) -> dict:
-    """One size: returns {stage: (idle kB, VmHWM kB, max sampled VmRSS kB)} and timings."""
+            stages: tuple[str, ...], timeout: float, progress: float = 0.0) -> dict:
+    """One size: returns {stage: (idle kB, VmHWM kB, max sampled VmRSS kB)} and timings.
+    ``progress`` > 0: a line every that many seconds with the peaks so far (a run stopped
+    before the end still tells something)."""
     log_path = work / f"auth-{events}.csv"
     lines = write_input(log_path, events)
     config, path = run_config(base, work, bootstrap)
@@ -142,7 +144,7 @@ def measure(base: Config, work: Path, bootstrap: str, broker_pid: int | None, ev
         assert produced.records == lines, (produced.records, lines)
         archive = ArchiveCounter(Path(config.streaming.archive_dir))
         last_checkpoint = Path(config.streaming.state_dir) / "trainer" / "checkpoint-000000000002.pt"
-        deadline = started + timeout
+        deadline, next_report = started + timeout, started + progress
         while True:
             if (dead := procs.dead()):
                 raise RuntimeError(f"stage exited: {', '.join(dead)} (logs: {logs})")
@@ -150,6 +152,9 @@ def measure(base: Config, work: Path, bootstrap: str, broker_pid: int | None, ev
             judged = judged_through(config) if "alerter" in stages else 2
             if archived >= lines and (judged or 0) >= 2 and last_checkpoint.exists():
                 break
+            if progress and time.monotonic() >= next_report:
+                next_report = time.monotonic() + progress
+                print_progress(time.monotonic() - started, archived, lines, judged, sampler.peak)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{events} events: archived {archived}/{lines}, alerter "
                                    f"through {judged} after {timeout:.0f}s (logs: {logs})")
@@ -167,6 +172,13 @@ def measure(base: Config, work: Path, bootstrap: str, broker_pid: int | None, ev
 
 def mb(kb: int) -> str:
     return f"{kb / 1024:.0f}"
+
+
+def print_progress(seconds: float, archived: int, lines: int, judged: int | None,
+                   peaks: dict[str, int]) -> None:
+    so_far = ", ".join(f"{name} {mb(kb)}" for name, kb in peaks.items())
+    print(f"  [{seconds:.0f}s] archived {archived}/{lines}, alerter through window {judged}; "
+          f"max RSS so far (MB): {so_far}", flush=True)
 
 
 def print_size(events: int, result: dict) -> None:
@@ -206,6 +218,8 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"stages to run (default: all of {','.join(STAGES)})")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per size")
+    parser.add_argument("--progress", type=float, default=60,
+                        help="seconds between progress lines with the peaks so far (0: none)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override, e.g. --set streaming.spill_events=20000")
     args = parser.parse_args()
@@ -228,7 +242,7 @@ def main() -> None:
                 bootstrap = external or broker.bootstrap
                 results[events] = measure(base, work, bootstrap,
                                           broker.process.pid if broker else None,
-                                          events, stages, args.timeout)
+                                          events, stages, args.timeout, args.progress)
             finally:
                 if broker is not None:
                     broker.stop()

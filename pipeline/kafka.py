@@ -46,6 +46,14 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     # Never give up on a record while the broker is away: a stage waits (flush blocks, with log
     # lines) rather than dropping output or committing input whose output was lost.
     "message.timeout.ms": 0,
+    # Records produced and not yet acknowledged, held in RAM: 20k / 32 MB (librdkafka: 100k /
+    # 1 GB). A stage's commit flushes every streaming.commit_interval_seconds, so in a steady run
+    # the queue holds about one interval of output (a tokenizer over a 1M-line backlog peaked at
+    # the same RSS with a 10k / 16 MB cap as without); the cap bounds the rest (a long interval,
+    # a slow broker). produce() waits on a full queue: back-pressure, never loss. The byte cap
+    # must stay above message.max.bytes, or a record of the largest size never fits.
+    "queue.buffering.max.messages": 20_000,
+    "queue.buffering.max.kbytes": 32_768,
 }
 # Settings a stage relies on for at-least-once: never overridable from the config.
 CONSUMER_FORCED: dict[str, Any] = {"enable.auto.commit": False, "enable.auto.offset.store": False}
@@ -189,4 +197,9 @@ def produce(producer: Producer, topic: str, value: bytes | None, *, on_delivery,
             producer.produce(topic, value, on_delivery=on_delivery, **kwargs)
             return
         except BufferError:
+            if len(producer) == 0:  # nothing queued and still no room: it would wait forever
+                raise BufferError(
+                    f"a {len(value or b'')}-byte record to {topic} is larger than the producer's "
+                    "queue: raise kafka: queue.buffering.max.kbytes above message.max.bytes / 1024"
+                ) from None
             producer.poll(0.1)

@@ -1,0 +1,72 @@
+"""The producer's local queue is bounded by default, a user's kafka: settings override the bound,
+and a full queue is back-pressure (produce() waits), never loss, against a real broker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from helpers import stream_config
+
+from pipeline.config import config_from_dict
+from pipeline.kafka import DeliveryTracker, make_producer, produce, producer_config
+from pipeline.topicread import TopicReader
+
+LIBRDKAFKA_QUEUE = {"queue.buffering.max.messages": 100_000, "queue.buffering.max.kbytes": 1_048_576}
+
+
+def test_producer_queue_is_bounded_by_default():
+    settings = producer_config(config_from_dict({}))
+    for key, librdkafka_default in LIBRDKAFKA_QUEUE.items():
+        assert settings[key] < librdkafka_default / 4, key
+    # A record of the largest size the producer accepts must fit the byte cap.
+    assert settings["queue.buffering.max.kbytes"] * 1024 >= settings["message.max.bytes"]
+
+
+def test_user_kafka_settings_override_the_queue_bound():
+    config = config_from_dict({"kafka": {"queue.buffering.max.messages": 123_456,
+                                         "queue.buffering.max.kbytes": 99}})
+    settings = producer_config(config)
+    assert settings["queue.buffering.max.messages"] == 123_456
+    assert settings["queue.buffering.max.kbytes"] == 99
+
+
+def _read_values(config, topic: str, expected: int) -> list[bytes]:
+    values: list[bytes] = []
+    deadline = time.monotonic() + 60
+    with TopicReader(config, [topic], "test-reader") as reader:
+        while len(values) < expected and time.monotonic() < deadline:
+            values += [m.value() for m in reader.poll() if m.value() is not None]
+    return values
+
+
+def test_a_full_queue_is_back_pressure_not_loss(kafka_bootstrap, tmp_path):
+    # A user's cap of 50 records reaches librdkafka: the 51st unacknowledged record is refused
+    # by the client itself, and produce() waits for room instead of dropping it.
+    config, _ = stream_config(tmp_path, kafka_bootstrap,
+                              {"kafka": {"queue.buffering.max.messages": 50}})
+    topic = config.topics.dead_letters  # one partition: the read-back order is the sent order
+    producer = make_producer(config, **{"client.id": f"t-{uuid.uuid4().hex[:6]}"})
+    for _ in range(50):
+        producer.produce(topic, b"x", on_delivery=DeliveryTracker())
+    with pytest.raises(BufferError):
+        producer.produce(topic, b"x")
+    assert producer.flush(30) == 0
+    tracker = DeliveryTracker()
+    sent = [f"r{i}".encode() for i in range(2000)]
+    for value in sent:
+        produce(producer, topic, value, on_delivery=tracker)
+    assert producer.flush(30) == 0
+    assert tracker.failures == []
+    assert _read_values(config, topic, 2050)[50:] == sent
+
+
+def test_a_record_larger_than_the_queue_is_an_error_not_a_hang(kafka_bootstrap, tmp_path):
+    config, _ = stream_config(tmp_path, kafka_bootstrap,
+                              {"kafka": {"queue.buffering.max.kbytes": 1}})
+    producer = make_producer(config)
+    with pytest.raises(BufferError, match="queue.buffering.max.kbytes"):
+        produce(producer, config.topics.dead_letters, b"x" * 4096, on_delivery=DeliveryTracker())
+    produce(producer, config.topics.dead_letters, b"x" * 100, on_delivery=DeliveryTracker())
+    assert producer.flush(30) == 0
