@@ -51,7 +51,8 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     # the queue holds about one interval of output (a tokenizer over a 1M-line backlog peaked at
     # the same RSS with a 10k / 16 MB cap as without); the cap bounds the rest (a long interval,
     # a slow broker). produce() waits on a full queue: back-pressure, never loss. The byte cap
-    # must stay above message.max.bytes, or a record of the largest size never fits.
+    # must stay above message.max.bytes, or a record of the largest size never fits:
+    # producer_config raises this default with a larger message.max.bytes.
     "queue.buffering.max.messages": 20_000,
     "queue.buffering.max.kbytes": 32_768,
 }
@@ -82,7 +83,13 @@ def consumer_config(config: Config, group: str, **explicit: Any) -> dict[str, An
 
 
 def producer_config(config: Config, **explicit: Any) -> dict[str, Any]:
-    return {**PRODUCER_DEFAULTS, **user_settings(config), **explicit}
+    settings = {**PRODUCER_DEFAULTS, **user_settings(config), **explicit}
+    chosen = {**user_settings(config), **explicit}
+    if "queue.buffering.max.kbytes" not in chosen:  # our default cap, not the user's
+        largest = int(settings.get("message.max.bytes", 0))
+        settings["queue.buffering.max.kbytes"] = max(
+            int(settings["queue.buffering.max.kbytes"]), -(-largest // 1024) + 1024)
+    return settings
 
 
 def make_consumer(config: Config, group: str, **explicit: Any) -> Consumer:

@@ -52,8 +52,9 @@ class SurpriseRanking:
             losses: np.ndarray | None) -> np.ndarray | None:
         """Which of the events ``read()`` yields (in event order) to leave out: True for the
         ``ceil(fraction x scored)`` highest scores that are positive, ties to the earlier event;
-        None: none (no losses yet). ``losses`` are theirs in that order (NaN: unscored). Then the window joins
-        the state, all of its events, as it joins the alerter's."""
+        None: none (no losses yet). ``losses`` are theirs in that order (NaN: unscored). Then
+        they join the state, every one that ``read()`` yields (the window's events, or its
+        training.sample_events sample), as a window joins the alerter's."""
         def pairs() -> Iterable[tuple[float | None, dict[str, str]]]:
             if losses is None:
                 return ((None, self._entities(e)) for e in read())

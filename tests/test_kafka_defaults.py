@@ -32,6 +32,18 @@ def test_user_kafka_settings_override_the_queue_bound():
     assert settings["queue.buffering.max.kbytes"] == 99
 
 
+def test_a_larger_message_max_bytes_raises_the_default_byte_cap_with_it():
+    """A user who raises message.max.bytes past our 32 MB cap still gets the largest record
+    queued (a cap below it would refuse such a record for ever); their own cap stays theirs."""
+    big = 64 * 1024 * 1024
+    settings = producer_config(config_from_dict({"kafka": {"message.max.bytes": big}}))
+    assert settings["queue.buffering.max.kbytes"] * 1024 > big
+    assert producer_config(config_from_dict({}))["queue.buffering.max.kbytes"] == 32_768  # default kept
+    mine = producer_config(config_from_dict({"kafka": {"message.max.bytes": big,
+                                                       "queue.buffering.max.kbytes": 4096}}))
+    assert mine["queue.buffering.max.kbytes"] == 4096
+
+
 def _read_values(config, topic: str, expected: int) -> list[bytes]:
     values: list[bytes] = []
     deadline = time.monotonic() + 60

@@ -35,7 +35,7 @@ from pipeline.serde import codec
 from pipeline.stages.alerter import AlerterStage
 from pipeline.stages.archiver import ArchiverStage
 from pipeline.stages.collect import WindowCollector
-from pipeline.stages.trainer import TrainerStage, checkpoint_files
+from pipeline.stages.trainer import TrainerStage, checkpoint_files, read_once
 from pipeline.stages.windower import WindowerStage
 from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, identity, record_to_event
 from pipeline.windowing import event_order
@@ -390,6 +390,28 @@ def test_trainer_trains_each_window_once_and_announces_its_models(tmp_path):
         offline = learner.process_window(window, window_of_events)
         assert [(s.event.raw, s.loss) for s in online] == [(s.event.raw, s.loss) for s in offline]
         assert all(s.loss is None for s in online) == (window == 0)  # no model before window 0
+
+
+def test_trainer_holds_a_small_window_once_and_never_more_than_a_chunk():
+    """read_once: a window of at most max_chunk_events is decoded once for all of training's
+    passes; a larger spill (whatever its completion record claimed) is streamed, and no more
+    than one chunk and one event of it was ever held."""
+    pulled = []
+
+    def spill(n):
+        def read():
+            for i in range(n):
+                pulled.append(i)
+                yield i
+        return read
+
+    small = read_once(spill(5), limit=5)
+    assert list(small()) == list(small()) == list(range(5)) and len(pulled) == 5
+    pulled.clear()
+    large_read = spill(1000)
+    large = read_once(large_read, limit=5)
+    assert large is large_read and len(pulled) == 6  # read as it comes, one chunk (+1) looked at
+    assert list(large()) == list(range(1000))
 
 
 def test_trainer_windows_closed_empty_extend_the_model_it_serves(tmp_path):
