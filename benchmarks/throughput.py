@@ -269,30 +269,6 @@ def training_compare(config: Config, events: list, rounds: int) -> dict[str, tup
 # ---------------------------------------------------------------------------- --tokenizer-only
 
 
-class TreeStageProcesses(StageProcesses):
-    """Stage processes that import salka from another code tree (``--baseline``: e.g. the last
-    commit, ``git archive HEAD | tar -x -C DIR``), to measure before and after in one run."""
-
-    def __init__(self, config_path: Path, log_dir: Path, tree: Path):
-        super().__init__(config_path, log_dir)
-        self.tree = tree
-
-    def start(self, stage: str, instance: int = 0) -> None:
-        from pipeline import demo
-
-        real = demo.subprocess.Popen
-
-        def popen(argv, **kwargs):  # ``python -m pipeline`` finds the tree's package first
-            env = {**kwargs.pop("env", os.environ), "PYTHONPATH": str(self.tree)}
-            return real(argv, cwd=self.tree, env=env, **kwargs)
-
-        demo.subprocess.Popen = popen
-        try:
-            super().start(stage, instance)
-        finally:
-            demo.subprocess.Popen = real
-
-
 def tokenizer_alone(base: Config, work: Path, bootstrap: str, log: Path, n: int,
                     tree: Path | None) -> tuple[float, float]:
     """The tokenizer stage (this tree's, or ``tree``'s) over the log on fresh topics: (events/s
@@ -300,7 +276,7 @@ def tokenizer_alone(base: Config, work: Path, bootstrap: str, log: Path, n: int,
     config, path = fresh_config(base, work, bootstrap)
     produce_file(config, log)
     logs = work / f"logs-{config.streaming.group_prefix}"
-    stages = StageProcesses(path, logs) if tree is None else TreeStageProcesses(path, logs, tree)
+    stages = StageProcesses(path, logs, code=tree)
     try:
         stages.start("tokenizer")
         pid = stages.processes[-1][1].pid

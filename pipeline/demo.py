@@ -67,19 +67,25 @@ def stage_env() -> dict[str, str]:
 class StageProcesses:
     """The stage processes, started with one effective config file, stopped in pipeline order."""
 
-    def __init__(self, config_path: Path, log_dir: Path):
+    def __init__(self, config_path: Path, log_dir: Path, code: Path | None = None):
+        """``code``: run the stages of another checkout of salka (a benchmark's baseline, e.g.
+        ``git archive HEAD | tar -x -C DIR``): ``python -m pipeline`` finds its package first."""
         self.config_path = config_path
         self.log_dir = log_dir
+        self.code = code
         self.processes: list[tuple[str, subprocess.Popen]] = []
 
     def start(self, stage: str, instance: int = 0) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         name = f"{stage}-{instance}"
+        env = stage_env()
+        if self.code is not None:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.code), env.get("PYTHONPATH")]))
         with open(self.log_dir / f"{name}.log", "ab") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "pipeline", "run", stage, "--config", str(self.config_path)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=stage_env(),
-                start_new_session=True, preexec_fn=_die_with_parent,
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                cwd=self.code, start_new_session=True, preexec_fn=_die_with_parent,
             )
         self.processes.append((name, process))
 

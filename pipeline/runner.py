@@ -42,16 +42,7 @@ class Output:
 
     def send(self, topic: str, value: bytes | None, *, key: bytes | None = None,
              partition: int | None = None, headers: list | None = None) -> None:
-        try:  # one C call per record (the tokenizer sends ~50k/s); a full queue: kafka.produce waits
-            if partition is None:
-                self.producer.produce(topic, value, key, on_delivery=self.tracker, headers=headers)
-            else:
-                self.producer.produce(topic, value, key, partition, on_delivery=self.tracker,
-                                      headers=headers)
-        except BufferError:
-            kwargs = {} if partition is None else {"partition": partition}
-            produce(self.producer, topic, value, on_delivery=self.tracker, key=key, headers=headers,
-                    **kwargs)
+        produce(self.producer, topic, value, key, partition, headers, on_delivery=self.tracker)
         self.by_topic[topic] = self.by_topic.get(topic, 0) + 1
 
     def send_record(self, topic: str, schema: str, record: dict, **kwargs) -> None:

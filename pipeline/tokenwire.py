@@ -54,10 +54,6 @@ _LOW14 = tuple(bytes(((i & 0x7F) | 0x80, (i >> 7) | 0x80)) for i in range(1 << 1
 _LAST14 = tuple(bytes((i,)) if i < 0x80 else bytes(((i & 0x7F) | 0x80, i >> 7)) for i in range(1 << 14))
 
 
-def varint(n: int) -> bytes:
-    return _SMALL[n] if 0 <= n < 8192 else zigzag(n)
-
-
 def long_bytes(n: int) -> bytes:
     """``serde.avro_long(n)`` (the caller checks the range), by table for 0 <= n < 2**41."""
     if 0 <= n < 8192:
@@ -73,7 +69,7 @@ def long_bytes(n: int) -> bytes:
 def _string(text: str) -> bytes:
     data = text.encode("utf-8")
     n = len(data)
-    return (_SMALL[n] if n < 8192 else zigzag(n)) + data
+    return long_bytes(n) + data
 
 
 class _Unfit(Exception):
@@ -142,7 +138,7 @@ class TokenizedEventWriter:
         if type(fields) is not dict:
             raise _Unfit
         if fields:  # a block of len(fields) items, then the end block
-            append(varint(len(fields)))
+            append(long_bytes(len(fields)))
             names, small = self._names, _SMALL
             for name, value in fields.items():  # runs per field per event: kept lean (measured)
                 name_bytes = names.get(name)
@@ -163,7 +159,7 @@ class TokenizedEventWriter:
         else:
             append(SECOND)
             if token_ids:
-                append(varint(len(token_ids)))
+                append(long_bytes(len(token_ids)))
                 if set(map(type, token_ids)) == _INT_ONLY and 0 <= min(token_ids) and max(token_ids) < 8192:
                     append(b"".join(map(_SMALL.__getitem__, token_ids)))  # every id a table look-up
                 else:
@@ -178,4 +174,4 @@ class TokenizedEventWriter:
 def _int(n: object, low: int, high: int) -> bytes:
     if type(n) is not int or not low <= n <= high:  # bool too: validate fits no bool to an int
         raise _Unfit
-    return varint(n)
+    return long_bytes(n)
