@@ -10,15 +10,9 @@ from pathlib import Path
 import click
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.errors import SalkaGroup
+from pipeline.errors import ConfigProblem, SalkaGroup
 
 log = logging.getLogger("pipeline")
-
-
-class ConfigProblem(click.ClickException):
-    """A config error, shown as ``Error: <key path>: <problem>`` with exit code 2."""
-
-    exit_code = 2
 
 
 def with_config(command):

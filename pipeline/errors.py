@@ -11,6 +11,8 @@ import errno
 
 import click
 
+from pipeline.config import ConfigError
+
 
 class InputError(click.ClickException):
     """A file given on the command line is not what the command expects."""
@@ -31,13 +33,23 @@ class FileProblem(click.ClickException):
     exit_code = 1
 
 
+class ConfigProblem(click.ClickException):
+    """A config error, shown as ``Error: <key path>: <problem>`` with exit code 2."""
+
+    exit_code = 2
+
+
 class SalkaGroup(click.Group):
     """The ``pipeline`` group: an OS error about a named path, anywhere under a command, becomes
-    ``Error: PATH: problem; ...`` (an unwritable --output is the user's to fix, not a bug)."""
+    ``Error: PATH: problem; ...`` (an unwritable --output is the user's to fix, not a bug); a
+    setting found wrong only once in use (a ``kafka:`` value librdkafka refuses) is a config
+    problem like those found when the config is read."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except ConfigError as exc:
+            raise ConfigProblem(str(exc)) from exc
         except OSError as exc:
             if exc.filename is None or exc.errno not in _PATH_ERRNOS:
                 raise

@@ -12,7 +12,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.brokerwatch import RepeatFilter, require_broker
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.logs import redact
 
 log = logging.getLogger(__name__)
@@ -85,28 +85,41 @@ def consumer_config(config: Config, group: str, **explicit: Any) -> dict[str, An
 def producer_config(config: Config, **explicit: Any) -> dict[str, Any]:
     chosen = {**user_settings(config), **explicit}
     settings = {**PRODUCER_DEFAULTS, **chosen}
-    if "queue.buffering.max.kbytes" not in chosen:  # our default cap, not the user's
-        largest = int(settings.get("message.max.bytes", 0))
+    largest = settings.get("message.max.bytes", 0)
+    if "queue.buffering.max.kbytes" not in chosen and isinstance(largest, int):  # our cap only
         settings["queue.buffering.max.kbytes"] = max(
-            int(settings["queue.buffering.max.kbytes"]), -(-largest // 1024) + 1024)
-    return settings
+            settings["queue.buffering.max.kbytes"], -(-largest // 1024) + 1024)
+    return settings  # a value librdkafka refuses is reported by client() in one line
+
+
+def client(factory, settings: dict[str, Any]):
+    """``factory(settings)`` (Producer, Consumer, AdminClient); a setting librdkafka refuses
+    (a ``kafka:`` typo or bad value) is a ConfigError naming it, not a traceback."""
+    try:
+        return factory(settings)
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else None
+        if not isinstance(error, KafkaError) or error.code() != KafkaError._INVALID_ARG:
+            raise
+        raise ConfigError(f"kafka: {error.str()}: fix or remove it under kafka: (librdkafka's "
+                          "CONFIGURATION.md lists its settings and values)") from None
 
 
 def make_consumer(config: Config, group: str, **explicit: Any) -> Consumer:
     settings = consumer_config(config, group, **explicit)
     log.debug("consumer settings: %s", redacted(settings))
-    return Consumer(settings, logger=logging.getLogger("librdkafka"))
+    return client(Consumer, {**settings, "logger": LIBRDKAFKA_LOG})
 
 
 def make_producer(config: Config, **explicit: Any) -> Producer:
     settings = producer_config(config, **explicit)
     log.debug("producer settings: %s", redacted(settings))
-    return Producer(settings, logger=logging.getLogger("librdkafka"))
+    return client(Producer, {**settings, "logger": LIBRDKAFKA_LOG})
 
 
 def make_admin(config: Config) -> AdminClient:
     # With a logger, librdkafka's lines go through logging (served by poll), not raw to stderr.
-    return AdminClient({**user_settings(config), "logger": LIBRDKAFKA_LOG})
+    return client(AdminClient, {**user_settings(config), "logger": LIBRDKAFKA_LOG})
 
 
 def bootstrap_servers(config: Config) -> str:

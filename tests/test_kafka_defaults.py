@@ -82,3 +82,24 @@ def test_a_record_larger_than_the_queue_is_an_error_not_a_hang(kafka_bootstrap, 
         produce(producer, config.topics.dead_letters, b"x" * 4096, on_delivery=DeliveryTracker())
     produce(producer, config.topics.dead_letters, b"x" * 100, on_delivery=DeliveryTracker())
     assert producer.flush(30) == 0
+
+
+def test_a_kafka_setting_librdkafka_refuses_is_one_config_line_not_a_traceback():
+    """A typo under kafka: is only found when a client is made: still the config error's one
+    line and exit 2, as for any other key, from every client (here the producer and admin)."""
+    import subprocess
+    import sys
+
+    from pipeline.config import ConfigError
+    from pipeline.kafka import make_admin
+
+    with pytest.raises(ConfigError, match="kafka: .*linger|kafka: .*queue.buffering.max.ms"):
+        make_producer(config_from_dict({"kafka": {"linger.ms": "abc"}}))
+    with pytest.raises(ConfigError, match='kafka: No such configuration property: "bogus.key"'):
+        make_admin(config_from_dict({"kafka": {"bogus.key": "1"}}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "trainer", "--set", "kafka.linger.ms=abc"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [next(line for line in proc.stderr.splitlines()
+                                                     if line.startswith("Error: kafka: "))]
