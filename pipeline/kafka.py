@@ -85,11 +85,14 @@ def consumer_config(config: Config, group: str, **explicit: Any) -> dict[str, An
 def producer_config(config: Config, **explicit: Any) -> dict[str, Any]:
     chosen = {**user_settings(config), **explicit}
     settings = {**PRODUCER_DEFAULTS, **chosen}
-    largest = settings.get("message.max.bytes", 0)
-    if "queue.buffering.max.kbytes" not in chosen and isinstance(largest, int):  # our cap only
+    try:  # librdkafka takes a number written as a string ("100000000" in YAML) too
+        largest = int(settings.get("message.max.bytes", 0))
+    except (TypeError, ValueError):
+        largest = None  # not a number: client() reports it in one line
+    if "queue.buffering.max.kbytes" not in chosen and largest is not None:  # our cap only
         settings["queue.buffering.max.kbytes"] = max(
             settings["queue.buffering.max.kbytes"], -(-largest // 1024) + 1024)
-    return settings  # a value librdkafka refuses is reported by client() in one line
+    return settings
 
 
 def client(factory, settings: dict[str, Any]):

@@ -38,6 +38,8 @@ def test_a_larger_message_max_bytes_raises_the_default_byte_cap_with_it():
     big = 64 * 1024 * 1024
     settings = producer_config(config_from_dict({"kafka": {"message.max.bytes": big}}))
     assert settings["queue.buffering.max.kbytes"] * 1024 > big
+    quoted = producer_config(config_from_dict({"kafka": {"message.max.bytes": str(big)}}))  # YAML "..."
+    assert quoted["queue.buffering.max.kbytes"] == settings["queue.buffering.max.kbytes"]
     assert producer_config(config_from_dict({}))["queue.buffering.max.kbytes"] == 32_768  # default kept
     mine = producer_config(config_from_dict({"kafka": {"message.max.bytes": big,
                                                        "queue.buffering.max.kbytes": 4096}}))
