@@ -3,6 +3,7 @@ trainer vs a plain PyTorch loop, tokenizer events/s per process.
 
 Run: python benchmarks/throughput.py [--events-per-window 10000 --windows 4 --rounds 2]
      python benchmarks/throughput.py --tokenizer-only [--baseline DIR]   ((c) alone)
+     python benchmarks/throughput.py --scoring-only [--baseline DIR]     ((a) alone)
 
 One pipeline run fills the topics first: the generated, time-compressed log of
 benchmarks/latency.py (hourly windows, small char-LSTM) goes through a tokenizer (timed alone:
@@ -160,10 +161,10 @@ def offline_scoring(config: Config, windows: dict[int, list],
 
 
 def scorer_stage(base: Config, filled: Config, work: Path, bootstrap: str,
-                 n: int) -> tuple[float, float, float]:
-    """One scorer process over the filled windows topic, writing to a fresh scores topic:
-    (seconds from its assignment to its last score, from its first score to its last, and the
-    CPU seconds it used from its assignment to its last score)."""
+                 n: int, tree: Path | None = None) -> tuple[float, float, float]:
+    """One scorer process (this tree's, or ``tree``'s) over the filled windows topic, writing to
+    a fresh scores topic: (seconds from its assignment to its last score, from its first score to
+    its last, and the CPU seconds it used from its assignment to its last score)."""
     from pipeline.config import model_store_location
 
     config, path = fresh_config(base, work, bootstrap,
@@ -172,7 +173,7 @@ def scorer_stage(base: Config, filled: Config, work: Path, bootstrap: str,
                                         "late": filled.topics.late},
                                 model_store=model_store_location(filled.streaming))
     logs = work / f"logs-{config.streaming.group_prefix}"
-    stages = StageProcesses(path, logs)
+    stages = StageProcesses(path, logs, code=tree)
     try:
         stages.start("scorer")
         pid = stages.processes[-1][1].pid
@@ -333,8 +334,11 @@ def main() -> None:
     parser.add_argument("--tokenizer-only", action="store_true",
                         help="only (c), the tokenizer stage alone, once per round")
     parser.add_argument("--baseline", type=Path, default=None,
-                        help="with --tokenizer-only: also run the tokenizer of this code tree "
-                             "(e.g. git archive HEAD | tar -x -C DIR), alternating with this one")
+                        help="also run the tokenizer (--tokenizer-only) or the scorer (a) of this "
+                             "code tree (e.g. git archive HEAD | tar -x -C DIR), alternating with "
+                             "this one")
+    parser.add_argument("--scoring-only", action="store_true",
+                        help="only (a), scorer vs offline scoring (no (b), no (c))")
     args = parser.parse_args()
     if args.tokenizer_only:
         return tokenizer_main(args, bench_config(args.overrides))
@@ -362,34 +366,43 @@ def main() -> None:
             filled = fill(config, path, log, n, args.windows, work)
             windows, models = windows_and_models(config)
             total = sum(len(e) for e in windows.values())
-            offline, stage = [], []
-            for round_ in range(args.rounds):  # alternate which side goes first
-                for side in (("offline", "stage") if round_ % 2 == 0 else ("stage", "offline")):
+            # the scorer of this tree and, with --baseline, of that tree: each its own side
+            trees = {"": None, **({f" (baseline {args.baseline})": args.baseline} if args.baseline else {})}
+            sides = ["offline", *trees]
+            offline, stage = [], {name: [] for name in trees}
+            for round_ in range(args.rounds):  # alternate the order of the sides
+                for side in (sides if round_ % 2 == 0 else sides[::-1]):
                     if side == "offline":
                         offline.append(offline_scoring(config, windows, models))
                     else:
-                        stage.append(scorer_stage(base, config, work, bootstrap, total))
-                print(f"round {round_ + 1}: offline {total / offline[-1][0]:.0f} ev/s, scorer "
-                      f"{total / stage[-1][0]:.0f} ev/s", flush=True)
+                        stage[side].append(scorer_stage(base, config, work, bootstrap, total, trees[side]))
+                print(f"round {round_ + 1}: offline {total / offline[-1][0]:.0f} ev/s, " + ", ".join(
+                    f"scorer{name} {total / got[-1][0]:.0f} ev/s" for name, got in stage.items()), flush=True)
         finally:
             if broker is not None:
                 broker.stop()
-        largest = max(windows, key=lambda w: len(windows[w]))
-        trained = training_compare(config, windows[largest], max(args.rounds, 2))
+        if not args.scoring_only:
+            largest = max(windows, key=lambda w: len(windows[w]))
+            trained = training_compare(config, windows[largest], max(args.rounds, 2))
 
     score_s, load_s, _ = min(offline)
     offline_cpu = min(o[2] for o in offline)
-    stage_s, steady_s = min(s[0] for s in stage), min(s[1] for s in stage)
-    stage_cpu = min(s[2] for s in stage)
     print(f"\n(a) scoring {total} events ({len(windows)} windows, best of {args.rounds})")
     print(f"    offline WindowLearner.score, one call per window: {total / score_s:>8.0f} ev/s "
           f"({score_s:.2f} s; + {load_s:.2f} s loading models)")
-    print(f"    scorer stage, assignment -> last score:          {total / stage_s:>8.0f} ev/s "
-          f"({stage_s:.2f} s)   ratio {score_s / stage_s:.2f}x (goal >= 0.9x)")
-    print(f"    scorer stage, first score -> last score:         {total / steady_s:>8.0f} ev/s "
-          f"({steady_s:.2f} s)   ratio {score_s / steady_s:.2f}x")
-    print(f"    per CPU second (load-proof): offline {total / offline_cpu:.0f} ev/s, scorer stage "
-          f"{total / stage_cpu:.0f} ev/s   ratio {offline_cpu / stage_cpu:.2f}x")
+    for name, got in stage.items():
+        stage_s, steady_s = min(s[0] for s in got), min(s[1] for s in got)
+        stage_cpu = min(s[2] for s in got)
+        print(f"  scorer{name or ' (this tree)'}:")
+        print(f"    scorer stage, assignment -> last score:          {total / stage_s:>8.0f} ev/s "
+              f"({stage_s:.2f} s)   ratio {score_s / stage_s:.2f}x (goal >= 0.9x)")
+        print(f"    scorer stage, first score -> last score:         {total / steady_s:>8.0f} ev/s "
+              f"({steady_s:.2f} s)   ratio {score_s / steady_s:.2f}x")
+        print(f"    per CPU second (load-proof): offline {total / offline_cpu:.0f} ev/s, scorer stage "
+              f"{total / stage_cpu:.0f} ev/s   ratio {offline_cpu / stage_cpu:.2f}x")
+    if args.scoring_only:
+        print(f"load after: {os.getloadavg()[0]:.2f}")
+        return
     epochs = base.training.epochs
     m = len(windows[largest]) * epochs
     plain_s = trained["plain loop"][0]

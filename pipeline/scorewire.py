@@ -1,0 +1,349 @@
+"""The scorer's per-event Avro work done by hand: salka.WindowedEvent values read straight into
+Events, salka.ScoredEvent values written straight from Scores.
+
+The generic path (``codec().decode`` + ``record_to_event`` in, ``score_to_record`` +
+``codec().encode`` out) built and walked a dict per record and per field and cost about as much
+per event as the torch forward pass of a small model. Both records have a fixed shape, so they
+are read and written here in a few us, with the same results as the codec
+(tests/test_scorewire.py compares them on generated, hostile and mutated values).
+
+The reader takes only what it reads by construction: a WindowedEvent value that is canonical
+Avro (what salka's writers write), whole, with in-range ints and valid UTF-8. On any doubt
+(truncation, trailing bytes, another schema, a negative length or block count, a varint with
+redundant groups or past 9 bytes, a non-null line 0, bad UTF-8, ...) it answers None and the
+caller takes the codec path, so a bad record fails with the codec's own DecodeError and message,
+and an odd but valid one gets the codec's result. It keeps two spans of the value for the
+writer: the event's source, line and event_time, which start a ScoredEvent body in the same
+encoding, and its raw string, which is a ScoredEvent field too; the writer copies them instead
+of encoding them again.
+
+If schemas/ changes either record, this module turns itself off (every record through the
+codec) rather than read or write stale bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from fastavro.schema import to_parsing_canonical_form
+
+from nn.masking import Masker
+from pipeline.config import Config
+from pipeline.parsing import Event
+from pipeline.score import Score
+from pipeline.serde import MAGIC, codec
+from pipeline.tokenwire import INT_MAX, INT_MIN, LONG_MAX, LONG_MIN, NULL, SECOND, long_bytes
+from pipeline.topicrecords import score_to_record
+
+log = logging.getLogger(__name__)
+
+WINDOWED, SCORED = "salka.WindowedEvent", "salka.ScoredEvent"
+# The canonical forms this module was written for; another one turns its side off.
+_SOURCE = ('{"name":"source","type":{"name":"salka.SourceRef","type":"record","fields":[{"name":'
+           '"topic","type":"string"},{"name":"partition","type":"int"},{"name":"offset","type":'
+           '"long"}]}},{"name":"line","type":["null","long"]},{"name":"event_time","type":'
+           '["null","double"]}')
+READS = (
+    '{"name":"salka.WindowedEvent","type":"record","fields":[{"name":"window","type":"long"},'
+    '{"name":"event","type":{"name":"salka.TokenizedEvent","type":"record","fields":['
+    + _SOURCE + ',{"name":"fields","type":{"type":"array","items":{"name":"salka.Field","type":'
+    '"record","fields":[{"name":"name","type":"string"},{"name":"value","type":"string"}]}}},'
+    '{"name":"token_ids","type":["null",{"type":"array","items":"int"}]},{"name":"raw","type":'
+    '"string"}]}}]}'
+)
+WRITES = (
+    '{"name":"salka.ScoredEvent","type":"record","fields":[' + _SOURCE
+    + ',{"name":"window","type":"long"},{"name":"entities","type":{"type":"map","values":'
+    '"string"}},{"name":"loss","type":["null","double"]},{"name":"loss_total","type":["null",'
+    '"double"]},{"name":"raw","type":"string"},{"name":"tokens","type":["null",{"type":"array",'
+    '"items":"string"}]},{"name":"token_losses","type":["null",{"type":"array","items":"float"}]},'
+    '{"name":"late","type":"boolean"}]}'
+)
+# Varints of at most 9 bytes hold 63 bits of zig-zag: every value fits an Avro long, and nothing
+# salka writes (windows, offsets, lines, lengths) comes near. Longer ones go to the codec.
+_MAX_VARINT = 9
+_unpack_double = struct.Struct("<d").unpack_from
+_pack_double = struct.Struct("<d").pack
+_NULLS_TRUE, _NULLS_FALSE = NULL + NULL + b"\x01", NULL + NULL + b"\x00"
+
+
+class Wire(NamedTuple):
+    """Spans of a WindowedEvent value that a ScoredEvent body repeats byte for byte."""
+
+    head: bytes  # source, line, event_time: the TokenizedEvent body's start
+    raw: bytes  # the raw string, its length included
+
+
+class _Doubt(Exception):
+    """Something the fast reader does not take by construction: the codec decides."""
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(zig-zag decoded value, next position) of a canonical varint of at most 9 bytes."""
+    shift = value = 0
+    start = pos
+    while True:
+        byte = data[pos]  # IndexError past the end: the caller's doubt
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            break
+        shift += 7
+        if pos - start >= _MAX_VARINT:
+            raise _Doubt
+    if byte == 0 and pos - start > 1:  # a redundant zero group: valid Avro, not canonical
+        raise _Doubt
+    return (value >> 1) ^ -(value & 1), pos
+
+
+def _length(data: bytes, pos: int) -> tuple[int, int]:
+    """A string length or a block count (>= 0); a negative one (an array block with its byte
+    size, or an invalid length) is the codec's to read or refuse."""
+    byte = data[pos]
+    if byte < 0x80 and not byte & 1:  # one byte, non-negative: nearly every length
+        return byte >> 1, pos + 1
+    n, pos = _varint(data, pos)
+    if n < 0:
+        raise _Doubt
+    return n, pos
+
+
+def _ids(data: bytes, pos: int) -> tuple[tuple[int, ...], int]:
+    """An int array's items (canonical blocks of positive counts), and the position after it."""
+    ids: list[int] = []
+    append = ids.append
+    count, pos = _length(data, pos)
+    while count:
+        for _ in range(count):
+            byte = data[pos]
+            if byte < 0x80:
+                append((byte >> 1) ^ -(byte & 1))
+                pos += 1
+            else:
+                value, pos = _varint(data, pos)
+                if not INT_MIN <= value <= INT_MAX:  # the codec's range check refuses it
+                    raise _Doubt
+                append(value)
+        count, pos = _length(data, pos)
+    return tuple(ids), pos
+
+
+class WindowedEventReader:
+    """``read(value)`` -> (window, Event, Wire) for a WindowedEvent value it reads by
+    construction, the Event as ``record_to_event(record["event"], model_fields, masker)`` gives
+    it; None for anything else (the caller decodes it with the codec)."""
+
+    def __init__(self, model_fields: Sequence[str], masker: Masker | None) -> None:
+        self.header = MAGIC + codec().fingerprints[WINDOWED]
+        self.fast = to_parsing_canonical_form(codec().schemas[WINDOWED]) == READS
+        if not self.fast:
+            log.warning("schemas/%s.avsc changed: pipeline/scorewire.py no longer matches it; "
+                        "decoding through the generic codec (slower) until it is updated", WINDOWED)
+        self.model_fields = tuple(model_fields)
+        self.blanks = ("",) * len(self.model_fields)  # fields.get's default, one per model field
+        self.masker = masker
+        self.topics: dict[bytes, str] = {}  # a topic's bytes -> its name (a handful per stage)
+
+    def read(self, value: object) -> tuple[int, Event, Wire] | None:
+        if not self.fast or type(value) is not bytes or not value.startswith(self.header):
+            return None
+        try:
+            return self._read(value)
+        except (_Doubt, IndexError, UnicodeDecodeError, struct.error):
+            return None
+
+    def _read(self, data: bytes) -> tuple[int, Event, Wire]:
+        size = len(data)
+        window, pos = _varint(data, len(self.header))
+        head_start = pos
+        # source: topic, partition (an Avro int), offset
+        n, pos = _length(data, pos)
+        end = pos + n
+        if end > size:
+            raise _Doubt
+        name = data[pos:end]
+        topic = self.topics.get(name)
+        if topic is None:
+            topic = name.decode()
+            if len(self.topics) < 1024:  # hostile topic names: stay bounded
+                self.topics[name] = topic
+        partition, pos = _varint(data, end)
+        if not INT_MIN <= partition <= INT_MAX:
+            raise _Doubt
+        offset, pos = _varint(data, pos)
+        branch = data[pos]  # line: null or long
+        if branch == 0:
+            line, pos = 0, pos + 1
+        elif branch == 2:
+            line, pos = _varint(data, pos + 1)
+            if not line:  # a line 0 the score record writes as null: the head span would differ
+                raise _Doubt
+        else:
+            raise _Doubt
+        branch = data[pos]  # event_time: null or double
+        if branch == 0:
+            time, pos = None, pos + 1
+        elif branch == 2:
+            (time,) = _unpack_double(data, pos + 1)
+            pos += 9
+        else:
+            raise _Doubt
+        head = data[head_start:pos]
+        # The strings are cut from one latin-1 text of the whole value (a character per byte, so
+        # the same positions): the fields, then the raw line. That is their UTF-8 decoding when
+        # their bytes are ASCII, as log lines nearly always are; else they are decoded again
+        # from their bytes below. A cut past the end is caught after the walk: the next byte's
+        # read raises IndexError, or the raw string does not end the value.
+        text = data.decode("latin-1")
+        fields_start = pos
+        fields: dict[str, str] = {}
+        count, pos = _length(data, pos)
+        while count:
+            for _ in range(count):
+                n = data[pos]
+                if n & 0x81:  # not a one-byte length >= 0
+                    n, pos = _length(data, pos)
+                else:
+                    n, pos = n >> 1, pos + 1
+                end = pos + n
+                key = text[pos:end]
+                n = data[end]
+                if n & 0x81:
+                    n, pos = _length(data, end)
+                else:
+                    n, pos = n >> 1, end + 1
+                end = pos + n
+                fields[key] = text[pos:end]
+                pos = end
+            count, pos = _length(data, pos)
+        fields_end = pos
+        branch = data[pos]  # token_ids: null or an int array
+        if branch == 0:
+            ids, pos = None, pos + 1
+        elif branch == 2:
+            ids, pos = _ids(data, pos + 1)
+        else:
+            raise _Doubt
+        raw_start = pos
+        n, pos = _length(data, pos)
+        if pos + n != size:  # truncated, or trailing bytes: the codec refuses it
+            raise _Doubt
+        raw = text[pos:]
+        if not data[pos:].isascii():
+            raw = raw.encode("latin-1").decode()  # UnicodeDecodeError: the codec's to refuse
+        if not data[fields_start:fields_end].isascii():
+            fields = {k.encode("latin-1").decode(): v.encode("latin-1").decode()
+                      for k, v in fields.items()}
+        model_fields = self.model_fields
+        text_fields = tuple(zip(model_fields, map(fields.get, model_fields, self.blanks)))
+        if self.masker is not None:
+            text_fields = self.masker.mask_fields(text_fields)
+        event = Event(line, time, fields, text_fields, ids, (topic, partition, offset), raw)
+        return window, event, Wire(head, data[raw_start:])
+
+
+class ScoredEventWriter:
+    """``write(score, late, wire)`` -> the value ``codec().encode("salka.ScoredEvent",
+    score_to_record(score, config, late))`` gives; ``wire``: the spans the reader kept of the
+    score's event (None: its fields are encoded from the Event)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.header = MAGIC + codec().fingerprints[SCORED]
+        self.fast = to_parsing_canonical_form(codec().schemas[SCORED]) == WRITES
+        if not self.fast:
+            log.warning("schemas/%s.avsc changed: pipeline/scorewire.py no longer matches it; "
+                        "encoding through the generic codec (slower) until it is updated", SCORED)
+        entities = config.input.entities
+        # The map's block count and each key's string: the same for every event
+        self.entities = [(_string(name), field) for name, field in entities.items()]
+        self.map_start = long_bytes(len(entities)) if entities else b""
+        self.topics: dict[str, bytes] = {}
+
+    def write(self, score: Score, late: bool = False, wire: Wire | None = None) -> bytes:
+        if self.fast and not score.token_losses:  # explaining scores: the codec writes them
+            try:
+                return self._write(score, late, wire)
+            except (_Doubt, UnicodeEncodeError):
+                pass  # the codec writes it, or says what is wrong in its own words
+        return codec().encode(SCORED, score_to_record(score, self.config, late))
+
+    def _write(self, score: Score, late: bool, wire: Wire | None) -> bytes:
+        event = score.event
+        fields = event.fields
+        if type(fields) is not dict:
+            raise _Doubt
+        parts = [self.header, wire.head if wire is not None else self._head(event)]
+        append = parts.append
+        window = score.window
+        if type(window) is not int or not LONG_MIN <= window <= LONG_MAX:
+            raise _Doubt
+        append(long_bytes(window))
+        if self.entities:
+            append(self.map_start)
+            get = fields.get
+            for key, field in self.entities:
+                value = get(field, "")
+                if type(value) is not str:
+                    raise _Doubt
+                append(key)
+                append(_string(value))
+        append(NULL)
+        for loss in (score.loss, score.loss_total):
+            if loss is None:
+                append(NULL)
+            elif type(loss) is float:
+                append(SECOND + _pack_double(loss))
+            else:
+                raise _Doubt
+        if wire is not None:
+            append(wire.raw)
+        elif type(event.raw) is str:
+            append(_string(event.raw))
+        else:
+            raise _Doubt
+        if type(late) is not bool:
+            raise _Doubt
+        append(_NULLS_TRUE if late else _NULLS_FALSE)  # tokens, token_losses (explain only), late
+        return b"".join(parts)
+
+    def _head(self, event: Event) -> bytes:
+        """source, line, event_time of an Event the reader did not read (the codec did)."""
+        source = event.source
+        if type(source) is not tuple or len(source) != 3:
+            raise _Doubt
+        topic, partition, offset = source
+        if type(topic) is not str:
+            raise _Doubt
+        topic_bytes = self.topics.get(topic)
+        if topic_bytes is None:
+            topic_bytes = _string(topic)
+            if len(self.topics) < 1024:
+                self.topics[topic] = topic_bytes
+        if type(partition) is not int or not INT_MIN <= partition <= INT_MAX:
+            raise _Doubt
+        if type(offset) is not int or not LONG_MIN <= offset <= LONG_MAX:
+            raise _Doubt
+        line = event.line or None  # as score_to_record: line 0 (unknown) is null
+        if line is None:
+            line_bytes = NULL
+        elif type(line) is int and LONG_MIN <= line <= LONG_MAX:
+            line_bytes = SECOND + long_bytes(line)
+        else:
+            raise _Doubt
+        time = event.time
+        if time is None:
+            time_bytes = NULL
+        elif type(time) is float:
+            time_bytes = SECOND + _pack_double(time)
+        else:
+            raise _Doubt
+        return b"".join((topic_bytes, long_bytes(partition), long_bytes(offset), line_bytes, time_bytes))
+
+
+def _string(text: str) -> bytes:
+    data = text.encode()
+    return long_bytes(len(data)) + data
