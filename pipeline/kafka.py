@@ -29,13 +29,23 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "fetch.wait.max.ms": 20,
     # A trainer may spend minutes on one window between polls.
     "max.poll.interval.ms": 1_800_000,
-    # Records fetched ahead of the stage: 16 MB (librdkafka's default is 64 MB), so that a
-    # backlog costs a stage the same memory whether it holds 100k events or 3M.
-    "queued.max.messages.kbytes": 16384,
-    # ... and 10k records per partition (librdkafka's default: 100k). On short log lines the
-    # count binds first: the byte cap counts message bytes, not librdkafka's overhead per
-    # message. A tokenizer reading a 1M-line backlog peaked at 108 MB with this, 147 MB without.
-    "queued.min.messages": 10000,
+    # Records fetched ahead of the stage, so that a backlog costs a stage the same memory whether
+    # it holds 100k events or 3M. The queue caps below are only checked before a fetch: what
+    # bounds the prefetch is the size of a fetch answer, 256 KB a partition, 1 MB in all
+    # (librdkafka: 1 MB / 50 MB). benchmarks/memory.py, tokenizer and windower over a backlog of
+    # 100k / 1M events: 16 MB / 10k records a partition and librdkafka's fetch sizes peaked at
+    # 61/110 and 59/104 MB; 4 MB / 2k alone at 68/98 and 69/89; with these fetch sizes, 59/59
+    # and 51/56 MB. A user's fetch.max.bytes below message.max.bytes is refused by librdkafka:
+    # consumer_config raises this default with a larger message.max.bytes.
+    "max.partition.fetch.bytes": 262_144,
+    "fetch.max.bytes": 1_048_576,
+    "queued.max.messages.kbytes": 4096,  # librdkafka: 64 MB
+    "queued.min.messages": 2000,  # a partition (librdkafka: 100k)
+    # After a fetch that fills the queue past those caps, librdkafka waits this long before the
+    # next fetch of that partition (its default, 1000 ms, idles a stage that drains a small queue
+    # in less: a consumer spending 15 us a record over a 500k-record backlog read 19k records/s
+    # with 16 MB / 10k records, 14k with small fetches as well, 60k with both and 10 ms).
+    "fetch.queue.backoff.ms": 10,
 }
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
@@ -73,13 +83,16 @@ def redacted(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def consumer_config(config: Config, group: str, **explicit: Any) -> dict[str, Any]:
-    return {
-        **CONSUMER_DEFAULTS,
-        **user_settings(config),
-        "group.id": f"{config.streaming.group_prefix}.{group}",
-        **explicit,
-        **CONSUMER_FORCED,
-    }
+    chosen = {**user_settings(config), "group.id": f"{config.streaming.group_prefix}.{group}",
+              **explicit}
+    settings = {**CONSUMER_DEFAULTS, **chosen, **CONSUMER_FORCED}
+    try:  # as in producer_config: a number written as a string counts
+        largest = int(chosen.get("message.max.bytes", 0))
+    except (TypeError, ValueError):
+        largest = None  # not a number: client() reports it in one line
+    if "fetch.max.bytes" not in chosen and largest is not None:  # our cap only
+        settings["fetch.max.bytes"] = max(settings["fetch.max.bytes"], largest)
+    return settings
 
 
 def producer_config(config: Config, **explicit: Any) -> dict[str, Any]:

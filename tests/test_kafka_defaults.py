@@ -1,5 +1,6 @@
-"""The producer's local queue is bounded by default, a user's kafka: settings override the bound,
-and a full queue is back-pressure (produce() waits), never loss, against a real broker."""
+"""The producer's local queue and the consumer's prefetch are bounded by default, a user's kafka:
+settings override the bounds, a full queue is back-pressure (produce() waits), never loss, and a
+record larger than a fetch's cap still comes through, against a real broker."""
 
 from __future__ import annotations
 
@@ -9,11 +10,23 @@ import uuid
 import pytest
 from helpers import stream_config
 
-from pipeline.config import config_from_dict
-from pipeline.kafka import DeliveryTracker, make_producer, produce, producer_config
+from pipeline.config import ConfigError, config_from_dict
+from pipeline.kafka import (
+    DeliveryTracker,
+    consumer_config,
+    make_consumer,
+    make_producer,
+    produce,
+    producer_config,
+)
 from pipeline.topicread import TopicReader
 
 LIBRDKAFKA_QUEUE = {"queue.buffering.max.messages": 100_000, "queue.buffering.max.kbytes": 1_048_576}
+# librdkafka's defaults for what a consumer fetches ahead of the stage, and the wait after a
+# fetch that filled its queue (CONFIGURATION.md).
+LIBRDKAFKA_PREFETCH = {"fetch.max.bytes": 52_428_800, "max.partition.fetch.bytes": 1_048_576,
+                       "queued.max.messages.kbytes": 65_536, "queued.min.messages": 100_000,
+                       "fetch.queue.backoff.ms": 1000}
 
 
 def test_producer_queue_is_bounded_by_default():
@@ -44,6 +57,58 @@ def test_a_larger_message_max_bytes_raises_the_default_byte_cap_with_it():
     mine = producer_config(config_from_dict({"kafka": {"message.max.bytes": big,
                                                        "queue.buffering.max.kbytes": 4096}}))
     assert mine["queue.buffering.max.kbytes"] == 4096
+
+
+def test_consumer_prefetch_is_bounded_by_default():
+    settings = consumer_config(config_from_dict({}), "tokenizer")
+    for key, librdkafka_default in LIBRDKAFKA_PREFETCH.items():
+        assert settings[key] <= librdkafka_default / 4, key
+    make_consumer(config_from_dict({}), "tokenizer").close()  # librdkafka takes them together
+
+
+def test_user_kafka_settings_override_the_consumer_prefetch():
+    mine = {"fetch.max.bytes": 52_428_800, "max.partition.fetch.bytes": 2_097_152,
+            "queued.max.messages.kbytes": 65_536, "queued.min.messages": 50_000,
+            "fetch.queue.backoff.ms": 500}
+    config = config_from_dict({"kafka": mine})
+    settings = consumer_config(config, "windower")
+    assert {key: settings[key] for key in mine} == mine
+    # A stage's own arguments win over the user's; the at-least-once settings over both.
+    explicit = consumer_config(config, "windower", **{"queued.min.messages": 7,
+                                                      "enable.auto.commit": True})
+    assert explicit["queued.min.messages"] == 7 and explicit["enable.auto.commit"] is False
+
+
+def test_a_larger_message_max_bytes_raises_the_consumer_fetch_cap_with_it():
+    """librdkafka refuses a consumer whose fetch.max.bytes is below message.max.bytes: a user who
+    raises message.max.bytes (for producers and consumers alike) must still get consumers."""
+    big = 16 * 1024 * 1024
+    for written in (big, str(big)):  # YAML "..." too
+        config = config_from_dict({"kafka": {"message.max.bytes": written}})
+        assert consumer_config(config, "archiver")["fetch.max.bytes"] >= big
+        make_consumer(config, "archiver").close()
+    assert consumer_config(config_from_dict({}), "archiver")["fetch.max.bytes"] == 1_048_576
+    # The user's own fetch.max.bytes stays theirs; librdkafka's refusal is one config line.
+    mine = config_from_dict({"kafka": {"message.max.bytes": big, "fetch.max.bytes": 2_000_000}})
+    assert consumer_config(mine, "archiver")["fetch.max.bytes"] == 2_000_000
+    with pytest.raises(ConfigError, match="kafka: .*fetch.max.bytes"):
+        make_consumer(mine, "archiver")
+
+
+def test_a_record_larger_than_the_fetch_caps_is_still_read(kafka_bootstrap, tmp_path):
+    """A 2 MB record between small ones: above both default fetch caps (256 KB a partition, 1 MB
+    a fetch), the broker still returns it whole, in order, to a consumer with the defaults."""
+    config, _ = stream_config(tmp_path, kafka_bootstrap)
+    assert consumer_config(config, "reader")["fetch.max.bytes"] < 2_000_000
+    topic = config.topics.dead_letters  # one partition: the read-back order is the sent order
+    producer = make_producer(config)
+    tracker = DeliveryTracker()
+    sent = ([f"a{i}".encode() * 40 for i in range(3000)] + [b"x" * 2_000_000]
+            + [f"b{i}".encode() * 40 for i in range(3000)])
+    for value in sent:
+        produce(producer, topic, value, on_delivery=tracker)
+    assert producer.flush(30) == 0 and tracker.failures == []
+    assert _read_values(config, topic, len(sent)) == sent
 
 
 def _read_values(config, topic: str, expected: int) -> list[bytes]:
