@@ -68,6 +68,9 @@ _MAX_VARINT = 9
 _unpack_double = struct.Struct("<d").unpack_from
 _pack_double = struct.Struct("<d").pack
 _NULLS_TRUE, _NULLS_FALSE = NULL + NULL + b"\x01", NULL + NULL + b"\x00"
+# Topic names cached at most this long (Kafka's limit is 249): a hostile value's megabyte name
+# is not kept, 1024 of them would hold gigabytes for the stage's life
+_TOPIC_MAX = 255
 
 
 class Wire(NamedTuple):
@@ -168,7 +171,7 @@ class WindowedEventReader:
         topic = self.topics.get(name)
         if topic is None:
             topic = name.decode()
-            if len(self.topics) < 1024:  # hostile topic names: stay bounded
+            if len(self.topics) < 1024 and n <= _TOPIC_MAX:  # hostile names: stay bounded
                 self.topics[name] = topic
         partition, pos = _varint(data, end)
         if not INT_MIN <= partition <= INT_MAX:
@@ -200,8 +203,10 @@ class WindowedEventReader:
         text = data.decode("latin-1")
         fields_start = pos
         fields: dict[str, str] = {}
+        items = 0  # names read, repeats included
         count, pos = _length(data, pos)
         while count:
+            items += count
             for _ in range(count):
                 n = data[pos]
                 if n & 0x81:  # not a one-byte length >= 0
@@ -235,6 +240,8 @@ class WindowedEventReader:
         if not data[pos:].isascii():
             raw = raw.encode("latin-1").decode()  # UnicodeDecodeError: the codec's to refuse
         if not data[fields_start:fields_end].isascii():
+            if items != len(fields):  # a repeated name's earlier value, never decoded below, may
+                raise _Doubt  # be bad UTF-8 that the codec refuses
             fields = {k.encode("latin-1").decode(): v.encode("latin-1").decode()
                       for k, v in fields.items()}
         model_fields = self.model_fields
@@ -321,7 +328,7 @@ class ScoredEventWriter:
         topic_bytes = self.topics.get(topic)
         if topic_bytes is None:
             topic_bytes = _string(topic)
-            if len(self.topics) < 1024:
+            if len(self.topics) < 1024 and len(topic) <= _TOPIC_MAX:
                 self.topics[topic] = topic_bytes
         if type(partition) is not int or not INT_MIN <= partition <= INT_MAX:
             raise _Doubt
