@@ -20,7 +20,15 @@ import torch
 
 from nn.context import event_ids, with_context
 from nn.scoring import score_sequences
-from nn.tokenizers import WordTokenizer, encode_event, needs_fit, stable_bucket, tokenizer_from_state
+from nn.tokenizers import (
+    BOS,
+    EOS,
+    WordTokenizer,
+    encode_event,
+    needs_fit,
+    stable_bucket,
+    tokenizer_from_state,
+)
 from nn.training import (
     CheckpointError,
     build_model,
@@ -36,6 +44,7 @@ from pipeline.config import RENAMED_KEYS, Config, ConfigError, compared_sections
 from pipeline.context import EntityHistory
 from pipeline.modelspec import make_tokenizer, model_args_for
 from pipeline.parsing import Event
+from pipeline.safetext import printable
 from pipeline.score import Score
 from pipeline.sessions import SessionModel, SessionScore
 from pipeline.surprising import SurpriseRanking
@@ -81,6 +90,15 @@ def training_sample(events: list[Event], limit: int, seed: int) -> list[Event]:
     order given (the one sample ``WindowLearner.train_ordered`` draws)."""
     keep = sample_mask((sample_key(e, seed) for e in events), len(events), limit)
     return events if keep is None else [e for e, k in zip(events, keep) if k]
+
+
+def usable_ids(ids: Sequence[int], vocab_size: int, max_tokens: int) -> bool:
+    """Whether the ids a tokenizer stage sent with an event are what this model reads: BOS, at
+    most ``max_tokens`` ids of its vocabulary, EOS. Anyone who can write to the windows topic
+    can send others: an id past the vocabulary crashes the embedding (and so the stage, on every
+    restart), a million ids pad a whole batch out of memory."""
+    return (2 <= len(ids) <= max_tokens + 2 and ids[0] == BOS and ids[-1] == EOS
+            and min(ids) >= 0 and max(ids) < vocab_size)
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:
@@ -130,6 +148,7 @@ class WindowLearner:
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.last_window: int | None = None  # last window trained on
+        self.unusable_ids, self._unusable_logged = 0, -10.0  # events whose ids were not ours
         # model.context: entity value -> its last events of the windows trained on (None: off)
         self.history = EntityHistory.for_config(config)
         # training.exclude_top_fraction: the alerter's per-entity state, to rank a window by
@@ -164,12 +183,30 @@ class WindowLearner:
         return [with_context(ids, self.history.context(e)) for e, ids in zip(events, own)]
 
     def encode_own(self, events: Sequence[Event]) -> list[list[int]]:
-        max_tokens = self.config.tokenizer.max_tokens
-        return [
-            list(e.token_ids) if e.token_ids is not None
-            else encode_event(self.tokenizer, e.text_fields, max_tokens)
-            for e in events
-        ]
+        max_tokens, vocab_size = self.config.tokenizer.max_tokens, self.tokenizer.vocab_size
+        encoded = []
+        for e in events:
+            ids = e.token_ids
+            if ids is not None and usable_ids(ids, vocab_size, max_tokens):
+                encoded.append(list(ids))
+                continue
+            if ids is not None:
+                self._unusable_ids(e)
+            encoded.append(encode_event(self.tokenizer, e.text_fields, max_tokens))
+        return encoded
+
+    def _unusable_ids(self, event: Event) -> None:
+        """Count (and log, at most every 10 s) an event whose ids were encoded again."""
+        self.unusable_ids += 1
+        now = time.monotonic()
+        if now - self._unusable_logged >= 10.0:
+            self._unusable_logged = now
+            log.warning("event %s: its token ids are not this model's (%d events so far): "
+                        "encoded again from its text; is a tokenizer stage running another "
+                        "tokenizer config, or is someone else writing to the topic?",
+                        printable("{}[{}]@{}".format(*event.source)) if event.source
+                        else f"line {event.line}",
+                        self.unusable_ids)
 
     def score(self, window: int, events: Sequence[Event]) -> list[Score]:
         """Scores in deterministic event order; empty losses until a model exists."""
