@@ -37,9 +37,11 @@ from __future__ import annotations
 import io
 import json
 import math
+import zipfile
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
@@ -61,7 +63,7 @@ class EntityHistory:
 
     def __init__(self, losses=(), total_events: int = 0, last_window: int = 0, seen: int = 0,
                  mean: float = 0.0, m2: float = 0.0):
-        self.losses = array("d", losses)
+        self.losses = array("d", losses)  # floats, or their native float64 bytes
         self.total_events = total_events  # losses ever added (the count of mean and m2)
         self.last_window = last_window
         # For the normalised score (pipeline/normalise.py): events in closed windows, scored or
@@ -342,18 +344,24 @@ class AlertEngine:
 
     def judge_complete_read(self, window: int, read: Callable[[], Iterator[dict]]) -> list[Alert]:
         """``judge_complete`` over records that ``read()`` yields in event order, twice (the
-        losses first, for their ranks): only the losses and the alerts are held at once."""
+        losses first, for their ranks): only the scores (8 B an event, once) and the alerts
+        are held at once."""
         if self.closed(window):
             return []
         population = self._population_mean(lambda: ((r["loss"], None) for r in read()))
         scores = array("d", (self.score(r["loss"], r["entities"], population)
                              for r in read() if r["loss"] is not None))
-        # Each score's rank from a sorted copy (8 B an event), not midrank_percentiles' rank
-        # arrays (~60 B an event): the same arithmetic, so the same percentiles to the bit.
-        ordered = np.sort(np.frombuffer(scores, dtype=np.float64))
-        scored = (r for r in read() if r["loss"] is not None)
+        # Each score's rank from the scores sorted in place (8 B an event), not
+        # midrank_percentiles' rank arrays (~60 B an event): the same arithmetic, so the same
+        # percentiles to the bit. The last read scores each event again (the histories do not
+        # change here, so the same score) rather than keep the unsorted order too.
+        ordered = np.frombuffer(scores, dtype=np.float64)
+        ordered.sort()
         candidates = []
-        for record, score in zip(scored, scores):
+        for record in read():
+            if record["loss"] is None:
+                continue
+            score = self.score(record["loss"], record["entities"], population)
             percentile = midrank_percentile(ordered, score)
             reasons, stats = self._entity_verdicts(record)
             if percentile >= self.config.window_percentile:
@@ -520,38 +528,66 @@ class StateFormatError(ValueError):
 def encode_state(engine: AlertEngine, extra: dict) -> bytes:
     """The engine's state as an .npz of flat arrays (per entity its name + 29 bytes + 8 per
     kept loss, ~60% of the JSON, no float formatting) plus ``extra`` (JSON-able, e.g. the
-    resume offset)."""
+    resume offset). ``write_state`` writes the same to a file without holding it."""
+    out = io.BytesIO()
+    write_state(engine, extra, out)
+    return out.getvalue()
+
+
+LOSS_CHUNK = 1 << 20  # bytes of kept losses gathered per write of the state file
+
+
+def write_state(engine: AlertEngine, extra: dict, handle: BinaryIO) -> None:
+    """``encode_state``'s .npz written to ``handle`` (what np.savez writes, array by array). The
+    kept losses, most of the state, go from each history to the file in 1 MiB chunks: saving
+    them costs no copy of them, where gathering them into one array, then an .npz in memory,
+    held them three times over (~100 MB at 4M kept losses)."""
     kinds: dict[str, int] = {}
-    kind_ids, names, name_ends, totals, seen, counts = [], [], [], [], [], []
-    events, means, m2s = [], array("d"), array("d")
-    losses = array("d")
-    end = 0
+    # Per entity, 4 or 8 bytes a field (not a list of int objects): entities are many too.
+    kind_ids, names, name_ends = array("I"), bytearray(), array("q")
+    totals, seen, counts, events = array("q"), array("q"), array("q"), array("q")
+    means, m2s = array("d"), array("d")
     for (kind, value), history in engine.histories.items():
         kind_ids.append(kinds.setdefault(kind, len(kinds)))
-        name = value.encode("utf-8", "surrogatepass")
-        names.append(name)
-        end += len(name)
-        name_ends.append(end)
+        names += value.encode("utf-8", "surrogatepass")
+        name_ends.append(len(names))
         totals.append(history.total_events)
         seen.append(history.last_window)
         counts.append(len(history.losses))
-        losses.extend(history.losses)
         events.append(history.seen)
         means.append(history.mean)
         m2s.append(history.m2)
     meta = {"format": STATE_FORMAT, "last_window": engine.last_window, "kinds": list(kinds),
             "extra": extra, **engine._small_state()}
     grid = np.empty(0) if engine.reference is None else engine.reference.grid
-    out = io.BytesIO()
-    np.savez(out, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-             kind=np.array(kind_ids, dtype=np.uint32),
-             names=np.frombuffer(b"".join(names), dtype=np.uint8),
-             name_ends=np.array(name_ends, dtype=np.int64),
-             total=np.array(totals, dtype=np.int64), seen=np.array(seen, dtype=np.int64),
-             count=np.array(counts, dtype=np.int64), losses=np.frombuffer(losses, dtype=np.float64),
-             grid=np.asarray(grid, dtype=np.float64), events=np.array(events, dtype=np.int64),
-             mean=np.frombuffer(means, dtype=np.float64), m2=np.frombuffer(m2s, dtype=np.float64))
-    return out.getvalue()
+
+    def flat(values: array, dtype) -> np.ndarray:
+        return np.frombuffer(values, dtype=dtype) if len(values) else np.empty(0, dtype=dtype)
+
+    arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+              "kind": flat(kind_ids, np.uint32), "names": flat(names, np.uint8),
+              "name_ends": flat(name_ends, np.int64), "total": flat(totals, np.int64),
+              "seen": flat(seen, np.int64), "count": flat(counts, np.int64),
+              "losses": None, "grid": np.asarray(grid, dtype=np.float64),
+              "events": flat(events, np.int64), "mean": flat(means, np.float64),
+              "m2": flat(m2s, np.float64)}
+    # As np.savez: stored (not compressed) zip64 entries named <key>.npy, in this order.
+    with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, values in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                if values is not None:
+                    np.lib.format.write_array(entry, values, allow_pickle=False)
+                    continue
+                np.lib.format.write_array_header_1_0(entry, {
+                    "descr": np.dtype(np.float64).str, "fortran_order": False,
+                    "shape": (int(sum(counts)),)})
+                chunk = bytearray()
+                for history in engine.histories.values():
+                    chunk += history.losses  # native float64, as np.frombuffer would write it
+                    if len(chunk) >= LOSS_CHUNK:
+                        entry.write(chunk)
+                        chunk.clear()
+                entry.write(chunk)
 
 
 def decode_state(data: bytes, config: AlertingConfig) -> tuple[AlertEngine, dict]:
@@ -568,20 +604,22 @@ def decode_state(data: bytes, config: AlertingConfig) -> tuple[AlertEngine, dict
         n = len(arrays["kind"])
         if any(len(arrays[name]) != n for name in ("name_ends", "total", "seen", "count",
                                                    "events", "mean", "m2")) or \
+                arrays["losses"].ndim != 1 or \
                 int(arrays["count"].sum()) != len(arrays["losses"]) or \
                 (n and int(arrays["name_ends"][-1]) != len(arrays["names"])):
             raise StateFormatError("inconsistent array lengths")
         kinds, blob = meta["kinds"], arrays["names"].tobytes()
         engine = AlertEngine(config)
         engine.last_window = meta["last_window"]
-        losses = arrays["losses"].tolist()
+        # Sliced per entity as bytes: a list of float objects held 32 B a kept loss.
+        losses = arrays["losses"].astype(np.float64, copy=False)
         start = used = 0
         for kind, end, total, seen, count, events, mean, m2 in zip(
                 arrays["kind"].tolist(), arrays["name_ends"].tolist(), arrays["total"].tolist(),
                 arrays["seen"].tolist(), arrays["count"].tolist(), arrays["events"].tolist(),
                 arrays["mean"].tolist(), arrays["m2"].tolist()):
             value = blob[start:end].decode("utf-8", "surrogatepass")
-            kept = losses[used:used + count][-config.history:]
+            kept = losses[used:used + count][-config.history:].tobytes()
             engine.histories[(kinds[kind], value)] = EntityHistory(kept, total, seen, events,
                                                                    mean, m2)
             start, used = end, used + count

@@ -3,6 +3,8 @@ threshold without rank arrays, each loss held once, and both give the same numbe
 
 from __future__ import annotations
 
+import io
+import json
 import random
 import tracemalloc
 from dataclasses import replace
@@ -10,7 +12,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pipeline.alerting import AlertEngine, Reference, lowest_flagged
+from pipeline.alerting import (
+    STATE_FORMAT,
+    AlertEngine,
+    Reference,
+    decode_state,
+    encode_state,
+    lowest_flagged,
+    write_state,
+)
 from pipeline.config import AlertingConfig
 from pipeline.stats import midrank_percentiles
 
@@ -107,3 +117,123 @@ def test_judging_a_whole_window_ranks_without_rank_arrays():
     assert peak - max(before, after) < 24 * n, (peak - before, after - before)
     assert alerts and all(a.window_percentile == expected[a.record["line"]] for a in alerts)
     assert all(a.window_percentile >= CONFIG.window_percentile for a in alerts)
+
+
+def test_judging_a_whole_window_holds_its_scores_once():
+    """The first window with losses, judged whole from a ``read()`` (as the stage reads it back
+    from disk): its scores are held once, sorted in place (8 bytes an event), not beside a
+    sorted copy (16). Few alerts (percentile 99.99) and records made as they are read, so the
+    scores are what a window's size costs."""
+    n = 40_000
+    rng = random.Random(6)
+    config = replace(CONFIG, window_percentile=99.99, normalise=["user"])
+    losses = [rng.gammavariate(2.0, 0.5) for _ in range(n)]
+
+    def read():
+        for i, loss in enumerate(losses):
+            yield {"source": {"topic": "raw", "partition": 0, "offset": i}, "line": i,
+                   "event_time": float(i), "window": 1, "raw": "", "loss": loss,
+                   "entities": {"user": f"U{i % 7}", "src_host": "C1", "dst_host": "DC"}}
+
+    expected = AlertEngine(config).judge_complete(1, list(read()))
+    engine = AlertEngine(config)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        alerts = engine.judge_complete_read(1, read)
+        after, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - max(before, after) < 12 * n, (peak - before, after - before)
+    assert [(a.record["line"], a.window_percentile, a.score, a.reasons) for a in alerts] == \
+        [(a.record["line"], a.window_percentile, a.score, a.reasons) for a in expected]
+
+
+def engine_with_histories(entities: int, kept: int, seed: int = 7) -> AlertEngine:
+    """An engine whose ``entities`` histories hold ``kept`` losses each, and a threshold."""
+    rng = random.Random(seed)
+    engine = AlertEngine(replace(CONFIG, history=kept, max_entities=10 * entities))
+    items = [(rng.gammavariate(2.0, 0.5), {"user": f"U{i % entities}", "src_host": "",
+                                           "dst_host": ""}) for i in range(entities * kept)]
+    engine.close_window(0, items)
+    engine.throttle[1] = {("user", "U1"): 2}
+    engine.alerted[1] = {(5.0, 6, ("raw", 0, 5))}
+    return engine
+
+
+def savez_state(engine: AlertEngine, extra: dict) -> bytes:
+    """The state as encode_state wrote it before write_state: gathered, then np.savez."""
+    kinds: dict[str, int] = {}
+    columns: dict[str, list] = {k: [] for k in ("kind", "names", "name_ends", "total", "seen",
+                                                "count", "losses", "events", "mean", "m2")}
+    end = 0
+    for (kind, value), h in engine.histories.items():
+        name = value.encode("utf-8", "surrogatepass")
+        end += len(name)
+        for key, v in (("kind", kinds.setdefault(kind, len(kinds))), ("names", name),
+                       ("name_ends", end), ("total", h.total_events), ("seen", h.last_window),
+                       ("count", len(h.losses)), ("events", h.seen), ("mean", h.mean),
+                       ("m2", h.m2)):
+            columns[key].append(v)
+        columns["losses"].extend(h.losses)
+    meta = {"format": STATE_FORMAT, "last_window": engine.last_window, "kinds": list(kinds),
+            "extra": extra, **engine._small_state()}
+    out = io.BytesIO()
+    np.savez(out, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+             kind=np.array(columns["kind"], dtype=np.uint32),
+             names=np.frombuffer(b"".join(columns["names"]), dtype=np.uint8),
+             **{k: np.array(columns[k], dtype=np.int64) for k in ("name_ends", "total", "seen",
+                                                                   "count")},
+             losses=np.array(columns["losses"], dtype=np.float64),
+             grid=np.asarray(engine.reference.grid, dtype=np.float64),
+             events=np.array(columns["events"], dtype=np.int64),
+             **{k: np.array(columns[k], dtype=np.float64) for k in ("mean", "m2")})
+    return out.getvalue()
+
+
+def npz_arrays(data: bytes) -> list[tuple[str, str, list]]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return [(name, npz[name].dtype.str, npz[name].tolist()) for name in npz.files]
+
+
+def test_saving_the_state_streams_the_kept_losses_and_writes_what_savez_wrote(tmp_path):
+    """write_state puts each history's losses into the file as it goes: the traced peak while
+    saving stays far under the kept losses' size (gathering them into one array, then an .npz
+    in memory, held them three times over). The arrays, their order and dtypes are np.savez's,
+    and the state reads back the same."""
+    engine = engine_with_histories(entities=2_000, kept=250)  # 500k kept losses: 4 MB
+    losses_bytes = 8 * sum(len(h.losses) for h in engine.histories.values())
+    extra = {"resume_offset": {"0": 12}}
+    path = tmp_path / "alerter.npz"
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        with open(path, "wb") as handle:
+            write_state(engine, extra, handle)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - before < losses_bytes / 2, (peak - before, losses_bytes)
+    data = path.read_bytes()
+    assert npz_arrays(data) == npz_arrays(savez_state(engine, extra))
+    assert encode_state(engine, extra) == data or npz_arrays(encode_state(engine, extra)) == \
+        npz_arrays(data)  # (the zip entries' times may differ by a second)
+    restored, restored_extra = decode_state(data, engine.config)
+    assert restored.state() == engine.state() and restored_extra == extra
+
+
+def test_reading_the_state_back_holds_no_float_objects():
+    """decode_state slices the kept losses per history as bytes: about twice their size at the
+    peak (the file's array and the histories), not a list of float objects (32 B each more)."""
+    engine = engine_with_histories(entities=2_000, kept=250)
+    data = encode_state(engine, {})
+    losses_bytes = 8 * sum(len(h.losses) for h in engine.histories.values())
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        restored, _ = decode_state(data, engine.config)
+        after, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - before < 2.5 * losses_bytes + (after - before), (peak - before, after - before)
+    assert restored.state() == engine.state()

@@ -33,9 +33,9 @@ from pipeline.alerting import (
     StateFormatError,
     alert_record,
     decode_state,
-    encode_state,
+    write_state,
 )
-from pipeline.atomic import quarantine, write_bytes_atomic
+from pipeline.atomic import atomic_write, quarantine
 from pipeline.config import Config
 from pipeline.runner import Output
 from pipeline.spill import SpilledWindow
@@ -167,8 +167,9 @@ class AlerterStage(WindowStage):
         if not self.unsaved:
             return
         self.resume_offset = self.safe_positions()
-        write_bytes_atomic(self.state_path,
-                           encode_state(self.engine, {"resume_offset": self.resume_offset}))
+        # Written as it is encoded: the state (mostly kept losses) is not held a second time.
+        with atomic_write(self.state_path) as handle:
+            write_state(self.engine, {"resume_offset": self.resume_offset}, handle)
         self.unsaved = self.closed_unsaved = False
 
     def close(self, out: Output) -> None:
