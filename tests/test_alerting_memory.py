@@ -71,6 +71,19 @@ def test_histories_keep_the_last_losses_of_every_window_in_order():
             assert history.total_events == len(losses), (window, key)
 
 
+def traced(run):
+    """``run()``'s result, and tracemalloc's traced bytes around it: (result, before, after,
+    peak)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        result = run()
+        after, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, before, after, peak
+
+
 def test_closing_a_window_holds_its_scores_once():
     """tracemalloc peak while closing a window of n events with few entities, beyond what stays:
     the scores array (8 bytes an event), sorted in place. Ranks (~50 B an event) or a second copy
@@ -82,13 +95,8 @@ def test_closing_a_window_holds_its_scores_once():
     engine.close_window(0, [(rng.random(), entities[i % 4]) for i in range(100)])
     losses = [rng.gammavariate(2.0, 0.5) for _ in range(n)]
     midrank_percentiles([0.0])  # scipy imported before measuring
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        engine.close_window(1, lambda: ((loss, entities[i % 4]) for i, loss in enumerate(losses)))
-        after, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    _, before, after, peak = traced(lambda: engine.close_window(
+        1, lambda: ((loss, entities[i % 4]) for i, loss in enumerate(losses))))
     assert peak - max(before, after) < 12 * n, (peak - before, after - before)
     expected = Reference.of(1, list(losses), CONFIG.window_percentile)
     assert engine.reference.threshold == expected.threshold
@@ -107,13 +115,7 @@ def test_judging_a_whole_window_ranks_without_rank_arrays():
                 "event_time": float(i), "window": 1, "raw": "", "loss": loss,
                 "entities": entities[i % 4]} for i, loss in enumerate(losses)]
     expected = midrank_percentiles(losses)
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        alerts = engine.judge_complete(1, records)
-        after, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    alerts, before, after, peak = traced(lambda: engine.judge_complete(1, records))
     assert peak - max(before, after) < 24 * n, (peak - before, after - before)
     assert alerts and all(a.window_percentile == expected[a.record["line"]] for a in alerts)
     assert all(a.window_percentile >= CONFIG.window_percentile for a in alerts)
@@ -137,13 +139,7 @@ def test_judging_a_whole_window_holds_its_scores_once():
 
     expected = AlertEngine(config).judge_complete(1, list(read()))
     engine = AlertEngine(config)
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        alerts = engine.judge_complete_read(1, read)
-        after, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    alerts, before, after, peak = traced(lambda: engine.judge_complete_read(1, read))
     assert peak - max(before, after) < 12 * n, (peak - before, after - before)
     assert [(a.record["line"], a.window_percentile, a.score, a.reasons) for a in alerts] == \
         [(a.record["line"], a.window_percentile, a.score, a.reasons) for a in expected]
@@ -205,14 +201,11 @@ def test_saving_the_state_streams_the_kept_losses_and_writes_what_savez_wrote(tm
     losses_bytes = 8 * sum(len(h.losses) for h in engine.histories.values())
     extra = {"resume_offset": {"0": 12}}
     path = tmp_path / "alerter.npz"
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+    def save() -> None:
         with open(path, "wb") as handle:
             write_state(engine, extra, handle)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+
+    _, before, _, peak = traced(save)
     assert peak - before < losses_bytes / 2, (peak - before, losses_bytes)
     data = path.read_bytes()
     assert npz_arrays(data) == npz_arrays(savez_state(engine, extra))
@@ -228,12 +221,6 @@ def test_reading_the_state_back_holds_no_float_objects():
     engine = engine_with_histories(entities=2_000, kept=250)
     data = encode_state(engine, {})
     losses_bytes = 8 * sum(len(h.losses) for h in engine.histories.values())
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        restored, _ = decode_state(data, engine.config)
-        after, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    (restored, _), before, after, peak = traced(lambda: decode_state(data, engine.config))
     assert peak - before < 2.5 * losses_bytes + (after - before), (peak - before, after - before)
     assert restored.state() == engine.state()

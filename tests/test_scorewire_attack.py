@@ -13,17 +13,17 @@ import time
 import tracemalloc
 
 import pytest
+from test_scorewire import REFUSED, codec_path
 
 from pipeline.config import config_from_dict
 from pipeline.modelspec import make_masker
 from pipeline.parsing import LineParser
 from pipeline.score import Score
 from pipeline.scorewire import ScoredEventWriter, WindowedEventReader
-from pipeline.serde import MAGIC, DecodeError, avro_long, codec
+from pipeline.serde import MAGIC, avro_long, codec
 from pipeline.topicrecords import record_to_event, score_to_record
 
 WINDOWED, SCORED = "salka.WindowedEvent", "salka.ScoredEvent"
-REFUSED = "refused"
 CONFIG = config_from_dict({"tokenizer": {"kind": "word", "mask": {"enabled": True}},
                            "input": {"entities": {"user": "src_user", "ok": "success"}}})
 FIELDS = LineParser(CONFIG.input).model_fields
@@ -47,14 +47,6 @@ def value(fields: list[tuple[bytes, bytes]] | bytes, *, window: bytes = b"\x04",
                   if fields else b"\x00")
     return (MAGIC + codec().fingerprints[WINDOWED] + window + string(topic) + partition + offset
             + line + time_ + fields + ids + string(raw))
-
-
-def codec_path(data: bytes, r: WindowedEventReader):
-    try:
-        _, record = codec().decode(data, expected=(WINDOWED,))
-    except DecodeError:
-        return REFUSED
-    return record["window"], record_to_event(record["event"], list(r.model_fields), r.masker)
 
 
 def check(data: bytes, fast: bool | None = None) -> None:
