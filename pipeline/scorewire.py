@@ -35,7 +35,17 @@ from pipeline.config import Config
 from pipeline.parsing import Event
 from pipeline.score import Score
 from pipeline.serde import MAGIC, codec
-from pipeline.tokenwire import INT_MAX, INT_MIN, LONG_MAX, LONG_MIN, NULL, SECOND, long_bytes
+from pipeline.tokenwire import (
+    INT_MAX,
+    INT_MIN,
+    LONG_MAX,
+    LONG_MIN,
+    NULL,
+    SECOND,
+    avro_string,
+    long_bytes,
+    pack_double,
+)
 from pipeline.topicrecords import score_to_record
 
 log = logging.getLogger(__name__)
@@ -66,7 +76,6 @@ WRITES = (
 # salka writes (windows, offsets, lines, lengths) comes near. Longer ones go to the codec.
 _MAX_VARINT = 9
 _unpack_double = struct.Struct("<d").unpack_from
-_pack_double = struct.Struct("<d").pack
 _NULLS_TRUE, _NULLS_FALSE = NULL + NULL + b"\x01", NULL + NULL + b"\x00"
 # Topic names cached at most this long (Kafka's limit is 249): a hostile value's megabyte name
 # is not kept, 1024 of them would hold gigabytes for the stage's life
@@ -266,7 +275,7 @@ class ScoredEventWriter:
                         "encoding through the generic codec (slower) until it is updated", SCORED)
         entities = config.input.entities
         # The map's block count and each key's string: the same for every event
-        self.entities = [(_string(name), field) for name, field in entities.items()]
+        self.entities = [(avro_string(name), field) for name, field in entities.items()]
         self.map_start = long_bytes(len(entities)) if entities else b""
         self.topics: dict[str, bytes] = {}
 
@@ -297,19 +306,19 @@ class ScoredEventWriter:
                 if type(value) is not str:
                     raise _Doubt
                 append(key)
-                append(_string(value))
+                append(avro_string(value))
         append(NULL)
         for loss in (score.loss, score.loss_total):
             if loss is None:
                 append(NULL)
             elif type(loss) is float:
-                append(SECOND + _pack_double(loss))
+                append(SECOND + pack_double(loss))
             else:
                 raise _Doubt
         if wire is not None:
             append(wire.raw)
         elif type(event.raw) is str:
-            append(_string(event.raw))
+            append(avro_string(event.raw))
         else:
             raise _Doubt
         if type(late) is not bool:
@@ -327,7 +336,7 @@ class ScoredEventWriter:
             raise _Doubt
         topic_bytes = self.topics.get(topic)
         if topic_bytes is None:
-            topic_bytes = _string(topic)
+            topic_bytes = avro_string(topic)
             if len(self.topics) < 1024 and len(topic) <= _TOPIC_MAX:
                 self.topics[topic] = topic_bytes
         if type(partition) is not int or not INT_MIN <= partition <= INT_MAX:
@@ -345,12 +354,7 @@ class ScoredEventWriter:
         if time is None:
             time_bytes = NULL
         elif type(time) is float:
-            time_bytes = SECOND + _pack_double(time)
+            time_bytes = SECOND + pack_double(time)
         else:
             raise _Doubt
         return b"".join((topic_bytes, long_bytes(partition), long_bytes(offset), line_bytes, time_bytes))
-
-
-def _string(text: str) -> bytes:
-    data = text.encode()
-    return long_bytes(len(data)) + data

@@ -41,7 +41,7 @@ INT_MIN, INT_MAX = -(1 << 31), (1 << 31) - 1
 LONG_MIN, LONG_MAX = -(1 << 63), (1 << 63) - 1
 NULL = b"\x00"  # union branch 0 ("null"); also an array's end block
 SECOND = b"\x02"  # union branch 1
-_pack_double = struct.Struct("<d").pack
+pack_double = struct.Struct("<d").pack  # an Avro double
 
 
 _SMALL = tuple(zigzag(n) for n in range(8192))  # lengths, counts and ids: no loop, no allocation
@@ -66,7 +66,8 @@ def long_bytes(n: int) -> bytes:
     return zigzag(n)
 
 
-def _string(text: str) -> bytes:
+def avro_string(text: str) -> bytes:
+    """An Avro string: its UTF-8 length, then its bytes."""
     data = text.encode("utf-8")
     n = len(data)
     return long_bytes(n) + data
@@ -115,7 +116,7 @@ class TokenizedEventWriter:
         if prefix is None:  # the header and the topic's string: the same for a topic's events
             if type(topic) is not str:
                 raise _Unfit
-            prefix = self._topics[topic] = self.header + _string(topic)
+            prefix = self._topics[topic] = self.header + avro_string(topic)
         if type(partition) is not int or not INT_MIN <= partition <= INT_MAX:
             raise _Unfit  # bool too: validate fits no bool to an int
         if type(offset) is not int or not LONG_MIN <= offset <= LONG_MAX:
@@ -132,7 +133,7 @@ class TokenizedEventWriter:
         if time is None:
             append(NULL)
         elif type(time) is float:
-            append(SECOND + _pack_double(time))
+            append(SECOND + pack_double(time))
         else:
             raise _Unfit
         if type(fields) is not dict:
@@ -145,7 +146,7 @@ class TokenizedEventWriter:
                 if name_bytes is None:
                     if type(name) is not str:
                         raise _Unfit
-                    name_bytes = names[name] = _string(name)
+                    name_bytes = names[name] = avro_string(name)
                 if type(value) is not str:
                     raise _Unfit
                 data = value.encode()
@@ -167,7 +168,7 @@ class TokenizedEventWriter:
             append(NULL)
         if type(raw) is not str:
             raise _Unfit
-        append(_string(raw))
+        append(avro_string(raw))
         return b"".join(parts)
 
 
