@@ -82,14 +82,21 @@ def redacted(settings: dict[str, Any]) -> dict[str, Any]:
     return redact(settings)  # the one list of secret-named keys: pipeline/logs.py
 
 
+def message_max_bytes(settings: dict[str, Any]) -> int | None:
+    """``message.max.bytes`` in ``settings`` (0 when unset), written as a number or as a string
+    ("100000000" in YAML, which librdkafka takes too); None when it is no number, which
+    client() then reports in one line."""
+    try:
+        return int(settings.get("message.max.bytes", 0))
+    except (TypeError, ValueError):
+        return None
+
+
 def consumer_config(config: Config, group: str, **explicit: Any) -> dict[str, Any]:
     chosen = {**user_settings(config), "group.id": f"{config.streaming.group_prefix}.{group}",
               **explicit}
     settings = {**CONSUMER_DEFAULTS, **chosen, **CONSUMER_FORCED}
-    try:  # as in producer_config: a number written as a string counts
-        largest = int(chosen.get("message.max.bytes", 0))
-    except (TypeError, ValueError):
-        largest = None  # not a number: client() reports it in one line
+    largest = message_max_bytes(chosen)  # librdkafka's default is below our fetch cap
     if "fetch.max.bytes" not in chosen and largest is not None:  # our cap only
         settings["fetch.max.bytes"] = max(settings["fetch.max.bytes"], largest)
     return settings
@@ -98,10 +105,7 @@ def consumer_config(config: Config, group: str, **explicit: Any) -> dict[str, An
 def producer_config(config: Config, **explicit: Any) -> dict[str, Any]:
     chosen = {**user_settings(config), **explicit}
     settings = {**PRODUCER_DEFAULTS, **chosen}
-    try:  # librdkafka takes a number written as a string ("100000000" in YAML) too
-        largest = int(settings.get("message.max.bytes", 0))
-    except (TypeError, ValueError):
-        largest = None  # not a number: client() reports it in one line
+    largest = message_max_bytes(settings)
     if "queue.buffering.max.kbytes" not in chosen and largest is not None:  # our cap only
         settings["queue.buffering.max.kbytes"] = max(
             settings["queue.buffering.max.kbytes"], -(-largest // 1024) + 1024)
