@@ -20,15 +20,16 @@ The first window with losses has no earlier window to take a threshold from: it 
 when it closes (``judge_complete``: percentile within the window itself, highest losses kept by the
 throttle), as every window was before alerts went out in real time.
 
-Memory is bounded: each entity keeps its last ``history`` losses in a flat float array, and
-entities are evicted least-recently-seen first, by age (absent for more than
+Memory is bounded and flat: each entity keeps its last ``history`` losses on disk
+(pipeline/losstore.py; in memory only their median and MAD, which change only when a window
+closes), and entities are evicted least-recently-seen first, by age (absent for more than
 ``entity_ttl_windows`` windows) and by count (``max_entities``). Eviction depends only on the
 windows judged and the (sorted) order of their records, so the alerter stage and the offline
 ``pipeline alerts`` keep giving the same alerts.
 
 State (histories in LRU order, last window judged, the threshold and its window, and for windows
 not closed yet the throttle counts and the events alerted on) is saved by the alerter stage in a
-compact binary form (``encode_state``: numpy arrays in an .npz, read with allow_pickle=False), so a
+compact binary form (``write_state``: numpy arrays in an .npz, read with allow_pickle=False), so a
 restart neither forgets history, nor counts a window twice, nor repeats or loses an alert.
 """
 
@@ -47,6 +48,7 @@ import numpy as np
 
 from pipeline import normalise
 from pipeline.config import AlertingConfig
+from pipeline.losstore import FLUSH_PAIRS, ITEM, LossStore, WindowTails, robust_stats
 from pipeline.normalise import Moments, baseline, combine, entity_score
 from pipeline.scorefile import ScoreRow
 from pipeline.windowing import event_order
@@ -56,14 +58,18 @@ PAIR = "pair"  # entity kind "src_host->dst_host"
 
 
 class EntityHistory:
-    """An entity's most recent losses (oldest first), its event count and the last window it was
-    seen in. Slots and a flat float array: ~0.3 KB + 8 B per loss, a deque of floats costs 3x."""
+    """An entity's counts and moments, the last window it was seen in, and where its most recent
+    losses (oldest first) are in the engine's LossStore, with their median and MAD: ~0.2 KB
+    in memory whatever ``history`` is."""
 
-    __slots__ = ("losses", "total_events", "last_window", "seen", "mean", "m2")
+    __slots__ = ("offset", "count", "median", "mad", "total_events", "last_window", "seen",
+                 "mean", "m2")
 
-    def __init__(self, losses=(), total_events: int = 0, last_window: int = 0, seen: int = 0,
+    def __init__(self, total_events: int = 0, last_window: int = 0, seen: int = 0,
                  mean: float = 0.0, m2: float = 0.0):
-        self.losses = array("d", losses)  # floats, or their native float64 bytes
+        self.offset = 0  # of the kept losses in the store
+        self.count = 0  # losses kept
+        self.median = self.mad = math.nan  # of the kept losses
         self.total_events = total_events  # losses ever added (the count of mean and m2)
         self.last_window = last_window
         # For the normalised score (pipeline/normalise.py): events in closed windows, scored or
@@ -74,18 +80,6 @@ class EntityHistory:
 
     def moments(self) -> Moments:
         return Moments(self.total_events, self.mean, self.m2)
-
-    def add(self, loss: float, keep: int) -> None:
-        self.losses.append(loss)
-        if len(self.losses) > keep:
-            del self.losses[0]  # a memmove of at most history * 8 bytes
-        self.total_events += 1
-
-    def stats(self) -> tuple[float, float]:
-        """(median, MAD) of the kept losses."""
-        values = sorted(self.losses)
-        median = _median(values)
-        return median, _median(sorted(abs(v - median) for v in values))
 
 
 def _median(values: list[float]) -> float:
@@ -124,6 +118,8 @@ def alert_record(alert: Alert) -> dict:
         "score": r["loss"] if alert.score is None else alert.score,
     }
 
+
+COMPACT_SLACK = 1 << 16  # losses of garbage (512 KB) the loss store may hold beyond the rule
 
 GRID_POINTS = 1001  # losses kept of the reference window, for an alert's percentile (8 KB)
 
@@ -193,8 +189,11 @@ class Reference:
 
 
 class AlertEngine:
-    def __init__(self, config: AlertingConfig):
+    def __init__(self, config: AlertingConfig, directory: str | None = None):
+        """``directory``: where the scratch file of kept losses goes (the system's temporary
+        directory when None)."""
         self.config = config
+        self.store = LossStore(directory)  # the entities' kept losses (pipeline/losstore.py)
         self.normalise = normalise.entities(config.normalise)  # kinds the score normalises by
         # Insertion order is recency: an entity moves to the end when first seen in a window,
         # so the front holds the least recently seen (evicted first).
@@ -206,6 +205,32 @@ class AlertEngine:
         # (judged again after a restart or a redelivery, they are not alerted twice).
         self.throttle: dict[int, dict[tuple[str, str], int]] = {}
         self.alerted: dict[int, set[EventKey]] = {}
+
+    def kept(self, key: tuple[str, str]) -> list[float]:
+        """The kept losses of an entity, oldest first."""
+        history = self.histories[key]
+        return self.store.read(history.offset, history.count).tolist()
+
+    def _keep(self, history: EntityHistory, values: np.ndarray) -> None:
+        """Makes ``values`` (float64, oldest first) the entity's kept losses."""
+        history.offset = self.store.append(values)
+        history.count = len(values)
+        history.median, history.mad = robust_stats(values)
+
+    def _join(self, history: EntityHistory, tail: np.ndarray) -> None:
+        """Appends a window's last losses of the entity to its kept ones, keeping ``history``."""
+        take = min(history.count, self.config.history - len(tail))  # of the old, from the end
+        if take > 0:
+            old = self.store.read(history.offset + history.count - take, take)
+            tail = np.concatenate((old, tail))
+        self._keep(history, tail)
+
+    def _compact(self) -> None:
+        """A fresh store file once the garbage (runs of evicted or since-updated entities)
+        outweighs the kept losses: the file stays within about twice what is kept."""
+        live = sum(history.count for history in self.histories.values())
+        if self.store.size > 2 * live + COMPACT_SLACK:
+            self.store.compact(self.histories.values())
 
     def closed(self, window: int) -> bool:
         return self.last_window is not None and window <= self.last_window
@@ -287,15 +312,15 @@ class AlertEngine:
         reasons, stats = [], []
         for kind, value in entity_keys(record["entities"]):
             history = self.histories.get((kind, value))
-            if history is None or len(history.losses) < self.config.min_history:
+            if history is None or history.count < self.config.min_history:
                 continue
-            median, mad = history.stats()
+            median, mad = history.median, history.mad  # of the kept losses: set at each close
             z = (record["loss"] - median) / (MAD_SCALE * mad + self.config.mad_floor)
             stats.append({"kind": kind, "entity": value, "events": history.total_events,
                           "median": median, "mad": mad, "z": z})
             if z >= self.config.z_threshold:
                 reasons.append(f"{kind} {value}: robust z {z:.1f} against its median "
-                               f"{median:.3f} over {len(history.losses)} events")
+                               f"{median:.3f} over {history.count} events")
         return reasons, stats
 
     def judge_event(self, window: int, record: dict) -> Alert | None:
@@ -421,33 +446,49 @@ class AlertEngine:
         scores, own = array("d"), Moments()  # 8 bytes a score, not a float object
         # The window's event counts and moments per entity join the histories after the pass:
         # every score of the window is against the state the earlier windows left. Its losses
-        # go straight into the kept ones (trimmed to ``keep`` at 2 x keep): the score does not
-        # read them, and a separate tail per entity held each loss twice until the end.
-        pending: dict[tuple[str, str], tuple[EntityHistory, list[int], Moments]] = {}
-        for loss, entities in read():
-            for key in entity_keys(entities):
-                if key not in pending:
-                    pending[key] = (self._touch(key, window), [0], Moments())
-                history, events, added = pending[key]
-                events[0] += 1
+        # go to hash buckets (on disk past a few thousand each), which give each entity's last
+        # ``keep`` of the window at the end: memory does not grow with the window, nor with
+        # the losses kept (pipeline/losstore.py).
+        tails = WindowTails(keep, self.store.directory)
+        pending: dict[tuple[str, str], tuple[EntityHistory, list[int], Moments, int, array]] = {}
+        touched: list[EntityHistory] = []  # by ident: the order first seen in the window
+        flush = 2 * FLUSH_PAIRS
+        try:
+            for loss, entities in read():
+                for key in entity_keys(entities):
+                    entry = pending.get(key)
+                    if entry is None:
+                        ident = len(touched)
+                        touched.append(self._touch(key, window))
+                        entry = pending[key] = (touched[-1], [0], Moments(), ident,
+                                                tails.buffer(ident))
+                    _, events, added, ident, buffer = entry
+                    events[0] += 1
+                    if loss is not None:
+                        added.add(loss)
+                        if keep:
+                            buffer.append(ident)
+                            buffer.append(loss)
+                            if len(buffer) >= flush:
+                                tails.full(ident)
                 if loss is not None:
-                    added.add(loss)
-                    kept = history.losses
-                    kept.append(loss)  # 8 bytes
-                    if len(kept) > 2 * keep:
-                        del kept[: len(kept) - keep]
-            if loss is not None:
-                own.add(loss)
-                scores.append(self.score(loss, entities, population))
-        for history, (events,), added in pending.values():
-            history.seen += events
-            merged = history.moments()
-            merged.merge(added)
-            del history.losses[: max(0, len(history.losses) - keep)]
-            history.total_events += added.n
-            history.mean, history.m2 = merged.mean, merged.m2
-        del pending  # before the threshold's sort: ~100 B per entity
+                    own.add(loss)
+                    scores.append(self.score(loss, entities, population))
+            for history, (events,), added, _, _ in pending.values():
+                history.seen += events
+                merged = history.moments()
+                merged.merge(added)
+                history.total_events += added.n
+                history.mean, history.m2 = merged.mean, merged.m2
+            del pending  # before the threshold's sort: ~100 B per entity
+            if keep:
+                for ident, tail in tails.tails():
+                    self._join(touched[ident], tail)
+        finally:
+            tails.close()
+        del touched
         self._evict(window)
+        self._compact()
         if scores:
             self.reference = Reference.of(window, scores, self.config.window_percentile, own.mean)
         self.last_window = window
@@ -474,8 +515,8 @@ class AlertEngine:
         """As plain JSON-able data (for tests and inspection; the stage saves encode_state)."""
         return {
             "last_window": self.last_window,
-            "histories": [[kind, value, h.total_events, h.last_window, list(h.losses), h.seen,
-                           h.mean, h.m2]
+            "histories": [[kind, value, h.total_events, h.last_window, self.kept((kind, value)),
+                           h.seen, h.mean, h.m2]
                           for (kind, value), h in self.histories.items()],  # in LRU order
             **self._small_state(),
             "grid": [] if self.reference is None else self.reference.grid.tolist(),
@@ -509,9 +550,10 @@ class AlertEngine:
         engine = cls(config)
         engine.last_window = state["last_window"]
         for kind, value, total, last, losses, seen, mean, m2 in state["histories"]:
-            engine.histories[(kind, value)] = EntityHistory(
-                (float(v) for v in losses[-config.history:]), int(total), int(last), int(seen),
-                float(mean), float(m2))
+            history = engine.histories[(kind, value)] = EntityHistory(
+                int(total), int(last), int(seen), float(mean), float(m2))
+            engine._keep(history, np.asarray(losses[max(0, len(losses) - config.history):],
+                                             dtype=np.float64))
         engine._load_small_state(state, state["grid"])
         return engine
 
@@ -539,7 +581,7 @@ LOSS_CHUNK = 1 << 20  # bytes of kept losses gathered per write of the state fil
 
 def write_state(engine: AlertEngine, extra: dict, handle: BinaryIO) -> None:
     """``encode_state``'s .npz written to ``handle`` (what np.savez writes, array by array). The
-    kept losses, most of the state, go from each history to the file in 1 MiB chunks: saving
+    kept losses, most of the state, go from the loss store to the file in 1 MiB chunks: saving
     them costs no copy of them, where gathering them into one array, then an .npz in memory,
     held them three times over (~100 MB at 4M kept losses)."""
     kinds: dict[str, int] = {}
@@ -553,7 +595,7 @@ def write_state(engine: AlertEngine, extra: dict, handle: BinaryIO) -> None:
         name_ends.append(len(names))
         totals.append(history.total_events)
         seen.append(history.last_window)
-        counts.append(len(history.losses))
+        counts.append(history.count)
         events.append(history.seen)
         means.append(history.mean)
         m2s.append(history.m2)
@@ -583,46 +625,31 @@ def write_state(engine: AlertEngine, extra: dict, handle: BinaryIO) -> None:
                     "shape": (int(sum(counts)),)})
                 chunk = bytearray()
                 for history in engine.histories.values():
-                    chunk += history.losses  # native float64, as np.frombuffer would write it
+                    # native float64, as np.frombuffer would write it
+                    chunk += engine.store.read_bytes(history.offset, history.count)
                     if len(chunk) >= LOSS_CHUNK:
                         entry.write(chunk)
                         chunk.clear()
                 entry.write(chunk)
 
 
-def decode_state(data: bytes, config: AlertingConfig) -> tuple[AlertEngine, dict]:
-    """(engine, extra) from encode_state's bytes; StateFormatError for anything else."""
+def decode_state(source: bytes | BinaryIO, config: AlertingConfig,
+                 directory: str | None = None) -> tuple[AlertEngine, dict]:
+    """(engine, extra) from encode_state's bytes or a file of them; StateFormatError for anything
+    else. The kept losses go from the file to the engine's loss store (``directory``, as
+    AlertEngine) an entity at a time: loading holds none of them in memory."""
+    handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:  # zip CRCs catch bit rot
+        with np.load(handle, allow_pickle=False) as npz:  # zip CRCs catch bit rot
             meta = json.loads(npz["meta"].tobytes())
             if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
                 # an older format too: its windows' thresholds and throttles are not there
                 raise StateFormatError(f"not a salka alerter state ({STATE_FORMAT} expected)")
             arrays = {name: npz[name] for name in ("kind", "names", "name_ends", "total",
-                                                   "seen", "count", "losses", "grid", "events",
+                                                   "seen", "count", "grid", "events",
                                                    "mean", "m2")}
-        n = len(arrays["kind"])
-        if any(len(arrays[name]) != n for name in ("name_ends", "total", "seen", "count",
-                                                   "events", "mean", "m2")) or \
-                arrays["losses"].ndim != 1 or \
-                int(arrays["count"].sum()) != len(arrays["losses"]) or \
-                (n and int(arrays["name_ends"][-1]) != len(arrays["names"])):
-            raise StateFormatError("inconsistent array lengths")
-        kinds, blob = meta["kinds"], arrays["names"].tobytes()
-        engine = AlertEngine(config)
-        engine.last_window = meta["last_window"]
-        # Sliced per entity as bytes: a list of float objects held 32 B a kept loss.
-        losses = arrays["losses"].astype(np.float64, copy=False)
-        start = used = 0
-        for kind, end, total, seen, count, events, mean, m2 in zip(
-                arrays["kind"].tolist(), arrays["name_ends"].tolist(), arrays["total"].tolist(),
-                arrays["seen"].tolist(), arrays["count"].tolist(), arrays["events"].tolist(),
-                arrays["mean"].tolist(), arrays["m2"].tolist()):
-            value = blob[start:end].decode("utf-8", "surrogatepass")
-            kept = losses[used:used + count][-config.history:].tobytes()
-            engine.histories[(kinds[kind], value)] = EntityHistory(kept, total, seen, events,
-                                                                   mean, m2)
-            start, used = end, used + count
+            with npz.zip.open("losses.npy") as losses:
+                engine = _decode_histories(meta, arrays, losses, config, directory)
         if (meta["reference"] is None) != (len(arrays["grid"]) == 0):
             raise StateFormatError("a threshold without its grid, or a grid without one")
         engine._load_small_state(meta, arrays["grid"].tolist())
@@ -631,6 +658,54 @@ def decode_state(data: bytes, config: AlertingConfig) -> tuple[AlertEngine, dict
         raise
     except Exception as exc:  # zipfile, numpy and json raise many kinds for damaged bytes
         raise StateFormatError(f"{exc.__class__.__name__}: {exc}") from exc
+
+
+def _decode_histories(meta: dict, arrays: dict[str, np.ndarray], losses: BinaryIO,
+                      config: AlertingConfig, directory: str | None) -> AlertEngine:
+    """The engine with the histories of a state's arrays, their kept losses read from the
+    ``losses.npy`` entry as a stream (float64, the counts' sum of them)."""
+    version = np.lib.format.read_magic(losses)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read_header(losses)
+    n = len(arrays["kind"])
+    if any(len(arrays[name]) != n for name in ("name_ends", "total", "seen", "count",
+                                               "events", "mean", "m2")) or \
+            len(shape) != 1 or dtype != np.dtype(np.float64) or \
+            int(arrays["count"].sum()) != shape[0] or \
+            (n and int(arrays["name_ends"][-1]) != len(arrays["names"])):
+        raise StateFormatError("inconsistent array lengths")
+    kinds, blob = meta["kinds"], arrays["names"].tobytes()
+    engine = AlertEngine(config, directory)
+    engine.last_window = meta["last_window"]
+    keep, start = config.history, 0
+    for kind, end, total, seen, count, events, mean, m2 in zip(
+            arrays["kind"].tolist(), arrays["name_ends"].tolist(), arrays["total"].tolist(),
+            arrays["seen"].tolist(), arrays["count"].tolist(), arrays["events"].tolist(),
+            arrays["mean"].tolist(), arrays["m2"].tolist()):
+        value = blob[start:end].decode("utf-8", "surrogatepass")
+        data = losses.read(count * ITEM)
+        if len(data) != count * ITEM:
+            raise StateFormatError("fewer kept losses than counted")
+        history = engine.histories[(kinds[kind], value)] = EntityHistory(total, seen, events,
+                                                                         mean, m2)
+        engine._keep(history, np.frombuffer(data, dtype=np.float64)[max(0, count - keep):])
+        start = end
+    if losses.read(1):  # also makes zipfile check the entry's CRC, at its end
+        raise StateFormatError("more kept losses than counted")
+    return engine
+
+
+def state_last_window(source: BinaryIO) -> int | None:
+    """The last window judged, from a state file's small metadata alone (not its histories)."""
+    try:
+        with np.load(source, allow_pickle=False) as npz:
+            meta = json.loads(npz["meta"].tobytes())
+    except Exception as exc:  # as decode_state
+        raise StateFormatError(f"{exc.__class__.__name__}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        raise StateFormatError(f"not a salka alerter state ({STATE_FORMAT} expected)")
+    return meta["last_window"]
 
 
 def row_to_record(row: ScoreRow, raw: str = "") -> dict:

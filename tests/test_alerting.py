@@ -128,7 +128,7 @@ def test_history_is_bounded():
     rng = random.Random(6)
     for w in range(5):
         engine.judge_window(w, normal_window(w, w * 1000, rng, users=2))
-    assert all(len(h.losses) == 30 for h in engine.histories.values())
+    assert all(len(engine.kept(key)) == h.count == 30 for key, h in engine.histories.items())
     assert engine.histories[("user", "U0")].total_events == 5 * 200
 
 
@@ -239,7 +239,7 @@ def test_damaged_binary_state_is_refused(damage):
     elif damage == "truncated":
         data = data[: len(data) // 2]
     elif damage == "flipped byte":  # inside the losses array: only the zip CRC can tell
-        at = data.index(np.float64(engine.histories[("user", "U0")].losses[0]).tobytes())
+        at = data.index(np.float64(engine.kept(("user", "U0"))[0]).tobytes())
         data = data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
     elif damage == "json":
         data = json.dumps(engine.state()).encode()

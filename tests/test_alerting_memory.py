@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import statistics
 import tracemalloc
 from dataclasses import replace
 
@@ -67,8 +68,11 @@ def test_histories_keep_the_last_losses_of_every_window_in_order():
         engine.close_window(window, items)
         for key, losses in everything.items():
             history = engine.histories[key]
-            assert list(history.losses) == losses[-5:], (window, key)
+            assert engine.kept(key) == losses[-5:], (window, key)
             assert history.total_events == len(losses), (window, key)
+            median = statistics.median(losses[-5:])  # as stats() computed them per event
+            assert (history.median, history.mad) == \
+                (median, statistics.median(abs(v - median) for v in losses[-5:])), (window, key)
 
 
 def traced(run):
@@ -85,13 +89,13 @@ def traced(run):
 
 
 def test_closing_a_window_holds_its_scores_once():
-    """tracemalloc peak while closing a window of n events with few entities, beyond what stays:
-    the scores array (8 bytes an event), sorted in place. Ranks (~50 B an event) or a second copy
-    of the scores would fail this."""
+    """tracemalloc peak while closing a window of n events, beyond what stays: the scores array
+    (8 bytes an event), sorted in place. Ranks (~50 B an event) or a second copy of the scores
+    would fail this. (No entities: their kept losses cost a bounded scratch, tested below.)"""
     n = 30_000
     rng = random.Random(3)
     engine = AlertEngine(CONFIG)
-    entities = [{"user": f"U{i}", "src_host": f"C{i}", "dst_host": "DC"} for i in range(4)]
+    entities = [{"user": "", "src_host": "", "dst_host": ""}] * 4
     engine.close_window(0, [(rng.random(), entities[i % 4]) for i in range(100)])
     losses = [rng.gammavariate(2.0, 0.5) for _ in range(n)]
     midrank_percentiles([0.0])  # scipy imported before measuring
@@ -168,10 +172,10 @@ def savez_state(engine: AlertEngine, extra: dict) -> bytes:
         end += len(name)
         for key, v in (("kind", kinds.setdefault(kind, len(kinds))), ("names", name),
                        ("name_ends", end), ("total", h.total_events), ("seen", h.last_window),
-                       ("count", len(h.losses)), ("events", h.seen), ("mean", h.mean),
+                       ("count", h.count), ("events", h.seen), ("mean", h.mean),
                        ("m2", h.m2)):
             columns[key].append(v)
-        columns["losses"].extend(h.losses)
+        columns["losses"].extend(engine.kept((kind, value)))
     meta = {"format": STATE_FORMAT, "last_window": engine.last_window, "kinds": list(kinds),
             "extra": extra, **engine._small_state()}
     out = io.BytesIO()
@@ -198,7 +202,7 @@ def test_saving_the_state_streams_the_kept_losses_and_writes_what_savez_wrote(tm
     in memory, held them three times over). The arrays, their order and dtypes are np.savez's,
     and the state reads back the same."""
     engine = engine_with_histories(entities=2_000, kept=250)  # 500k kept losses: 4 MB
-    losses_bytes = 8 * sum(len(h.losses) for h in engine.histories.values())
+    losses_bytes = 8 * sum(h.count for h in engine.histories.values())
     extra = {"resume_offset": {"0": 12}}
     path = tmp_path / "alerter.npz"
     def save() -> None:
@@ -215,12 +219,44 @@ def test_saving_the_state_streams_the_kept_losses_and_writes_what_savez_wrote(tm
     assert restored.state() == engine.state() and restored_extra == extra
 
 
-def test_reading_the_state_back_holds_no_float_objects():
-    """decode_state slices the kept losses per history as bytes: about twice their size at the
-    peak (the file's array and the histories), not a list of float objects (32 B each more)."""
+def test_reading_the_state_back_holds_no_losses_in_memory(tmp_path):
+    """decode_state streams the kept losses from the file to the loss store, an entity at a
+    time: neither while reading nor after does the engine hold them (the old decode held the
+    file's array and each history's bytes: twice their size)."""
     engine = engine_with_histories(entities=2_000, kept=250)
-    data = encode_state(engine, {})
-    losses_bytes = 8 * sum(len(h.losses) for h in engine.histories.values())
-    (restored, _), before, after, peak = traced(lambda: decode_state(data, engine.config))
-    assert peak - before < 2.5 * losses_bytes + (after - before), (peak - before, after - before)
+    path = tmp_path / "alerter.npz"
+    path.write_bytes(encode_state(engine, {}))
+    losses_bytes = 8 * sum(h.count for h in engine.histories.values())
+
+    def load():
+        with open(path, "rb") as handle:
+            return decode_state(handle, engine.config, str(tmp_path))
+
+    (restored, _), before, after, peak = traced(load)
+    assert peak - before < losses_bytes / 3 and after - before < losses_bytes / 4, \
+        (peak - before, after - before, losses_bytes)
     assert restored.state() == engine.state()
+
+
+def test_kept_losses_cost_the_same_memory_for_a_window_ten_times_larger():
+    """Closing a window whose entities each get thousands of losses: the peak beyond what stays
+    is the loss store's bounded scratch (bucket buffers, one chunk), the same for 20k and 200k
+    events, where holding each entity's window losses (or the kept ones, 8 B each) grows."""
+    entities = [{"user": f"U{i}", "src_host": f"C{i % 3}", "dst_host": "DC"} for i in range(8)]
+    config = replace(CONFIG, history=2_000)
+
+    def peak_of(n: int) -> int:
+        rng = random.Random(n)
+        engine = AlertEngine(config)
+        engine.close_window(0, [(rng.random(), entities[i % 8]) for i in range(100)])
+        losses = np.random.default_rng(n).gamma(2.0, 0.5, n).tolist()
+        _, before, after, peak = traced(lambda: engine.close_window(
+            1, lambda: ((loss, entities[i % 8]) for i, loss in enumerate(losses))))
+        for key in [("user", "U3"), ("src_host", "C1"), ("dst_host", "DC")]:
+            expected = [loss for i, loss in enumerate(losses) if key[1] in entities[i % 8].values()]
+            assert engine.kept(key)[-len(expected[-2_000:]):] == expected[-2_000:], key
+        return peak - max(before, after) - 8 * n  # the scores array: tested above
+
+    small, large = peak_of(20_000), peak_of(200_000)
+    # bucket buffers and one chunk (~2 MB), not the window's 200k x 4 losses (6.4 MB)
+    assert large < small + (1 << 20) and large < 3 << 20, (small, large)

@@ -9,8 +9,9 @@ completes. Each window's scores wait on disk (pipeline/spill.py) until its compl
 all of them are there; then it is closed: their losses join the entity histories and give the
 next windows' threshold (pipeline/alerting.py).
 
-The per-entity history (bounded: see pipeline/alerting.py) lives in a compact binary state file
-(alerter.npz) saved atomically together with the last window judged and the scores-topic position
+The per-entity history (bounded: see pipeline/alerting.py; its kept losses in a scratch file,
+pipeline/losstore.py) is saved in a compact binary state file
+(alerter.npz), atomically, together with the last window judged and the scores-topic position
 to resume from (as the trainer's checkpoint does), so a restart neither forgets history nor judges
 a window twice. The state also holds, for windows not closed yet, the throttle's counts and the
 events alerted on, so that events read again after a restart are not alerted twice. It is saved
@@ -33,13 +34,14 @@ from pipeline.alerting import (
     StateFormatError,
     alert_record,
     decode_state,
+    state_last_window,
     write_state,
 )
 from pipeline.atomic import atomic_write, quarantine
 from pipeline.config import Config
 from pipeline.runner import Output
 from pipeline.spill import SpilledWindow
-from pipeline.stages.collect import WindowStage
+from pipeline.stages.collect import WindowStage, spill_directory
 from pipeline.windowing import event_order
 
 # What an alert needs of a score (its tokens and per-token losses are left behind while it waits).
@@ -58,15 +60,18 @@ class AlerterStage(WindowStage):
         # their losses and entities back, so memory does not grow with the window.
         super().__init__(config, config.topics.scores, "scores")
         self.state_path = state_path(config)
-        self.engine = AlertEngine(config.alerting)
+        # The entities' kept losses wait on disk too (pipeline/losstore.py), beside the spills.
+        losses_dir = str(spill_directory(config, self.name))
+        self.engine = AlertEngine(config.alerting, losses_dir)
         if self.state_path.exists():
             try:
-                self.engine, extra = decode_state(self.state_path.read_bytes(), config.alerting)
+                with open(self.state_path, "rb") as handle:
+                    self.engine, extra = decode_state(handle, config.alerting, losses_dir)
                 self.resume_offset = extra["resume_offset"]
                 log.info("alerter resumes after window %s with %d entity histories",
                          self.engine.last_window, len(self.engine.histories))
             except (StateFormatError, KeyError, TypeError) as exc:
-                self.engine, self.resume_offset = AlertEngine(config.alerting), None
+                self.engine, self.resume_offset = AlertEngine(config.alerting, losses_dir), None
                 quarantine(self.state_path, f"unreadable alerter state ({exc})",
                            "starting with empty histories from the committed offsets")
         self.unsaved = False  # the engine changed since the state was saved
@@ -184,7 +189,7 @@ def state_path(config: Config) -> Path:
 def judged_through(config: Config) -> int | None:
     """The last window the alerter has judged, from its state file (None: none yet / unreadable)."""
     try:
-        engine, _ = decode_state(state_path(config).read_bytes(), config.alerting)
+        with open(state_path(config), "rb") as handle:
+            return state_last_window(handle)
     except (OSError, StateFormatError):
         return None
-    return engine.last_window
