@@ -51,6 +51,7 @@ from pipeline.config import AlertingConfig
 from pipeline.losstore import FLUSH_PAIRS, ITEM, LossStore, WindowTails, robust_stats
 from pipeline.normalise import Moments, baseline, combine, entity_score
 from pipeline.scorefile import ScoreRow
+from pipeline.sortedscores import ScoreSorter, SortedFile
 from pipeline.windowing import event_order
 
 MAD_SCALE = 1.4826  # MAD -> standard deviation for normal data
@@ -123,7 +124,10 @@ COMPACT_SLACK = 1 << 16  # losses of garbage (512 KB) the loss store may hold be
 
 GRID_POINTS = 1001  # losses kept of the reference window, for an alert's percentile (8 KB)
 
-def lowest_flagged(ordered: np.ndarray, percentile: float) -> float:
+Sorted = np.ndarray | SortedFile  # a window's scores in ascending order (pipeline/sortedscores.py)
+
+
+def lowest_flagged(ordered: Sorted, percentile: float) -> float:
     """The lowest of the sorted ``ordered`` whose mid-rank percentile (pipeline/stats.py) is at
     or above ``percentile`` (inf: none). The percentile rises with the value, so a binary search
     with two ``searchsorted`` per step finds it, where ``midrank_percentiles`` would build ~50
@@ -143,13 +147,13 @@ def lowest_flagged(ordered: np.ndarray, percentile: float) -> float:
     return float(ordered[low]) if low < n else math.inf
 
 
-def midrank_percentile(ordered: np.ndarray, value: float) -> float:
+def midrank_percentile(ordered: Sorted, value: float) -> float:
     """``midrank_percentiles``' value for one member of the sorted ``ordered`` (NaN when
     any is NaN, as there)."""
     if math.isnan(ordered[-1]):  # NaN sorts last
         return math.nan
-    below = int(np.searchsorted(ordered, value, "left"))
-    upto = int(np.searchsorted(ordered, value, "right"))
+    below = int(ordered.searchsorted(value, "left"))
+    upto = int(ordered.searchsorted(value, "right"))
     return 100.0 * ((below + upto) / 2) / len(ordered)
 
 
@@ -172,13 +176,17 @@ class Reference:
     @classmethod
     def of(cls, window: int, scores: list[float], percentile: float,
            mean: float = 0.0) -> Reference:
-        """``scores`` is sorted in place when numpy can view it (a float64 ``array``): a
-        window's scores are not copied, and no rank array of the window's size is built."""
         ordered = np.asarray(scores, dtype=np.float64)
         ordered.sort()
+        return cls.from_sorted(window, ordered, percentile, mean)
+
+    @classmethod
+    def from_sorted(cls, window: int, ordered: Sorted, percentile: float,
+                    mean: float = 0.0) -> Reference:
+        """From a window's scores in ascending order: no rank array of the window's size."""
         threshold = lowest_flagged(ordered, percentile)
         ranks = np.linspace(0, len(ordered) - 1, GRID_POINTS).round().astype(np.int64)
-        return cls(window, threshold, ordered[ranks], mean)
+        return cls(window, threshold, np.asarray(ordered[ranks], dtype=np.float64), mean)
 
     def percentile(self, loss: float) -> float:
         """The mid-rank percentile of ``loss`` among the grid: about its percentile among the
@@ -369,32 +377,42 @@ class AlertEngine:
 
     def judge_complete_read(self, window: int, read: Callable[[], Iterator[dict]]) -> list[Alert]:
         """``judge_complete`` over records that ``read()`` yields in event order, twice (the
-        losses first, for their ranks): only the scores (8 B an event, once) and the alerts
-        are held at once."""
+        losses first, for their ranks): the scores are sorted with bounded memory
+        (pipeline/sortedscores.py: on disk beyond a few MB), and only the alerts are held."""
         if self.closed(window):
             return []
         population = self._population_mean(lambda: ((r["loss"], None) for r in read()))
-        scores = array("d", (self.score(r["loss"], r["entities"], population)
-                             for r in read() if r["loss"] is not None))
-        # Each score's rank from the scores sorted in place (8 B an event), not
-        # midrank_percentiles' rank arrays (~60 B an event): the same arithmetic, so the same
-        # percentiles to the bit. The last read scores each event again (the histories do not
-        # change here, so the same score) rather than keep the unsorted order too.
-        ordered = np.frombuffer(scores, dtype=np.float64)
-        ordered.sort()
-        candidates = []
+        sorter = ScoreSorter(self.store.directory)
         for record in read():
-            if record["loss"] is None:
-                continue
-            score = self.score(record["loss"], record["entities"], population)
-            percentile = midrank_percentile(ordered, score)
-            reasons, stats = self._entity_verdicts(record)
-            if percentile >= self.config.window_percentile:
-                reasons.insert(0, self._flag_reason(
-                    score, record["loss"], record["entities"],
-                    f"at the {percentile:.2f}th percentile of window {window}", population))
-            if reasons:
-                candidates.append(Alert(record, percentile, reasons, stats, score))
+            if record["loss"] is not None:
+                sorter.add(self.score(record["loss"], record["entities"], population))
+        # Each score's rank from the sorted scores, not midrank_percentiles' rank arrays (~60 B
+        # an event): the same arithmetic, so the same percentiles to the bit. The last read
+        # scores each event again (the histories do not change here, so the same score) rather
+        # than keep the unsorted order too.
+        ordered = sorter.sorted()
+        # A score under the lowest one the percentile flags is a member of the window ranked
+        # below window_percentile: only the others (and entity verdicts) need their rank.
+        lowest = lowest_flagged(ordered, self.config.window_percentile)
+        candidates = []
+        try:
+            for record in read():
+                if record["loss"] is None:
+                    continue
+                score = self.score(record["loss"], record["entities"], population)
+                reasons, stats = self._entity_verdicts(record)
+                if score < lowest and not reasons:
+                    continue
+                percentile = midrank_percentile(ordered, score)
+                if percentile >= self.config.window_percentile:
+                    reasons.insert(0, self._flag_reason(
+                        score, record["loss"], record["entities"],
+                        f"at the {percentile:.2f}th percentile of window {window}", population))
+                if reasons:
+                    candidates.append(Alert(record, percentile, reasons, stats, score))
+        finally:
+            if isinstance(ordered, SortedFile):
+                ordered.close()
         counts = self.throttle.setdefault(window, {})
         return [alert for alert in sorted(candidates, key=lambda a: (-a.score,
                                                                       event_order(a.record)))
@@ -443,7 +461,8 @@ class AlertEngine:
             read = lambda: items  # noqa: E731
         population = self._population_mean(read)
         keep = self.config.history
-        scores, own = array("d"), Moments()  # 8 bytes a score, not a float object
+        # The scores, for the next threshold: sorted on disk beyond a few MB.
+        scores, own = ScoreSorter(self.store.directory), Moments()
         # The window's event counts and moments per entity join the histories after the pass:
         # every score of the window is against the state the earlier windows left. Its losses
         # go to hash buckets (on disk past a few thousand each), which give each entity's last
@@ -473,7 +492,7 @@ class AlertEngine:
                                 tails.full(ident)
                 if loss is not None:
                     own.add(loss)
-                    scores.append(self.score(loss, entities, population))
+                    scores.add(self.score(loss, entities, population))
             for history, (events,), added, _, _ in pending.values():
                 history.seen += events
                 merged = history.moments()
@@ -489,8 +508,12 @@ class AlertEngine:
         del touched
         self._evict(window)
         self._compact()
-        if scores:
-            self.reference = Reference.of(window, scores, self.config.window_percentile, own.mean)
+        if len(scores):
+            ordered = scores.sorted()
+            self.reference = Reference.from_sorted(window, ordered, self.config.window_percentile,
+                                                   own.mean)
+            if isinstance(ordered, SortedFile):
+                ordered.close()
         self.last_window = window
         for table in (self.throttle, self.alerted):
             for w in [w for w in table if w <= window]:
