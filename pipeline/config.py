@@ -362,7 +362,8 @@ class AlertingConfig:
     # At most this many alerts per entity per window (the first; the first window: the highest).
     max_alerts_per_entity: int = field(default=3, metadata=_check(_positive))
     # Entity histories kept at most (least recently seen evicted first): bounds the alerter's
-    # memory to about max_entities x (0.3 KB + 8 B x history).
+    # memory to about max_entities x 0.3 KB, and its scratch file of kept losses (under
+    # <state_dir>/spill/alerter) to about 2 x max_entities x history x 8 B.
     max_entities: int = field(default=100_000, metadata=_check(_positive))
     # An entity absent for more than this many windows loses its history.
     entity_ttl_windows: int = field(default=30, metadata=_check(_positive))
