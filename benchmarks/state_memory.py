@@ -5,7 +5,8 @@ Run: python benchmarks/state_memory.py [--events 200000 --windows 8 --max-entiti
 
 Alerter: each window has ``--events`` scored events, every one from a new user (so 200k new
 entities a window by default, plus 1,000 hosts), judged by the alert engine and saved as the
-alerter stage saves it (encode_state + the atomic writer), in its own process so that peak RSS is
+alerter stage saves it (write_state through the atomic writer; the kept losses in a scratch file
+beside it, pipeline/losstore.py), in its own process so that peak RSS is
 its own. Printed per window: RSS now, peak RSS so far, histories kept, state file size, seconds.
 With the cap, RSS must be flat once the cap is reached; ``--unbounded`` adds the same run with no
 cap beside it. Windower: tracemalloc bytes per buffered event, for realistic LANL events with
@@ -43,14 +44,14 @@ def peak_mb() -> float:
 
 def alerter_run(events: int, windows: int, max_entities: int) -> list[dict]:
     """Runs inside the child process."""
-    from pipeline.alerting import AlertEngine, encode_state
-    from pipeline.atomic import write_bytes_atomic
+    from pipeline.alerting import AlertEngine, write_state
+    from pipeline.atomic import atomic_write
     from pipeline.config import AlertingConfig
 
-    engine = AlertEngine(replace(AlertingConfig(), max_entities=max_entities))
     rng = random.Random(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        engine = AlertEngine(replace(AlertingConfig(), max_entities=max_entities), tmp)
         state = Path(tmp) / "alerter.npz"
         for w in range(windows):
             records = [{"source": {"topic": "salka.raw", "partition": 0, "offset": w * events + i},
@@ -60,7 +61,8 @@ def alerter_run(events: int, windows: int, max_entities: int) -> list[dict]:
                         "loss": rng.gauss(3.0, 0.5), "raw": ""} for i in range(events)]
             started = time.monotonic()
             alerts = engine.judge_window(w, records)
-            write_bytes_atomic(state, encode_state(engine, {"resume_offset": w}))
+            with atomic_write(state) as handle:
+                write_state(engine, {"resume_offset": w}, handle)
             del records
             rows.append({"window": w, "rss_mb": round(rss_mb(), 1), "peak_rss_mb": round(peak_mb(), 1),
                          "histories": len(engine.histories), "evicted": engine.evicted,
