@@ -33,6 +33,8 @@ from pipeline.modelstore import announcement, announcement_key, config_fingerpri
 from pipeline.parsing import Event, LineParser
 from pipeline.progress import training_logger
 from pipeline.runner import Output
+from pipeline.scorewire import WindowedEventReader
+from pipeline.serde import codec
 from pipeline.sessions import SessionScore
 from pipeline.spill import SpilledWindow
 from pipeline.stages.collect import WindowStage
@@ -107,6 +109,10 @@ class TrainerStage(WindowStage):
         super().__init__(config, config.topics.windows, "events")
         self.model_fields = LineParser(config.input).model_fields
         self.masker = make_masker(config)  # the model text as the tokenizer stage / replay make it
+        # The window is read back on the way to its model, while the scorers' backlog grows: the
+        # scorer's hand-written reader gives the codec's Event at half its cost (10k events:
+        # 0.33-0.48 -> 0.17-0.22 CPU s; benchmarks/latency.py's close-to-model 0.80 -> 0.62 s).
+        self.wire_reader = WindowedEventReader(self.model_fields, self.masker)
         self.learner = load_newest_checkpoint(config) or WindowLearner(config)
         # Where the checkpoint's model stopped reading; None: from the start of the topic.
         self.resume_offset = self.learner.resume_offset
@@ -132,8 +138,12 @@ class TrainerStage(WindowStage):
             return
 
         def read() -> Iterator[Event]:
-            for record in self.records(items):
-                yield record_to_event(record["event"], self.model_fields, self.masker)
+            fast = self.wire_reader.read
+            for value in items.read():
+                got = fast(value)  # None: not a plain WindowedEvent, or in doubt: the codec's way
+                yield got[1] if got is not None else record_to_event(
+                    codec().decode(value, expected=(self.record_schema,))[1]["event"],
+                    self.model_fields, self.masker)
 
         started = time.monotonic()
         if complete["count"] <= self.config.training.max_chunk_events:
