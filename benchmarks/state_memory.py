@@ -1,23 +1,20 @@
-"""Bounded state: the alerter's memory with many distinct entities, and the windower's bytes per
-buffered event.
+"""Bounded state: the alerter's memory with many distinct entities.
 
 Run: python benchmarks/state_memory.py [--events 200000 --windows 8 --max-entities 100000]
 
 Alerter: each window has ``--events`` scored events, every one from a new user (so 200k new
 entities a window by default, plus 1,000 hosts), judged by the alert engine and saved as the
 alerter stage saves it (write_state through the atomic writer; the kept losses in a scratch file
-beside it, pipeline/losstore.py), in its own process so that peak RSS is
-its own. Printed per window: RSS now, peak RSS so far, histories kept, state file size, seconds.
+beside it, pipeline/losstore.py), in its own process so that peak RSS is its own. Printed per
+window: RSS now, peak RSS so far, histories kept, state file size, seconds.
 With the cap, RSS must be flat once the cap is reached; ``--unbounded`` adds the same run with no
-cap beside it. Windower: tracemalloc bytes per buffered event, for realistic LANL events with
-char token ids. ``--baseline-windower FILE`` measures another windower.py (e.g. an older one from
-``git show``) beside the current one.
+cap beside it. (The windower holds no events any more, only a count per open window: its
+per-event measurement is gone.)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -26,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 
@@ -71,45 +67,6 @@ def alerter_run(events: int, windows: int, max_entities: int) -> list[dict]:
     return rows
 
 
-def windower_bytes_per_event(module_path: Path | None, events: int) -> float:
-    from confluent_kafka import Message
-
-    from pipeline.config import config_from_dict
-    from pipeline.serde import codec
-    from pipeline.windowing import Watermark
-
-    if module_path is None:
-        from pipeline.stages.windower import WindowerStage
-    else:
-        spec = importlib.util.spec_from_file_location("baseline_windower", module_path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        WindowerStage = module.WindowerStage  # noqa: N806
-    names = ["time", "src_user", "dst_user", "src_computer", "dst_computer", "auth_type",
-             "logon_type", "auth_orientation", "success"]
-    values = []
-    for i in range(events):
-        fields = [str(3600 + i), f"U{i % 5000}@DOM1", f"U{i % 5000}@DOM1", f"C{i % 9000}",
-                  f"C{(i * 7) % 9000}", "Kerberos", "Network", "LogOn", "Success"]
-        raw = ",".join(fields)
-        record = {"source": {"topic": "salka.raw", "partition": i % 3, "offset": i}, "line": i + 2,
-                  "event_time": float(fields[0]),
-                  "fields": [{"name": n, "value": v} for n, v in zip(names, fields)],
-                  "token_ids": [1] + [3 + (ord(c) % 90) for c in raw] + [2], "raw": raw}
-        values.append(codec().encode("salka.TokenizedEvent", record))
-    with tempfile.TemporaryDirectory() as tmp:
-        stage = WindowerStage(config_from_dict({"streaming": {"state_dir": tmp}}))
-        stage.watermark = Watermark(2, 0.0)  # partition 1 never reports: nothing closes
-        tracemalloc.start()
-        before = tracemalloc.get_traced_memory()[0]
-        for offset, value in enumerate(values):
-            stage.handle(Message(topic="salka.tokens", partition=0, offset=offset, value=value), None)
-        held = tracemalloc.get_traced_memory()[0] - before
-        tracemalloc.stop()
-        assert sum(len(m) for m in stage.open.values()) == events
-    return held / events
-
-
 def child(args: argparse.Namespace) -> None:
     print(json.dumps(alerter_run(args.events, args.windows, args.max_entities)))
 
@@ -120,8 +77,6 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--max-entities", type=int, default=100_000)
     parser.add_argument("--unbounded", action="store_true", help="also run without a cap")
-    parser.add_argument("--windower-events", type=int, default=20_000)
-    parser.add_argument("--baseline-windower", type=Path, help="another windower.py to compare")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -140,11 +95,6 @@ def main() -> None:
         for row in json.loads(out.strip().splitlines()[-1]):
             print(f"  {row['window']:>6} {row['rss_mb']:>8} {row['peak_rss_mb']:>8} "
                   f"{row['histories']:>10} {row['evicted']:>9} {row['state_mb']:>9} {row['seconds']:>5}")
-    current = windower_bytes_per_event(None, args.windower_events)
-    print(f"windower: {current:.0f} bytes per buffered event ({args.windower_events} events)")
-    if args.baseline_windower:
-        base = windower_bytes_per_event(args.baseline_windower, args.windower_events)
-        print(f"windower baseline {args.baseline_windower}: {base:.0f} bytes per buffered event")
 
 
 if __name__ == "__main__":

@@ -202,6 +202,7 @@ class AlertEngine:
         directory when None)."""
         self.config = config
         self.store = LossStore(directory)  # the entities' kept losses (pipeline/losstore.py)
+        self.kept_losses = 0  # in all histories: what the store holds live
         self.normalise = normalise.entities(config.normalise)  # kinds the score normalises by
         # Insertion order is recency: an entity moves to the end when first seen in a window,
         # so the front holds the least recently seen (evicted first).
@@ -221,6 +222,7 @@ class AlertEngine:
 
     def _keep(self, history: EntityHistory, values: np.ndarray) -> None:
         """Makes ``values`` (float64, oldest first) the entity's kept losses."""
+        self.kept_losses += len(values) - history.count
         history.offset = self.store.append(values)
         history.count = len(values)
         history.median, history.mad = robust_stats(values)
@@ -236,8 +238,7 @@ class AlertEngine:
     def _compact(self) -> None:
         """A fresh store file once the garbage (runs of evicted or since-updated entities)
         outweighs the kept losses: the file stays within about twice what is kept."""
-        live = sum(history.count for history in self.histories.values())
-        if self.store.size > 2 * live + COMPACT_SLACK:
+        if self.store.size > 2 * self.kept_losses + COMPACT_SLACK:
             self.store.compact(self.histories.values())
 
     def closed(self, window: int) -> bool:
@@ -271,7 +272,7 @@ class AlertEngine:
                 break
             victims.append(key)
         for key in victims:
-            del self.histories[key]
+            self.kept_losses -= self.histories.pop(key).count
         self.evicted += len(victims)
 
     def score(self, loss: float, entities: dict[str, str], population_mean: float) -> float:
@@ -600,6 +601,9 @@ def encode_state(engine: AlertEngine, extra: dict) -> bytes:
 
 
 LOSS_CHUNK = 1 << 20  # bytes of kept losses gathered per write of the state file
+# The state's arrays besides the meta and the kept losses, and the numpy dtype kind of each.
+STATE_DTYPES = {"kind": "u", "names": "u", "name_ends": "i", "total": "i", "seen": "i",
+                "count": "i", "grid": "f", "events": "i", "mean": "f", "m2": "f"}
 
 
 def write_state(engine: AlertEngine, extra: dict, handle: BinaryIO) -> None:
@@ -664,13 +668,22 @@ def decode_state(source: bytes | BinaryIO, config: AlertingConfig,
     handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
         with np.load(handle, allow_pickle=False) as npz:  # zip CRCs catch bit rot
+            # write_state stores every entry: a compressed one could claim gigabytes in a few KB
+            if any(info.compress_type != zipfile.ZIP_STORED for info in npz.zip.infolist()):
+                raise StateFormatError("compressed entries (salka writes its state stored)")
             meta = json.loads(npz["meta"].tobytes())
             if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
                 # an older format too: its windows' thresholds and throttles are not there
                 raise StateFormatError(f"not a salka alerter state ({STATE_FORMAT} expected)")
-            arrays = {name: npz[name] for name in ("kind", "names", "name_ends", "total",
-                                                   "seen", "count", "grid", "events",
-                                                   "mean", "m2")}
+            if not (meta["last_window"] is None or type(meta["last_window"]) is int):
+                raise StateFormatError("last_window is not a window number")
+            arrays = {name: npz[name] for name in STATE_DTYPES}
+            for name, kind in STATE_DTYPES.items():
+                if arrays[name].ndim != 1 or arrays[name].dtype.kind != kind:
+                    raise StateFormatError(f"{name}: {arrays[name].dtype} of {arrays[name].ndim} "
+                                           "dimensions where a flat array was expected")
+            if np.any(np.diff(arrays["name_ends"]) < 0) or np.any(arrays["name_ends"] < 0):
+                raise StateFormatError("entity names out of order")
             with npz.zip.open("losses.npy") as losses:
                 engine = _decode_histories(meta, arrays, losses, config, directory)
         if (meta["reference"] is None) != (len(arrays["grid"]) == 0):
@@ -707,16 +720,31 @@ def _decode_histories(meta: dict, arrays: dict[str, np.ndarray], losses: BinaryI
             arrays["seen"].tolist(), arrays["count"].tolist(), arrays["events"].tolist(),
             arrays["mean"].tolist(), arrays["m2"].tolist()):
         value = blob[start:end].decode("utf-8", "surrogatepass")
-        data = losses.read(count * ITEM)
-        if len(data) != count * ITEM:
-            raise StateFormatError("fewer kept losses than counted")
         history = engine.histories[(kinds[kind], value)] = EntityHistory(total, seen, events,
                                                                          mean, m2)
-        engine._keep(history, np.frombuffer(data, dtype=np.float64)[max(0, count - keep):])
+        engine._keep(history, _last_losses(losses, count, keep))
         start = end
     if losses.read(1):  # also makes zipfile check the entry's CRC, at its end
         raise StateFormatError("more kept losses than counted")
     return engine
+
+
+def _last_losses(losses: BinaryIO, count: int, keep: int) -> np.ndarray:
+    """The last ``keep`` of the next ``count`` float64 of ``losses``, read 1 MiB at a time: a
+    state saved with a longer history (or lying about it) costs no more memory than the kept."""
+    if count < 0:
+        raise StateFormatError("a negative count of kept losses")
+    skip = max(0, count - keep) * ITEM
+    while skip:
+        skipped = len(losses.read(min(skip, LOSS_CHUNK)))
+        if not skipped:
+            raise StateFormatError("fewer kept losses than counted")
+        skip -= skipped
+    size = min(count, keep) * ITEM
+    data = losses.read(size)
+    if len(data) != size:
+        raise StateFormatError("fewer kept losses than counted")
+    return np.frombuffer(data, dtype=np.float64)
 
 
 def state_last_window(source: BinaryIO) -> int | None:

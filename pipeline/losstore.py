@@ -21,6 +21,7 @@ with every event until then. Here they live in a scratch file instead:
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from array import array
@@ -125,14 +126,19 @@ class WindowTails:
     def __init__(self, keep: int, directory: str | os.PathLike | None = None):
         self.keep = keep
         self.directory = directory
-        # Per bucket: ident, loss, ident, loss, ... as float64 (idents are exact up to 2**53).
-        self.buffers = [array("d") for _ in range(BUCKETS)]
+        # Per bucket used: ident, loss, ident, loss, ... as float64 (idents are exact up to
+        # 2**53). Made when first used: a small window touches few buckets.
+        self.buffers: dict[int, array] = {}
         self.files: list = [None] * BUCKETS
 
     def buffer(self, ident: int) -> array:
         """Where ``ident``'s pairs go: append ident then loss, and call ``full`` when
         ``len(buffer) >= 2 * FLUSH_PAIRS`` (the caller's loop stays free of method calls)."""
-        return self.buffers[ident & (BUCKETS - 1)]
+        bucket = ident & (BUCKETS - 1)
+        buffer = self.buffers.get(bucket)
+        if buffer is None:
+            buffer = self.buffers[bucket] = array("d")
+        return buffer
 
     def full(self, ident: int) -> None:
         bucket = ident & (BUCKETS - 1)
@@ -147,7 +153,7 @@ class WindowTails:
     def tails(self) -> Iterator[tuple[int, np.ndarray]]:
         """(ident, its last ``keep`` losses of the window, oldest first), every ident with a
         loss, bucket by bucket; the buckets' files are closed as they are read."""
-        for bucket in range(BUCKETS):
+        for bucket in sorted(self.buffers):
             found: dict[int, np.ndarray] = {}
             for pairs in self._chunks(bucket):
                 _reduce(pairs, self.keep, found)
@@ -193,15 +199,21 @@ def _reduce(pairs: np.ndarray, keep: int, found: dict[int, np.ndarray]) -> None:
 
 
 def robust_stats(values: np.ndarray) -> tuple[float, float]:
-    """(median, MAD) of ``values``: the arithmetic of sorting them and taking the middle (the
-    mean of the two middle ones for an even count), so the same floats as before, to the bit."""
+    """(median, MAD) of ``values`` as Python's ``sorted`` and the middle (the mean of the two
+    middle ones for an even count) give them, to the bit: numpy's stable sort keeps -0.0 and 0.0
+    in Python's order; with a NaN or an infinity (a NaN deviation) numpy would sort NaN last
+    where Python's comparisons leave it, so those few go through Python itself."""
     if len(values) == 0:
-        return float("nan"), float("nan")
-    median = _sorted_median(np.sort(values))
-    return median, _sorted_median(np.sort(np.abs(values - median)))
+        return math.nan, math.nan
+    if not np.isfinite(values).all():
+        ordered = sorted(values.tolist())
+        median = _sorted_median(ordered)
+        return median, _sorted_median(sorted(abs(v - median) for v in ordered))
+    median = _sorted_median(np.sort(values, kind="stable"))
+    return median, _sorted_median(np.sort(np.abs(values - median)))  # no -0.0 among these
 
 
-def _sorted_median(ordered: np.ndarray) -> float:
+def _sorted_median(ordered) -> float:
     n = len(ordered)
     mid = n // 2
     return float(ordered[mid]) if n % 2 else (float(ordered[mid - 1]) + float(ordered[mid])) / 2

@@ -12,7 +12,10 @@ sorted numpy array itself, as before; beyond, a ``SortedFile`` that answers the 
 questions (``len``, ``[i]``, ``searchsorted``) from disk, through an in-memory index of every
 ``STRIDE``-th score, so a search costs one 4 KB read.
 
-NaN sorts last, as np.sort puts it.
+NaN sorts last, as np.sort puts it. -0.0 and 0.0 are equal, and a merge of runs may order them
+otherwise than one np.sort of the whole: beyond ``RUN`` scores a zero in the grid or threshold
+may carry the other sign, the same value, with the same decisions (replay and the stage still
+agree: both sort the same way).
 """
 
 from __future__ import annotations
