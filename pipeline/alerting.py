@@ -121,6 +121,7 @@ def alert_record(alert: Alert) -> dict:
 
 
 COMPACT_SLACK = 1 << 16  # losses of garbage (512 KB) the loss store may hold beyond the rule
+GARBAGE_PER_ENTITY = 64  # and losses of garbage per entity (see AlertEngine._compact)
 
 GRID_POINTS = 1001  # losses kept of the reference window, for an alert's percentile (8 KB)
 
@@ -237,8 +238,11 @@ class AlertEngine:
 
     def _compact(self) -> None:
         """A fresh store file once the garbage (runs of evicted or since-updated entities)
-        outweighs the kept losses: the file stays within about twice what is kept."""
-        if self.store.size > 2 * self.kept_losses + COMPACT_SLACK:
+        outweighs the kept losses: the file stays within about twice what is kept. Copying costs
+        a read per entity, so each entity also allows 64 losses of garbage (512 B on disk): with
+        many entities and short histories, compactions stay rare per window."""
+        runs = len(self.histories)
+        if self.store.size > 2 * self.kept_losses + COMPACT_SLACK + GARBAGE_PER_ENTITY * runs:
             self.store.compact(self.histories.values())
 
     def closed(self, window: int) -> bool:

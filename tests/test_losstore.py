@@ -91,6 +91,7 @@ def test_the_engines_scratch_file_stays_within_twice_what_it_keeps(tmp_path, mon
     the file holds at most twice the kept losses (no slack, so compaction runs often), and each
     entity's kept losses are still its last ``history`` ones."""
     monkeypatch.setattr(alerting, "COMPACT_SLACK", 0)
+    monkeypatch.setattr(alerting, "GARBAGE_PER_ENTITY", 0)
     config = AlertingConfig(history=20, min_history=5, max_entities=60, entity_ttl_windows=2,
                             normalise=[])
     engine = AlertEngine(config, str(tmp_path))
