@@ -83,14 +83,6 @@ class EntityHistory:
         return Moments(self.total_events, self.mean, self.m2)
 
 
-def _median(values: list[float]) -> float:
-    n = len(values)
-    if n == 0:
-        return math.nan
-    mid = n // 2
-    return values[mid] if n % 2 else (values[mid - 1] + values[mid]) / 2
-
-
 def entity_keys(entities: dict[str, str]) -> list[tuple[str, str]]:
     """(kind, value) for each non-empty entity, plus the src->dst host pair when both exist."""
     keys = [(kind, value) for kind, value in entities.items() if value]
@@ -395,12 +387,12 @@ class AlertEngine:
         # an event): the same arithmetic, so the same percentiles to the bit. The last read
         # scores each event again (the histories do not change here, so the same score) rather
         # than keep the unsorted order too.
-        ordered = sorter.sorted()
-        # A score under the lowest one the percentile flags is a member of the window ranked
-        # below window_percentile: only the others (and entity verdicts) need their rank.
-        lowest = lowest_flagged(ordered, self.config.window_percentile)
         candidates = []
         try:
+            ordered = sorter.sorted()
+            # A score under the lowest one the percentile flags is a member of the window
+            # ranked below window_percentile: only the others (and entity verdicts) need a rank.
+            lowest = lowest_flagged(ordered, self.config.window_percentile)
             for record in read():
                 if record["loss"] is None:
                     continue
@@ -416,8 +408,7 @@ class AlertEngine:
                 if reasons:
                     candidates.append(Alert(record, percentile, reasons, stats, score))
         finally:
-            if isinstance(ordered, SortedFile):
-                ordered.close()
+            sorter.close()
         counts = self.throttle.setdefault(window, {})
         return [alert for alert in sorted(candidates, key=lambda a: (-a.score,
                                                                       event_order(a.record)))
@@ -508,17 +499,15 @@ class AlertEngine:
             if keep:
                 for ident, tail in tails.tails():
                     self._join(touched[ident], tail)
+            del touched
+            self._evict(window)
+            self._compact()
+            if len(scores):
+                self.reference = Reference.from_sorted(
+                    window, scores.sorted(), self.config.window_percentile, own.mean)
         finally:
             tails.close()
-        del touched
-        self._evict(window)
-        self._compact()
-        if len(scores):
-            ordered = scores.sorted()
-            self.reference = Reference.from_sorted(window, ordered, self.config.window_percentile,
-                                                   own.mean)
-            if isinstance(ordered, SortedFile):
-                ordered.close()
+            scores.close()
         self.last_window = window
         for table in (self.throttle, self.alerted):
             for w in [w for w in table if w <= window]:
@@ -675,12 +664,7 @@ def decode_state(source: bytes | BinaryIO, config: AlertingConfig,
             # write_state stores every entry: a compressed one could claim gigabytes in a few KB
             if any(info.compress_type != zipfile.ZIP_STORED for info in npz.zip.infolist()):
                 raise StateFormatError("compressed entries (salka writes its state stored)")
-            meta = json.loads(npz["meta"].tobytes())
-            if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
-                # an older format too: its windows' thresholds and throttles are not there
-                raise StateFormatError(f"not a salka alerter state ({STATE_FORMAT} expected)")
-            if not (meta["last_window"] is None or type(meta["last_window"]) is int):
-                raise StateFormatError("last_window is not a window number")
+            meta = _state_meta(npz)
             arrays = {name: npz[name] for name in STATE_DTYPES}
             for name, kind in STATE_DTYPES.items():
                 if arrays[name].ndim != 1 or arrays[name].dtype.kind != kind:
@@ -751,16 +735,26 @@ def _last_losses(losses: BinaryIO, count: int, keep: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.float64)
 
 
+def _state_meta(npz) -> dict:
+    """A state's JSON metadata, checked: this format, a window number (or None) judged last."""
+    meta = json.loads(npz["meta"].tobytes())
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        # an older format too: its windows' thresholds and throttles are not there
+        raise StateFormatError(f"not a salka alerter state ({STATE_FORMAT} expected)")
+    if not (meta["last_window"] is None or type(meta["last_window"]) is int):
+        raise StateFormatError("last_window is not a window number")
+    return meta
+
+
 def state_last_window(source: BinaryIO) -> int | None:
     """The last window judged, from a state file's small metadata alone (not its histories)."""
     try:
         with np.load(source, allow_pickle=False) as npz:
-            meta = json.loads(npz["meta"].tobytes())
+            return _state_meta(npz)["last_window"]
+    except StateFormatError:
+        raise
     except Exception as exc:  # as decode_state
         raise StateFormatError(f"{exc.__class__.__name__}: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
-        raise StateFormatError(f"not a salka alerter state ({STATE_FORMAT} expected)")
-    return meta["last_window"]
 
 
 def row_to_record(row: ScoreRow, raw: str = "") -> dict:

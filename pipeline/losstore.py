@@ -51,9 +51,7 @@ class LossStore:
 
     def _fd(self) -> int:
         if self._file is None:
-            if self.directory is not None:
-                os.makedirs(self.directory, exist_ok=True)
-            self._file = tempfile.TemporaryFile(dir=self.directory)
+            self._file = scratch_file(self.directory)
         return self._file.fileno()
 
     def append(self, values: np.ndarray | bytes) -> int:
@@ -68,10 +66,7 @@ class LossStore:
     def read_bytes(self, offset: int, count: int) -> bytes:
         if count == 0:
             return b""
-        data = os.pread(self._fd(), count * ITEM, offset * ITEM)
-        if len(data) != count * ITEM:
-            raise OSError(f"loss store: short read at {offset} ({len(data)} of {count * ITEM} bytes)")
-        return data
+        return read_exactly(self._fd(), count * ITEM, offset * ITEM)
 
     def read(self, offset: int, count: int) -> np.ndarray:
         return np.frombuffer(self.read_bytes(offset, count), dtype=np.float64)
@@ -85,7 +80,7 @@ class LossStore:
         for run in runs:
             start = self.size + len(chunk) // ITEM  # where it lands once the chunk is written
             if old is not None and run.count:
-                chunk += _pread_all(old.fileno(), run.count * ITEM, run.offset * ITEM)
+                chunk += read_exactly(old.fileno(), run.count * ITEM, run.offset * ITEM)
             run.offset = start
             if len(chunk) >= COPY_CHUNK:
                 self.append(bytes(chunk))
@@ -106,11 +101,21 @@ def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
         data, position = data[written:], position + written
 
 
-def _pread_all(fd: int, size: int, position: int) -> bytes:
+def read_exactly(fd: int, size: int, position: int) -> bytes:
+    """``size`` bytes of a scratch file at byte ``position`` (os.pread: the page cache holds
+    them, not the process); OSError if the file ends before."""
     data = os.pread(fd, size, position)
     if len(data) != size:
-        raise OSError(f"loss store: short read at byte {position}")
+        raise OSError(f"scratch file: short read of {size} bytes at byte {position}")
     return data
+
+
+def scratch_file(directory: str | os.PathLike | None):
+    """An anonymous temporary file in ``directory`` (made if missing; the system's temporary
+    directory when None): gone when closed or when the process ends."""
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+    return tempfile.TemporaryFile(dir=directory)
 
 
 BUCKETS = 64  # power of two: a pair's bucket is ident & (BUCKETS - 1)
@@ -143,9 +148,7 @@ class WindowTails:
     def full(self, ident: int) -> None:
         bucket = ident & (BUCKETS - 1)
         if self.files[bucket] is None:
-            if self.directory is not None:
-                os.makedirs(self.directory, exist_ok=True)
-            self.files[bucket] = tempfile.TemporaryFile(dir=self.directory)
+            self.files[bucket] = scratch_file(self.directory)
         buffer = self.buffers[bucket]
         self.files[bucket].write(buffer)
         del buffer[:]

@@ -21,16 +21,16 @@ agree: both sort the same way).
 from __future__ import annotations
 
 import os
-import tempfile
 from array import array
 
 import numpy as np
+
+from pipeline.losstore import ITEM, read_exactly, scratch_file
 
 RUN = 1 << 18  # scores sorted in memory at once (2 MB); a window up to this many stays there
 STRIDE = 512  # scores per index entry of a SortedFile: a search reads 4 KB
 MERGE_BYTES = 2 << 20  # the merge's blocks, all runs together (and about as much sorted)
 MIN_BLOCK = 4096  # scores a run's block holds at least: past 64 runs (16M scores) blocks add up
-ITEM = 8
 
 
 class SortedFile:
@@ -49,10 +49,7 @@ class SortedFile:
         return self.count
 
     def _read(self, start: int, stop: int) -> np.ndarray:
-        size = (stop - start) * ITEM
-        data = os.pread(self._file.fileno(), size, start * ITEM)
-        if len(data) != size:
-            raise OSError(f"sorted scores: short read at {start}")
+        data = read_exactly(self._file.fileno(), (stop - start) * ITEM, start * ITEM)
         return np.frombuffer(data, dtype=np.float64)
 
     def __getitem__(self, key):
@@ -75,7 +72,8 @@ class SortedFile:
 
 
 class ScoreSorter:
-    """Scores added one by one (``add``), then ``sorted()`` once."""
+    """Scores added one by one (``add``), then ``sorted()`` once; ``close()`` when done with
+    them (it closes the scratch files, the sorted one included)."""
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = directory
@@ -84,6 +82,7 @@ class ScoreSorter:
         self._runs: list[tuple[int, int]] = []  # (start, count) of each sorted run, NaN apart
         self._nans = 0
         self._written = 0
+        self._sorted: SortedFile | None = None
 
     def __len__(self) -> int:
         return self._written + self._nans + len(self.buffer)
@@ -93,18 +92,13 @@ class ScoreSorter:
         if len(self.buffer) >= RUN:
             self.spill()
 
-    def _scratch(self):
-        if self.directory is not None:
-            os.makedirs(self.directory, exist_ok=True)
-        return tempfile.TemporaryFile(dir=self.directory)
-
     def spill(self) -> None:
         run = np.frombuffer(self.buffer, dtype=np.float64)
         run.sort()  # in place: the buffer is not copied
         finite = int(np.searchsorted(np.isnan(run), True))  # NaN sorts last: the first of them
         self._nans += len(run) - finite
         if self._runs_file is None:
-            self._runs_file = self._scratch()
+            self._runs_file = scratch_file(self.directory)
         self._runs_file.seek(self._written * ITEM)
         self._runs_file.write(run[:finite].tobytes())
         self._runs.append((self._written, finite))
@@ -122,15 +116,25 @@ class ScoreSorter:
         if self.buffer:
             self.spill()
         self._runs_file.flush()  # the merge reads it with os.pread
-        out = self._scratch()
+        out = scratch_file(self.directory)
         try:
             _merge(self._runs_file, self._runs, out)
             out.write(np.full(self._nans, np.nan).tobytes())
             out.flush()
+        except BaseException:
+            out.close()
+            raise
         finally:
             self._runs_file.close()
             self._runs_file = None
-        return SortedFile(out, self._written + self._nans)
+        self._sorted = SortedFile(out, self._written + self._nans)
+        return self._sorted
+
+    def close(self) -> None:
+        for handle in (self._runs_file, self._sorted):
+            if handle is not None:
+                handle.close()
+        self._runs_file = self._sorted = None
 
 
 def _merge(runs_file, runs: list[tuple[int, int]], out) -> None:
@@ -140,7 +144,8 @@ def _merge(runs_file, runs: list[tuple[int, int]], out) -> None:
 
     def load(start: int, end: int) -> np.ndarray:
         stop = min(end, start + block)
-        return np.frombuffer(os.pread(fd, (stop - start) * ITEM, start * ITEM), dtype=np.float64)
+        return np.frombuffer(read_exactly(fd, (stop - start) * ITEM, start * ITEM),
+                             dtype=np.float64)
 
     # Per run: its loaded block, where the next block starts, where the run ends.
     heads = [[load(start, start + count), start + min(block, count), start + count]

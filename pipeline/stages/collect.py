@@ -225,7 +225,11 @@ class WindowStage(BaseStage):
         """A handed-over window's records in event order, decoded again (they were checked
         when first read)."""
         for value in items.read():
-            yield codec().decode(value, expected=(self.record_schema,))[1]
+            yield self.record(value)
+
+    def record(self, value: bytes) -> dict:
+        """One value of a handed-over window decoded again."""
+        return codec().decode(value, expected=(self.record_schema,))[1]
 
     def already_done(self, window: int) -> bool:
         """A window handled before (re-emitted or redelivered): skipped, counted in ``skipped``."""

@@ -34,7 +34,6 @@ from pipeline.parsing import Event, LineParser
 from pipeline.progress import training_logger
 from pipeline.runner import Output
 from pipeline.scorewire import WindowedEventReader
-from pipeline.serde import codec
 from pipeline.sessions import SessionScore
 from pipeline.spill import SpilledWindow
 from pipeline.stages.collect import WindowStage
@@ -142,8 +141,7 @@ class TrainerStage(WindowStage):
             for value in items.read():
                 got = fast(value)  # None: not a plain WindowedEvent, or in doubt: the codec's way
                 yield got[1] if got is not None else record_to_event(
-                    codec().decode(value, expected=(self.record_schema,))[1]["event"],
-                    self.model_fields, self.masker)
+                    self.record(value)["event"], self.model_fields, self.masker)
 
         started = time.monotonic()
         if complete["count"] <= self.config.training.max_chunk_events:
