@@ -17,14 +17,31 @@ def pad_batch(seqs: Sequence[Sequence[int]], pin_memory: bool = False) -> torch.
     """(B, T) LongTensor, right-padded with PAD to the longest sequence. ``pin_memory``: in
     page-locked memory, so that a ``non_blocking`` copy to a GPU does not stall the host.
 
-    One pass over the ids in C (np.fromiter), one vectorised assignment: a tensor per row cost
-    ~15 us each, which at GPU batch sizes (4096) kept the GPU waiting for the host."""
+    One pass over the ids in C, one vectorised assignment: a tensor per row cost ~15 us each,
+    which at GPU batch sizes (4096) kept the GPU waiting for the host."""
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
+    flat = _flat_ids(seqs, int(lengths.sum()))
     T = int(lengths.max())
     out = torch.full((len(seqs), T), PAD, dtype=torch.long, pin_memory=pin_memory)
     out.numpy()[np.arange(T) < lengths[:, None]] = flat  # the mask is row-major, as flat is
     return out
+
+
+def _flat_ids(seqs: Sequence[Sequence[int]], total: int) -> np.ndarray:
+    """Every id, row after row. Lists and tuples of ids in 0..255 (a char tokenizer's, without
+    entity context) go through ``bytes``, which packs them in C at about half the cost of
+    np.fromiter over Python ints (0.75 against 1.5 us a 58-token event): on a GPU that host work
+    is what the device waits for. Anything else (larger or negative ids, arrays: ``bytes`` of an
+    array would copy its raw memory) takes np.fromiter."""
+    if all(type(row) is list or type(row) is tuple for row in seqs):
+        try:
+            packed = b"".join(map(bytes, seqs))
+        except (ValueError, TypeError):  # an id outside 0..255, or not an int
+            pass
+        else:
+            if len(packed) == total:
+                return np.frombuffer(packed, dtype=np.uint8)
+    return np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
 
 
 def token_losses(model: torch.nn.Module, seq: torch.Tensor,

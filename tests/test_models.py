@@ -7,6 +7,7 @@ import io
 import pickle
 import random
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -422,6 +423,27 @@ def test_pad_batch_equals_the_per_row_reference_on_ragged_input():
         got, want = pad_batch(seqs), reference_pad_batch(seqs)
         assert got.dtype == torch.long and got.shape == want.shape and torch.equal(got, want), trial
         assert (got[:, -1] != PAD).any()  # control: padded to the longest row, no wider
+
+
+@pytest.mark.parametrize("ids", ["char", "word", "context", "numpy", "mixed", "late_big"])
+def test_pad_batch_equals_the_reference_on_every_kind_of_id(ids):
+    """pad_batch packs lists of ids in 0..255 through bytes; everything else must take the general
+    path and give the same batch (bytes of an int64 array would be its raw memory, 8 ids a row id)."""
+    rng = random.Random(7)
+    seqs = [[rng.randrange(N_SPECIAL, 256) for _ in range(rng.randrange(1, 40))] for _ in range(50)]
+    if ids == "word":
+        seqs = [[rng.randrange(N_SPECIAL, 5000) for _ in s] for s in seqs]
+    elif ids == "context":  # entity context: negative ids before the event
+        seqs = [[-rng.randrange(1, 9), *s] for s in seqs]
+    elif ids == "numpy":
+        seqs = [np.array(s, dtype=np.int64) for s in seqs]
+    elif ids == "mixed":
+        seqs = [np.array(s, dtype=np.int64) if i % 2 else s for i, s in enumerate(seqs)]
+    elif ids == "late_big":  # every id small but one in the last row
+        seqs[-1][-1] = 256
+    got, want = pad_batch(seqs), reference_pad_batch(seqs)
+    assert got.dtype == torch.long and torch.equal(got, want)
+    assert int(got.max()) == max(int(max(s)) for s in seqs)  # control: the ids, not their bytes
 
 
 @pytest.mark.parametrize("kind", ALL)
