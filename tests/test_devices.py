@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from nn.device import autocast, resolve_device, to_cpu
 from nn.scoring import score_sequences
+from nn.tokenizers import BOS, EOS
 from nn.training import build_model, load_checkpoint, make_optimizer, train_sequences
 from pipeline.cli import cli
 from pipeline.compute import default_threads, score_batch_size, thread_count, training_device
@@ -164,6 +165,27 @@ def test_cuda_batches_score_and_train_like_the_cpu(kind):
         results[device] = train_sequences(model, optimizer, seqs, epochs=2, batch_size=16, grad_clip=1.0,
                                           seed=1, device=torch.device(device))
     assert results["cuda"] == pytest.approx(results["cpu"], abs=1e-4)
+
+
+@needs_gpu
+def test_cuda_training_skips_the_same_empty_batches_as_the_cpu():
+    """Batches with nothing to predict (BOS EOS rows for a bidirectional model) are skipped on
+    the GPU as on the CPU, with the next batch padded ahead: same batches, same mean loss."""
+    args = {"kind": "rnn", "vocab_size": 32, "hidden_size": 16, "bidirectional": True}
+    seqs = [seq if i % 2 else [BOS, EOS] for i, seq in enumerate(_sequences(48))]
+    results, progress = {}, {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = build_model(args).to(device)
+        optimizer = make_optimizer(model, 3e-3, 0.0)
+        progress[device] = []
+        results[device] = train_sequences(
+            model, optimizer, seqs, epochs=2, batch_size=2, grad_clip=1.0, seed=1,
+            device=torch.device(device), on_batch=lambda *step, seen=progress[device]: seen.append(step))
+    assert results["cuda"] == pytest.approx(results["cpu"], abs=1e-4)
+    assert progress["cuda"] == progress["cpu"] and len(progress["cpu"]) == 2 * 24
+    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(1)).tolist()
+    assert any(order[i] % 2 == order[i + 1] % 2 == 0 for i in range(0, 48, 2))  # control: a skip
 
 
 def _sequences(n: int = 96) -> list[list[int]]:
