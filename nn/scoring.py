@@ -14,7 +14,8 @@ from nn.tokenizers import PAD
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pin_memory: bool = False) -> torch.Tensor:
-    """(B, T) LongTensor, right-padded with PAD to the longest sequence. ``pin_memory``: in
+    """(B, T) LongTensor, right-padded with PAD to the longest sequence (ids: ints, or objects
+    whose ``int()`` and ``__index__`` agree, as numpy's and torch's do). ``pin_memory``: in
     page-locked memory, so that a ``non_blocking`` copy to a GPU does not stall the host.
 
     One pass over the ids in C, one vectorised assignment: a tensor per row cost ~15 us each,
