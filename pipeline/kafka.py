@@ -5,6 +5,7 @@ set itself (group id, offset handling). Secrets are never logged."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -19,6 +20,25 @@ log = logging.getLogger(__name__)
 # librdkafka repeats a connection error on every reconnect (~20 lines/s while a broker is down).
 LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 LIBRDKAFKA_LOG.addFilter(RepeatFilter())
+
+
+class SharedSectionFilter(logging.Filter):
+    """Drops librdkafka's CONFWARN that a producer property is ignored by a consumer (or the
+    reverse): the one ``kafka:`` section configures every client, so a user's ``linger.ms`` or
+    ``fetch.wait.max.ms`` is meant for the other kind, and each stage would otherwise start with
+    such a line. Other CONFWARN lines (a deprecated or unused property) still show."""
+
+    IGNORED = re.compile(r"is an? (producer|consumer) property and will be ignored by this "
+                         r"(consumer|producer) instance")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if not args or str(args[0]) != "CONFWARN":
+            return True
+        return self.IGNORED.search(str(args[-1])) is None
+
+
+LIBRDKAFKA_LOG.addFilter(SharedSectionFilter())
 
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "auto.offset.reset": "earliest",

@@ -12,6 +12,7 @@ from helpers import stream_config
 
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.kafka import (
+    LIBRDKAFKA_LOG,
     DeliveryTracker,
     consumer_config,
     make_consumer,
@@ -170,3 +171,48 @@ def test_a_kafka_setting_librdkafka_refuses_is_one_config_line_not_a_traceback()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [next(line for line in proc.stderr.splitlines()
                                                      if line.startswith("Error: kafka: "))]
+
+
+def _librdkafka_lines(client, caplog) -> list[str]:
+    """What the client logged through salka's librdkafka logger, polled until its refused
+    connection is among it (poll serves the lines) or 5 s passed."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        client.poll(0.1)
+        lines = [r.getMessage() for r in caplog.records if r.name == "librdkafka"]
+        if any(line.startswith("FAIL") for line in lines):
+            break
+    return lines
+
+
+def test_a_property_for_the_other_client_kind_is_not_warned_about(caplog):
+    """One kafka: section serves producers and consumers: librdkafka's "is a producer property
+    and will be ignored by this consumer instance" (and the reverse) is noise there; a CONFWARN
+    of another kind still shows. Unreachable bootstrap: the lines come at creation."""
+    caplog.set_level("DEBUG", logger="librdkafka")
+
+    def config(port: int):  # a broker each: one refused connection line per broker gets through
+        return config_from_dict({"kafka": {"bootstrap.servers": f"127.0.0.1:{port}", "linger.ms": 7,
+                                           "fetch.wait.max.ms": 40}})
+
+    consumer = make_consumer(config(1), "confwarn")
+    try:
+        consumer_lines = _librdkafka_lines(consumer, caplog)
+    finally:
+        consumer.close()
+    caplog.clear()
+    producer = make_producer(config(2))
+    producer_lines = _librdkafka_lines(producer, caplog)
+    producer.flush(0)
+    for lines in (consumer_lines, producer_lines):
+        assert lines  # control: librdkafka's lines do come through (the refused connection)
+        assert not [line for line in lines if "will be ignored by this" in line], lines
+    # A CONFWARN that is not about the other kind of client passes the filter.
+    record = LIBRDKAFKA_LOG.makeRecord("librdkafka", 30, __file__, 1, "%s [%s] %s",
+                                       ("CONFWARN", "rdkafka#producer-1",
+                                        "[thrd:app]: Configuration property x is deprecated"), None)
+    ignored = LIBRDKAFKA_LOG.makeRecord("librdkafka", 30, __file__, 1, "%s [%s] %s",
+                                        ("CONFWARN", "rdkafka#producer-1", "[thrd:app]: Configuration "
+                                         "property fetch.wait.max.ms is a consumer property and will "
+                                         "be ignored by this producer instance"), None)
+    assert LIBRDKAFKA_LOG.filter(record) and not LIBRDKAFKA_LOG.filter(ignored)
