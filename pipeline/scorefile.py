@@ -66,6 +66,13 @@ def format_loss(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
 
 
+def stored_loss(value: float | None) -> float | None:
+    """A loss as every score file (replay's output, the archive) keeps it and reads it back.
+    The alerter stage judges these, so that it decides exactly as ``pipeline alerts`` over the
+    archive: a full double a few 1e-7 below a threshold could otherwise be flagged there only."""
+    return None if value is None else float(format_loss(value))
+
+
 def write_rows(path: str | Path, columns: list[str], rows: Iterable[list[str]]) -> int:
     count = 0
     # mtime=0: the same rows always give the same bytes, so rewriting a file after a redelivery

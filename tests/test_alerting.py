@@ -15,7 +15,7 @@ from pipeline.alerting import AlertEngine, StateFormatError, alerts_from_rows, d
 from pipeline.config import AlertingConfig
 from pipeline.demo import StageProcesses
 from pipeline.kafka import make_producer
-from pipeline.scorefile import parse_row
+from pipeline.scorefile import parse_row, stored_loss
 from pipeline.serde import codec
 from pipeline.stages.alerter import judged_through
 
@@ -408,8 +408,8 @@ def test_alerter_stage_keeps_its_history_across_a_restart(kafka_bootstrap, tmp_p
     assert [(name, r["line"]) for name, r in alerts] == [("salka.Alert", 3005)]
     assert any("user U4: robust z" in reason for reason in alerts[0][1]["reasons"])
     engine = AlertEngine(replace(config.alerting))
-    for w in range(4):
-        engine.judge_window(w, windows[w])
+    for w in range(4):  # the losses as the stage judges them: as score files keep them
+        engine.judge_window(w, [{**r, "loss": stored_loss(r["loss"])} for r in windows[w]])
     assert decode_state(state.read_bytes(), config.alerting)[0].state() == engine.state()
 
 

@@ -30,7 +30,7 @@ from pipeline.config import Config, config_from_dict
 from pipeline.learner import WindowLearner
 from pipeline.modelstore import announcement_key, load
 from pipeline.parsing import LineParser
-from pipeline.scorefile import read_scores, score_columns, write_rows
+from pipeline.scorefile import format_loss, read_scores, score_columns, write_rows
 from pipeline.serde import codec
 from pipeline.stages.alerter import AlerterStage
 from pipeline.stages.archiver import ArchiverStage
@@ -546,10 +546,10 @@ def alert_windows(rng: random.Random, n_windows: int = 6, size: int = 60) -> dic
 
 
 def write_scores_file(path, config: Config, windows: dict[int, list[dict]]) -> None:
-    """The same scores as a scores file (losses with full precision, so nothing rounds)."""
+    """The same scores as a scores file, losses written as replay and the archiver write them."""
     write_rows(path, score_columns(config), (
         [str(r["line"]), repr(r["event_time"]), str(w), *(r["entities"][e] for e in config.input.entities),
-         "" if r["loss"] is None else repr(r["loss"]), ""]
+         format_loss(r["loss"]), ""]
         for w, records in windows.items() for r in records))
 
 
@@ -657,6 +657,25 @@ def test_alerter_fed_in_event_order_alerts_exactly_as_offline(tmp_path):
     assert [line for w, line, _, _ in got if line in attack_lines] == \
            [r["line"] for r in attacks[:3]]  # first come first served: the first three
     assert {w for w, *_ in got} >= {0, 3, 4, 5}
+
+
+def test_alerter_judges_losses_as_the_archive_keeps_them(tmp_path):
+    """A loss 3e-7 below the threshold is below it as a double, equal to it in a score file (6
+    decimals): the stage must decide as ``pipeline alerts`` over the archive does."""
+    config = make_config(tmp_path, alerting={"window_percentile": 99.0, "min_history": 1000,
+                                             "normalise": []})
+    windows = alert_windows(random.Random(24), n_windows=3)
+    for records in windows.values():
+        for r in records:
+            if r["loss"] is not None:
+                r["loss"] = min(r["loss"], 1.5)
+    windows[1][5]["loss"] = 2.0000004  # window 1's highest: window 2's threshold (2.000000 stored)
+    windows[2][7]["loss"] = 2.0000001  # below it as a double, the same once stored
+    out = RecordingOutput()
+    drive(AlerterStage(config), in_event_order(config, windows), out)
+    got = sent_alerts(out, config)
+    assert got == offline_alerts(tmp_path, config, windows)
+    assert windows[2][7]["line"] in {line for w, line, _, _ in got if w == 2}  # control: the tie
 
 
 def test_alerter_judges_the_first_scored_window_whole_at_its_completion(tmp_path):

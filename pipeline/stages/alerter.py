@@ -7,7 +7,9 @@ it waits in memory (as many as the scorers are ahead) until they close. Until so
 losses there is no threshold to judge by: the first window with losses is judged whole when it
 completes. Each window's scores wait on disk (pipeline/spill.py) until its completion record and
 all of them are there; then it is closed: their losses join the entity histories and give the
-next windows' threshold (pipeline/alerting.py).
+next windows' threshold (pipeline/alerting.py). Losses are judged as score files keep them (6
+decimals, pipeline/scorefile.py ``stored_loss``), so that the stage decides as ``pipeline alerts``
+over the archive does, to the last digit.
 
 The per-entity history (bounded: see pipeline/alerting.py; its kept losses in a scratch file,
 pipeline/losstore.py) is saved in a compact binary state file
@@ -40,6 +42,7 @@ from pipeline.alerting import (
 from pipeline.atomic import atomic_write, quarantine
 from pipeline.config import Config
 from pipeline.runner import Output
+from pipeline.scorefile import stored_loss
 from pipeline.spill import SpilledWindow
 from pipeline.stages.collect import WindowStage, spill_directory
 from pipeline.windowing import event_order
@@ -97,6 +100,7 @@ class AlerterStage(WindowStage):
     def item(self, record: dict, msg: Message) -> tuple[tuple, tuple] | None:
         if record["late"]:  # its window was closed without it
             return None
+        record["loss"] = stored_loss(record["loss"])
         window = record["window"]
         if record["loss"] is not None:
             if self.ready(window):
@@ -107,6 +111,12 @@ class AlerterStage(WindowStage):
             else:  # no threshold yet: judged from disk when its window completes
                 self.unjudged.add(window)
         return super().item(record, msg)  # what closing the window reads back
+
+    def record(self, value: bytes) -> dict:
+        """A closing window's score read back: its loss as the archive keeps it, as on arrival."""
+        record = super().record(value)
+        record["loss"] = stored_loss(record["loss"])
+        return record
 
     def _judge(self, window: int, record: dict) -> None:
         alert = self.engine.judge_event(window, record)
