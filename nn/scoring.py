@@ -35,13 +35,10 @@ def _flat_ids(seqs: Sequence[Sequence[int]], total: int) -> np.ndarray:
     is what the device waits for. Anything else (larger or negative ids, arrays: ``bytes`` of an
     array would copy its raw memory) takes np.fromiter."""
     if all(type(row) is list or type(row) is tuple for row in seqs):
-        try:
-            packed = b"".join(map(bytes, seqs))
+        try:  # a list's or tuple's bytes() is one byte an id: ``total`` of them
+            return np.frombuffer(b"".join(map(bytes, seqs)), dtype=np.uint8)
         except (ValueError, TypeError):  # an id outside 0..255, or not an int
             pass
-        else:
-            if len(packed) == total:
-                return np.frombuffer(packed, dtype=np.uint8)
     return np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
 
 

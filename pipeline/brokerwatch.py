@@ -67,11 +67,18 @@ def is_unreachable(exc: KafkaException) -> bool:
     return isinstance(err, KafkaError) and err.code() in UNREACHABLE_CODES
 
 
-class RepeatFilter(logging.Filter):
-    """Lets one librdkafka connection-error line through per broker and ``every`` seconds.
+def librdkafka_line(record: logging.LogRecord) -> tuple[str, str]:
+    """(facility, text) of a librdkafka log record: confluent-kafka logs
+    ``"%s [%s] %s" % (facility, client, text)``."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    if not args:
+        return "", record.getMessage()
+    return str(args[0]), str(args[-1])
 
-    confluent-kafka logs ``"%s [%s] %s" % (facility, client, text)``; FAIL / ERROR facilities
-    repeat on every reconnect attempt while a broker is down."""
+
+class RepeatFilter(logging.Filter):
+    """Lets one librdkafka connection-error line through per broker and ``every`` seconds:
+    FAIL / ERROR facilities repeat on every reconnect attempt while a broker is down."""
 
     def __init__(self, every: float = LOG_REPEAT_SECONDS):
         super().__init__()
@@ -79,11 +86,9 @@ class RepeatFilter(logging.Filter):
         self._last: dict[str, float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args if isinstance(record.args, tuple) else ()
-        facility = str(args[0]) if args else ""
+        facility, text = librdkafka_line(record)
         if facility not in ("FAIL", "ERROR"):
             return True
-        text = str(args[-1]) if args else record.getMessage()
         key = f"{facility}:{text.split(']', 1)[0]}"  # "[thrd:host:port/id]" names the broker
         now = time.monotonic()
         if now - self._last.get(key, -self.every) < self.every:

@@ -12,7 +12,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from pipeline.brokerwatch import RepeatFilter, require_broker
+from pipeline.brokerwatch import RepeatFilter, librdkafka_line, require_broker
 from pipeline.config import Config, ConfigError
 from pipeline.logs import redact
 
@@ -32,10 +32,8 @@ class SharedSectionFilter(logging.Filter):
                          r"(consumer|producer) instance")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args if isinstance(record.args, tuple) else ()
-        if not args or str(args[0]) != "CONFWARN":
-            return True
-        return self.IGNORED.search(str(args[-1])) is None
+        facility, text = librdkafka_line(record)
+        return facility != "CONFWARN" or self.IGNORED.search(text) is None
 
 
 LIBRDKAFKA_LOG.addFilter(SharedSectionFilter())
