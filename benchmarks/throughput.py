@@ -13,7 +13,9 @@ every model. Then, with no stage running:
 (a) one scorer process (a fresh group and scores topic) scores every event already in the windows
     topic, the models announced: events / (its last score's timestamp - its assignment), against
     ``WindowLearner.score`` (the learner modelstore.load gives) called once per window on the same events in
-    this process, with the same models. Goal >= 0.9x.
+    this process, with the same models. Goal >= 0.9x. Also against scoring the same log offline as
+    ``pipeline replay`` does it: parse its lines into Events, then the same score calls (the
+    in-memory side above starts from Events decoded before the clock starts).
 (b) nn/training.py ``train_sequences`` (and WindowLearner.train, what the trainer stage calls) vs
     a minimal loop (pad, forward, backward, clip, step; same model, seed, batches and AdamW) on
     the largest window. Goal >= 0.8x. The trainer stage's own per-window figure is printed too.
@@ -158,6 +160,31 @@ def offline_scoring(config: Config, windows: dict[int, list],
         cpu_s += time.process_time() - cpu
         assert len(scores) == len(events)
     return score_s, load_s, cpu_s
+
+
+def offline_from_log(config: Config, log: Path, models: list[dict]) -> tuple[float, float, int]:
+    """(seconds, CPU seconds, events) of ``pipeline replay``'s way to the same scores: parse the
+    log's lines into Events (pipeline.replay.parse_file: parse, mask, window), then one
+    ``WindowLearner.score`` call per window with the same models (loading them not counted)."""
+    from pipeline.modelstore import load
+    from pipeline.replay import parse_file
+    from pipeline.stages.scorer import ModelIndex
+
+    index = ModelIndex()
+    for record in models:
+        index.add(record)
+    start, cpu = time.perf_counter(), time.process_time()
+    windows, _ = parse_file(log, config)
+    took, cpu_s = time.perf_counter() - start, time.process_time() - cpu
+    count = 0
+    for window, events in sorted(windows.items()):
+        model = load(config, index.find(window))
+        start, cpu = time.perf_counter(), time.process_time()
+        model.score(window, events)
+        took += time.perf_counter() - start
+        cpu_s += time.process_time() - cpu
+        count += len(events)
+    return took, cpu_s, count
 
 
 def scorer_stage(base: Config, filled: Config, work: Path, bootstrap: str,
@@ -369,11 +396,12 @@ def main() -> None:
             # the scorer of this tree and, with --baseline, of that tree: each its own side
             trees = {"": None, **({f" (baseline {args.baseline})": args.baseline} if args.baseline else {})}
             sides = ["offline", *trees]
-            offline, stage = [], {name: [] for name in trees}
+            offline, from_log, stage = [], [], {name: [] for name in trees}
             for round_ in range(args.rounds):  # alternate the order of the sides
                 for side in (sides if round_ % 2 == 0 else sides[::-1]):
                     if side == "offline":
                         offline.append(offline_scoring(config, windows, models))
+                        from_log.append(offline_from_log(config, log, models))
                     else:
                         stage[side].append(scorer_stage(base, config, work, bootstrap, total, trees[side]))
                 print(f"round {round_ + 1}: offline {total / offline[-1][0]:.0f} ev/s, " + ", ".join(
@@ -390,6 +418,9 @@ def main() -> None:
     print(f"\n(a) scoring {total} events ({len(windows)} windows, best of {args.rounds})")
     print(f"    offline WindowLearner.score, one call per window: {total / score_s:>8.0f} ev/s "
           f"({score_s:.2f} s; + {load_s:.2f} s loading models)")
+    log_s, log_cpu, log_n = min(from_log)
+    print(f"    offline from the log (pipeline replay's parse_file, then the same score calls): "
+          f"{log_n / log_s:.0f} ev/s ({log_n} events, {log_s:.2f} s; {log_n / log_cpu:.0f} per CPU second)")
     for name, got in stage.items():
         stage_s, steady_s = min(s[0] for s in got), min(s[1] for s in got)
         stage_cpu = min(s[2] for s in got)
@@ -400,6 +431,8 @@ def main() -> None:
               f"({steady_s:.2f} s)   ratio {score_s / steady_s:.2f}x")
         print(f"    per CPU second (load-proof): offline {total / offline_cpu:.0f} ev/s, scorer stage "
               f"{total / stage_cpu:.0f} ev/s   ratio {offline_cpu / stage_cpu:.2f}x")
+        print(f"    against offline from the log: {(total / stage_s) / (log_n / log_s):.2f}x, "
+              f"{(total / stage_cpu) / (log_n / log_cpu):.2f}x per CPU second")
     if args.scoring_only:
         print(f"load after: {os.getloadavg()[0]:.2f}")
         return
