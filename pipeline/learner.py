@@ -175,14 +175,16 @@ class WindowLearner:
         tc = self.config.training
         self.optimizer = make_optimizer(self.model, tc.learning_rate, tc.weight_decay)
 
-    def encode(self, events: Sequence[Event]) -> list[list[int]]:
+    def encode(self, events: Sequence[Event]) -> list[Sequence[int]]:
         """Each event's BOS..EOS ids, after its entity's context when model.context is on."""
         own = self.encode_own(events)
         if self.history is None:
             return own
         return [with_context(ids, self.history.context(e)) for e, ids in zip(events, own)]
 
-    def encode_own(self, events: Sequence[Event]) -> list[list[int]]:
+    def encode_own(self, events: Sequence[Event]) -> list[Sequence[int]]:
+        """Each event's own BOS..EOS ids: those its record carries when they are this model's
+        (a list), else its text encoded (``bytes`` from the char tokenizer, else a list)."""
         max_tokens, vocab_size = self.config.tokenizer.max_tokens, self.tokenizer.vocab_size
         encoded = []
         for e in events:

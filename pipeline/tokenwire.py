@@ -161,7 +161,8 @@ class TokenizedEventWriter:
             append(SECOND)
             if token_ids:
                 append(long_bytes(len(token_ids)))
-                if set(map(type, token_ids)) == _INT_ONLY and 0 <= min(token_ids) and max(token_ids) < 8192:
+                if type(token_ids) is bytes or (set(map(type, token_ids)) == _INT_ONLY  # bytes: ids 0..255
+                                                and 0 <= min(token_ids) and max(token_ids) < 8192):
                     append(b"".join(map(_SMALL.__getitem__, token_ids)))  # every id a table look-up
                 else:
                     append(b"".join(_int(i, INT_MIN, INT_MAX) for i in token_ids))

@@ -67,9 +67,10 @@ def test_char_ids_are_utf8_bytes_past_the_specials():
     assert tok.vocab_size == 260
     assert not needs_fit(tok)
     # "A" is byte 65, "," byte 44, "é" the two bytes 0xC3 0xA9; each offset by the 4 specials.
-    assert tok.encode([("f", "A")]) == [69]
-    assert tok.encode([("f", "A"), ("g", "b")]) == [69, 48, 102]
-    assert tok.encode([("f", "é")]) == [0xC3 + 4, 0xA9 + 4]
+    # The ids come as bytes, one id a byte (indexing and iterating give the ints).
+    assert tok.encode([("f", "A")]) == bytes([69])
+    assert list(tok.encode([("f", "A"), ("g", "b")])) == [69, 48, 102]
+    assert list(tok.encode([("f", "é")])) == [0xC3 + 4, 0xA9 + 4]
     text = "U1@DOM1,C1,Kerberos"
     ids = tok.encode([("a", "U1@DOM1"), ("b", "C1"), ("c", "Kerberos")])
     assert "".join(tok.decode(ids)) == text
@@ -87,7 +88,10 @@ def test_char_ids_do_not_depend_on_fit_or_instance():
         assert fitted.encode(fields) == fresh.encode(fields)
     every_byte = "".join(chr(b) for b in range(1, 128))
     ids = fresh.encode([("x", every_byte)])
-    assert ids == list(range(N_SPECIAL + 1, N_SPECIAL + 128))
+    assert list(ids) == list(range(N_SPECIAL + 1, N_SPECIAL + 128))
+    # The top of UTF-8: U+10FFFF is F4 8F BF BF, the highest byte any text encodes to
+    top = "\U0010ffff\u00ff"
+    assert list(fresh.encode([("x", top)])) == [N_SPECIAL + b for b in top.encode()]
 
 
 @pytest.mark.parametrize("kind", ["char", "word", "bpe"])
@@ -98,11 +102,13 @@ def test_encode_event_adds_bos_eos_and_truncates(kind):
     fields = sample[0]
     body = tok.encode(fields)
     assert len(body) > 3
-    assert encode_event(tok, fields, max_tokens=1000) == [BOS, *body, EOS]
+    whole = encode_event(tok, fields, max_tokens=1000)
+    assert list(whole) == [BOS, *body, EOS]
+    assert type(whole) is type(body)  # bytes from char (one id a byte), lists from the others
     cut = encode_event(tok, fields, max_tokens=3)
-    assert cut == [BOS, *body[:3], EOS]
+    assert list(cut) == [BOS, *body[:3], EOS]
     assert len(cut) == 5
-    assert encode_event(tok, fields, max_tokens=len(body)) == [BOS, *body, EOS]
+    assert list(encode_event(tok, fields, max_tokens=len(body))) == [BOS, *body, EOS]
 
 
 # ---------------------------------------------------------------------------- word
@@ -307,7 +313,7 @@ probe = sample + [tuple(zip(FIELDS, (f"U{900 + i}@DOM9", "x y", f"C{700 + i}", "
 result = {"hash": hash("U1@DOM1,C1")}
 for tok in (CharTokenizer(), WordTokenizer(oov_buckets=8), BpeTokenizer(vocab_size=400)):
     tok.fit(sample)
-    result[tok.kind] = [tok.encode(f) for f in probe]
+    result[tok.kind] = [list(tok.encode(f)) for f in probe]
     result[tok.kind + "_state"] = tok.state_dict()
 print(json.dumps(result))
 """
