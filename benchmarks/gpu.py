@@ -105,8 +105,8 @@ def plain_rates(args, seqs, batch, device, precision) -> tuple[float, float, flo
     shuffled = [pad_batch([seqs[i] for i in order[s : s + batch]]).to(device)
                 for s in range(0, len(seqs), batch)]
     in_order = [pad_batch(seqs[s : s + batch]).to(device) for s in range(0, len(seqs), batch)]
-    by_length = sorted(seqs, key=len)  # less padding: what the reference figure matches
-    by_length = [pad_batch(by_length[s : s + batch]).to(device) for s in range(0, len(seqs), batch)]
+    shortest_first = sorted(seqs, key=len)  # less padding: what the reference figure matches
+    by_length = [pad_batch(shortest_first[s : s + batch]).to(device) for s in range(0, len(seqs), batch)]
 
     def train(batches) -> None:
         model.train()

@@ -164,27 +164,15 @@ def offline_scoring(config: Config, windows: dict[int, list],
 
 def offline_from_log(config: Config, log: Path, models: list[dict]) -> tuple[float, float, int]:
     """(seconds, CPU seconds, events) of ``pipeline replay``'s way to the same scores: parse the
-    log's lines into Events (pipeline.replay.parse_file: parse, mask, window), then one
-    ``WindowLearner.score`` call per window with the same models (loading them not counted)."""
-    from pipeline.modelstore import load
+    log's lines into Events (pipeline.replay.parse_file: parse, mask, window), then
+    ``offline_scoring`` of them (loading the models not counted)."""
     from pipeline.replay import parse_file
-    from pipeline.stages.scorer import ModelIndex
 
-    index = ModelIndex()
-    for record in models:
-        index.add(record)
     start, cpu = time.perf_counter(), time.process_time()
     windows, _ = parse_file(log, config)
-    took, cpu_s = time.perf_counter() - start, time.process_time() - cpu
-    count = 0
-    for window, events in sorted(windows.items()):
-        model = load(config, index.find(window))
-        start, cpu = time.perf_counter(), time.process_time()
-        model.score(window, events)
-        took += time.perf_counter() - start
-        cpu_s += time.process_time() - cpu
-        count += len(events)
-    return took, cpu_s, count
+    parse_s, parse_cpu = time.perf_counter() - start, time.process_time() - cpu
+    score_s, _, score_cpu = offline_scoring(config, windows, models)
+    return parse_s + score_s, parse_cpu + score_cpu, sum(len(events) for events in windows.values())
 
 
 def scorer_stage(base: Config, filled: Config, work: Path, bootstrap: str,
