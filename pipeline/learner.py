@@ -184,13 +184,14 @@ class WindowLearner:
 
     def encode_own(self, events: Sequence[Event]) -> list[Sequence[int]]:
         """Each event's own BOS..EOS ids: those its record carries when they are this model's
-        (a list), else its text encoded (``bytes`` from the char tokenizer, else a list)."""
+        (``bytes`` as the scorer's reader gives the char tokenizer's, else a list), else its text
+        encoded (``bytes`` from the char tokenizer, else a list)."""
         max_tokens, vocab_size = self.config.tokenizer.max_tokens, self.tokenizer.vocab_size
         encoded = []
         for e in events:
             ids = e.token_ids
             if ids is not None and usable_ids(ids, vocab_size, max_tokens):
-                encoded.append(list(ids))
+                encoded.append(ids if type(ids) is bytes else list(ids))  # bytes: the char ids
                 continue
             if ids is not None:
                 self._unusable_ids(e)

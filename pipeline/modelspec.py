@@ -5,8 +5,11 @@ No torch here, so the tokenizer stage and ``pipeline check`` can build a tokeniz
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
+
 from nn.masking import Masker
-from nn.tokenizers import AnyTokenizer, build_tokenizer
+from nn.tokenizers import AnyTokenizer, Fields, build_tokenizer, encode_event
 from pipeline.config import Config
 
 
@@ -26,6 +29,15 @@ def make_tokenizer(config: Config) -> AnyTokenizer:
     if tc.kind == "template":
         return build_tokenizer("template", **vars(tc.template))
     return build_tokenizer("char")
+
+
+def fixed_encoder(config: Config) -> Callable[[Fields], Sequence[int]] | None:
+    """An event's BOS..EOS ids from its text fields, for a tokenizer that needs no window to
+    learn from (char): the tokenizer stage sends them with each event. None for the others,
+    whose vocabulary the trainer learns: it encodes those events itself."""
+    if config.tokenizer.kind != "char":
+        return None
+    return partial(encode_event, make_tokenizer(config), max_tokens=config.tokenizer.max_tokens)
 
 
 def model_args_for(config: Config, vocab_size: int) -> dict:

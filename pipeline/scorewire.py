@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from fastavro.schema import to_parsing_canonical_form
 
 from nn.masking import Masker
+from nn.tokenizers import Fields
 from pipeline.config import Config
 from pipeline.parsing import Event
 from pipeline.score import Score
@@ -43,6 +44,7 @@ from pipeline.tokenwire import (
     NULL,
     SECOND,
     avro_string,
+    int_array,
     long_bytes,
     pack_double,
 )
@@ -146,9 +148,11 @@ def _ids(data: bytes, pos: int) -> tuple[tuple[int, ...], int]:
 class WindowedEventReader:
     """``read(value)`` -> (window, Event, Wire) for a WindowedEvent value it reads by
     construction, the Event as ``record_to_event(record["event"], model_fields, masker)`` gives
-    it; None for anything else (the caller decodes it with the codec)."""
+    it (its token ids as ``bytes`` where ``encode`` gave them, else a tuple); None for anything
+    else (the caller decodes it with the codec)."""
 
-    def __init__(self, model_fields: Sequence[str], masker: Masker | None) -> None:
+    def __init__(self, model_fields: Sequence[str], masker: Masker | None,
+                 encode: Callable[[Fields], Sequence[int]] | None = None) -> None:
         self.header = MAGIC + codec().fingerprints[WINDOWED]
         self.fast = to_parsing_canonical_form(codec().schemas[WINDOWED]) == READS
         if not self.fast:
@@ -157,6 +161,10 @@ class WindowedEventReader:
         self.model_fields = tuple(model_fields)
         self.blanks = ("",) * len(self.model_fields)  # fields.get's default, one per model field
         self.masker = masker
+        # The fixed tokenizer's BOS..EOS ids of an event's text fields (nn.tokenizers.encode_event,
+        # as the tokenizer stage calls it), or None: a record carrying exactly the ``bytes`` it
+        # gives is read with those ids, the same ints as the codec's tuple
+        self.encode = encode
         self.topics: dict[bytes, str] = {}  # a topic's bytes -> its name (a handful per stage)
 
     def read(self, value: object) -> tuple[int, Event, Wire] | None:
@@ -233,12 +241,27 @@ class WindowedEventReader:
                 fields[key] = text[pos:end]
                 pos = end
             count, pos = _length(data, pos)
-        fields_end = pos
+        if not data[fields_start:pos].isascii():
+            if items != len(fields):  # a repeated name's earlier value, never decoded below, may
+                raise _Doubt  # be bad UTF-8 that the codec refuses
+            fields = {k.encode("latin-1").decode(): v.encode("latin-1").decode()
+                      for k, v in fields.items()}
+        model_fields = self.model_fields
+        text_fields = tuple(zip(model_fields, map(fields.get, model_fields, self.blanks)))
+        if self.masker is not None:
+            text_fields = self.masker.mask_fields(text_fields)
         branch = data[pos]  # token_ids: null or an int array
         if branch == 0:
             ids, pos = None, pos + 1
         elif branch == 2:
-            ids, pos = _ids(data, pos + 1)
+            # The ids the tokenizer stage gave these text fields, when the record carries exactly
+            # those: one comparison of their Avro bytes instead of a loop over every id
+            ids = self.encode(text_fields) if self.encode is not None else None
+            array = int_array(ids) if type(ids) is bytes else None
+            if array is not None and data.startswith(array, pos + 1):
+                pos += 1 + len(array)
+            else:
+                ids, pos = _ids(data, pos + 1)
         else:
             raise _Doubt
         raw_start = pos
@@ -248,15 +271,6 @@ class WindowedEventReader:
         raw = text[pos:]
         if not data[pos:].isascii():
             raw = raw.encode("latin-1").decode()  # UnicodeDecodeError: the codec's to refuse
-        if not data[fields_start:fields_end].isascii():
-            if items != len(fields):  # a repeated name's earlier value, never decoded below, may
-                raise _Doubt  # be bad UTF-8 that the codec refuses
-            fields = {k.encode("latin-1").decode(): v.encode("latin-1").decode()
-                      for k, v in fields.items()}
-        model_fields = self.model_fields
-        text_fields = tuple(zip(model_fields, map(fields.get, model_fields, self.blanks)))
-        if self.masker is not None:
-            text_fields = self.masker.mask_fields(text_fields)
         event = Event(line, time, fields, text_fields, ids, (topic, partition, offset), raw)
         return window, event, Wire(head, data[raw_start:])
 

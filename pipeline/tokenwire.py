@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Sequence
 
 from fastavro.schema import to_parsing_canonical_form
 
@@ -64,6 +65,14 @@ def long_bytes(n: int) -> bytes:
     if 0 <= n < 1 << 41:
         return _LOW14[z & 0x3FFF] + _LOW14[(z >> 14) & 0x3FFF] + _LAST14[z >> 28]
     return zigzag(n)
+
+
+def int_array(ids: Sequence[int]) -> bytes:
+    """The canonical Avro int array of ``ids``, each 0 <= id < 8192 (``bytes`` always are): one
+    block, every id a table look-up, then the end block."""
+    if not ids:
+        return NULL
+    return long_bytes(len(ids)) + b"".join(map(_SMALL.__getitem__, ids)) + NULL
 
 
 def avro_string(text: str) -> bytes:
@@ -159,14 +168,15 @@ class TokenizedEventWriter:
             append(NULL)
         else:
             append(SECOND)
-            if token_ids:
+            if not token_ids:
+                append(NULL)
+            elif type(token_ids) is bytes or (set(map(type, token_ids)) == _INT_ONLY  # bytes: ids 0..255
+                                              and 0 <= min(token_ids) and max(token_ids) < 8192):
+                append(int_array(token_ids))
+            else:
                 append(long_bytes(len(token_ids)))
-                if type(token_ids) is bytes or (set(map(type, token_ids)) == _INT_ONLY  # bytes: ids 0..255
-                                                and 0 <= min(token_ids) and max(token_ids) < 8192):
-                    append(b"".join(map(_SMALL.__getitem__, token_ids)))  # every id a table look-up
-                else:
-                    append(b"".join(_int(i, INT_MIN, INT_MAX) for i in token_ids))
-            append(NULL)
+                append(b"".join(_int(i, INT_MIN, INT_MAX) for i in token_ids))
+                append(NULL)
         if type(raw) is not str:
             raise _Unfit
         append(avro_string(raw))

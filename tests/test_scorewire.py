@@ -19,7 +19,7 @@ from stage_fakes import FakeMessage, RecordingOutput
 from nn.tokenizers import encode_event
 from pipeline.config import config_from_dict
 from pipeline.generate import GenerateSpec, generate_events
-from pipeline.modelspec import make_masker, make_tokenizer
+from pipeline.modelspec import fixed_encoder, make_masker, make_tokenizer
 from pipeline.modelstore import config_fingerprint
 from pipeline.parsing import Event, LineParser, Malformed
 from pipeline.score import Score
@@ -54,8 +54,16 @@ def stage_path(value: bytes, reader: WindowedEventReader):
 
 
 def same(a, b) -> bool:
-    """Equal results (window, Event); by repr, which compares NaN times and tells -0.0 apart."""
-    return repr(a) == repr(b)
+    """Equal results (window, Event); by repr, which compares NaN times and tells -0.0 apart.
+    Token ids the reader gives as ``bytes`` (its ``encode``'s) count as the codec's tuple of
+    the same ints."""
+    return repr(with_tuple_ids(a)) == repr(with_tuple_ids(b))
+
+
+def with_tuple_ids(result):
+    if isinstance(result, tuple) and len(result) == 2 and type(result[1].token_ids) is bytes:
+        return result[0], dataclasses.replace(result[1], token_ids=tuple(result[1].token_ids))
+    return result
 
 
 def text(rnd: random.Random) -> str:
@@ -96,11 +104,20 @@ def generated_events(kind: str, n: int = 300) -> list[Event]:
 
 
 def readers() -> list[WindowedEventReader]:
+    """Word (no ids to expect), masked, odd model fields; the last two the scorer's for char
+    configs: they take the ids their tokenizer gives the text fields as ``bytes``."""
     config = config_from_dict({"tokenizer": {"kind": "word"}})
     masked = config_from_dict({"tokenizer": {"kind": "word", "mask": {"enabled": True}}})
     fields = LineParser(config.input).model_fields
     return [WindowedEventReader(fields, None), WindowedEventReader(fields, make_masker(masked)),
-            WindowedEventReader(["user", "no such field"], None), WindowedEventReader([], None)]
+            WindowedEventReader(["user", "no such field"], None), WindowedEventReader([], None),
+            char_reader(), char_reader(masked=True)]
+
+
+def char_reader(masked: bool = False) -> WindowedEventReader:
+    config = config_from_dict({"tokenizer": {"kind": "char", "mask": {"enabled": masked}}})
+    return WindowedEventReader(LineParser(config.input).model_fields, make_masker(config),
+                               fixed_encoder(config))
 
 
 def test_reader_and_writer_are_on_for_the_current_schemas():
@@ -120,10 +137,26 @@ def test_reader_gives_the_codec_events_of_generated_lines(kind):
             assert same(got[:2], codec_path(value, reader))
 
 
+def test_char_reader_takes_its_tokenizers_ids_as_bytes_and_walks_any_others():
+    """The tokenizer stage's ids of the text fields come back as its ``bytes``; ids that are
+    not those (another tokenizer config, a foreign writer) are read one by one as before."""
+    reader = char_reader()
+    for event in generated_events("char", 60):
+        value = value_of(1, event)
+        got = reader.read(value)
+        assert type(got[1].token_ids) is bytes and same(got[:2], codec_path(value, reader))
+        ids = event.token_ids
+        for other_ids in [ids[:-2] + ids[-1:], ids[:1] + (300,) + ids[1:], ids[::-1], ()]:
+            other = value_of(1, dataclasses.replace(event, token_ids=other_ids))
+            got = reader.read(other)
+            assert got[1].token_ids == other_ids and same(got[:2], codec_path(other, reader))
+
+
 @pytest.mark.parametrize("seed", range(3))
-def test_reader_gives_the_codec_events_of_hostile_values(seed):
+@pytest.mark.parametrize("reader", [0, -1])
+def test_reader_gives_the_codec_events_of_hostile_values(seed, reader):
     rnd = random.Random(seed)
-    reader = readers()[0]
+    reader = readers()[reader]
     for _ in range(300):
         event = hostile_event(rnd)
         window = rnd.choice([0, 1, 2**40, -5, 2**62 - 1, 2**63 - 1])
@@ -149,12 +182,13 @@ def mutations(rnd: random.Random, value: bytes) -> list[bytes]:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_mutated_values_are_refused_or_read_as_the_codec_reads_them(seed):
+@pytest.mark.parametrize("reader", [1, -2])
+def test_mutated_values_are_refused_or_read_as_the_codec_reads_them(seed, reader):
     """Truncated, flipped, appended, cut, bad UTF-8: the stage path refuses what the codec
     refuses and reads the rest as the codec does; the reader never accepts a value the codec
     refuses."""
     rnd = random.Random(seed)
-    reader = readers()[1]
+    reader = readers()[reader]
     events = generated_events("char", 40) + [hostile_event(rnd) for _ in range(40)]
     taken = refused = 0
     for event in events:

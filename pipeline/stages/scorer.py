@@ -23,7 +23,7 @@ from confluent_kafka import Message, TopicPartition
 
 from pipeline.config import Config
 from pipeline.learner import WindowLearner
-from pipeline.modelspec import make_masker
+from pipeline.modelspec import fixed_encoder, make_masker
 from pipeline.modelstore import ModelRefused, load
 from pipeline.parsing import LineParser
 from pipeline.runner import Output, decode_or_dead_letter
@@ -81,7 +81,7 @@ class ScorerStage(BaseStage):
         self.model_fields = LineParser(config.input).model_fields
         self.masker = make_masker(config)
         # Avro by hand (pipeline/scorewire.py): the codec's results at a fraction of its cost
-        self.wire_reader = WindowedEventReader(self.model_fields, self.masker)
+        self.wire_reader = WindowedEventReader(self.model_fields, self.masker, fixed_encoder(config))
         self.wire_writer = ScoredEventWriter(config)
         self.index = ModelIndex()
         self.models: OrderedDict[tuple, WindowLearner] = OrderedDict()  # (through, sha256) -> model

@@ -11,10 +11,9 @@ import logging
 
 from confluent_kafka import Message, TopicPartition
 
-from nn.tokenizers import encode_event
 from pipeline.config import Config
 from pipeline.kafka import partition_count
-from pipeline.modelspec import make_masker, make_tokenizer
+from pipeline.modelspec import fixed_encoder, make_masker
 from pipeline.parsing import LineParser, Malformed
 from pipeline.runner import Output, send_to_dead_letters
 from pipeline.stages.base import BaseStage
@@ -31,10 +30,7 @@ class TokenizerStage(BaseStage):
     def __init__(self, config: Config):
         super().__init__(config)
         self.parser = LineParser(config.input, masker=make_masker(config))
-        # Only a fixed tokenizer can encode before the first window is seen; word and BPE
-        # vocabularies are learned by the trainer, which encodes those events itself.
-        self.fixed_tokenizer = make_tokenizer(config) if config.tokenizer.kind == "char" else None
-        self.max_tokens = config.tokenizer.max_tokens
+        self.encode = fixed_encoder(config)  # None: the trainer learns the vocabulary first
         self.tokens_topic = config.topics.tokens
         self.writer = TokenizedEventWriter()
         self.next_offsets: dict[tuple[str, int], int] = {}
@@ -77,8 +73,8 @@ class TokenizerStage(BaseStage):
             return
         raw, time, fields = result
         token_ids = None
-        if self.fixed_tokenizer is not None:
-            token_ids = encode_event(self.fixed_tokenizer, self.parser.text_fields(fields), self.max_tokens)
+        if self.encode is not None:
+            token_ids = self.encode(self.parser.text_fields(fields))
         # Written directly, byte for byte what codec().encode(event_to_record(...)) gives.
         out.send(self.tokens_topic,
                  self.writer.write_fields(line, time, fields, (topic, partition, offset), raw, token_ids),
