@@ -9,6 +9,7 @@ import dataclasses
 import logging
 
 import pytest
+import torch
 
 from nn.tokenizers import BOS, EOS, encode_event
 from pipeline.config import config_from_dict
@@ -41,6 +42,22 @@ def test_the_tokenizer_stages_ids_are_used_as_they_are(learner_and_events):
     assert all(usable_ids(e.token_ids, learner.tokenizer.vocab_size, 40) for e in sent)
     before = learner.unusable_ids
     assert [s.loss for s in learner.score(1, sent)] == [s.loss for s in learner.score(1, events)]
+    assert learner.unusable_ids == before
+
+
+def test_ids_read_as_bytes_train_and_score_as_the_text_does(learner_and_events):
+    """The scorer's and trainer's reader give the char tokenizer's ids as ``bytes``: the same
+    losses, and the same weights after training, as ids encoded from the text."""
+    learner, events = learner_and_events
+    as_bytes = [dataclasses.replace(e, token_ids=bytes(_own_ids(learner, e))) for e in events]
+    before = learner.unusable_ids
+    assert [s.loss for s in learner.score(1, as_bytes)] == [s.loss for s in learner.score(1, events)]
+    trained = []
+    for window_events in (events, as_bytes):
+        fresh = WindowLearner(config_from_dict(CONFIG))
+        fresh.train(0, window_events)
+        trained.append(fresh.model.state_dict())
+    assert all(torch.equal(trained[0][name], trained[1][name]) for name in trained[0])
     assert learner.unusable_ids == before
 
 

@@ -28,7 +28,7 @@ from nn.training import CheckpointError
 from pipeline.atomic import quarantine
 from pipeline.config import Config
 from pipeline.learner import WindowLearner
-from pipeline.modelspec import make_masker
+from pipeline.modelspec import fixed_encoder, make_masker
 from pipeline.modelstore import announcement, announcement_key, config_fingerprint, publish
 from pipeline.parsing import Event, LineParser
 from pipeline.progress import training_logger
@@ -111,7 +111,8 @@ class TrainerStage(WindowStage):
         # The window is read back on the way to its model, while the scorers' backlog grows: the
         # scorer's hand-written reader gives the codec's Event at half its cost (10k events:
         # 0.33-0.48 -> 0.17-0.22 CPU s; benchmarks/latency.py's close-to-model 0.80 -> 0.62 s).
-        self.wire_reader = WindowedEventReader(self.model_fields, self.masker)
+        # Char ids come back as the bytes the learner batches fastest (the scorer's reader too)
+        self.wire_reader = WindowedEventReader(self.model_fields, self.masker, fixed_encoder(config))
         self.learner = load_newest_checkpoint(config) or WindowLearner(config)
         # Where the checkpoint's model stopped reading; None: from the start of the topic.
         self.resume_offset = self.learner.resume_offset
