@@ -215,6 +215,32 @@ def stamps(config: Config, topic: str, n: int, timeout: float = 600) -> list[flo
     return times
 
 
+def kafka_floor(base: Config, filled: Config, work: Path, bootstrap: str, n: int) -> float:
+    """CPU seconds per event (this process, librdkafka's threads included) to consume the
+    windows topic's records and produce one record of the same size each, with the stages'
+    client settings and nothing else: what any scorer pays before it reads, scores or writes."""
+    import resource
+
+    from pipeline.kafka import DeliveryTracker, make_producer, produce
+
+    config, _ = fresh_config(base, work, bootstrap, topics={"windows": filled.topics.windows})
+    producer, tracker = make_producer(config), DeliveryTracker()
+    done, cpu0 = 0, None
+    with TopicReader(config, [config.topics.windows], "bench-floor") as reader:
+        while done < n:
+            msgs = reader.poll(timeout=0.5, max_records=config.streaming.poll_batch)
+            if msgs and cpu0 is None:
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                cpu0 = usage.ru_utime + usage.ru_stime
+            for msg in msgs:
+                produce(producer, config.topics.scores, msg.value(), partition=0, on_delivery=tracker)
+            done += len(msgs)
+            producer.poll(0)
+        producer.flush()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return (usage.ru_utime + usage.ru_stime - cpu0) / done
+
+
 # ---------------------------------------------------------------------------- (b) training
 
 
@@ -407,6 +433,7 @@ def main() -> None:
                         stage[side].append(scorer_stage(base, config, work, bootstrap, total, trees[side]))
                 print(f"round {round_ + 1}: offline {total / offline[-1][0]:.0f} ev/s, " + ", ".join(
                     f"scorer{name} {total / got[-1][0]:.0f} ev/s" for name, got in stage.items()), flush=True)
+            floor = kafka_floor(base, config, work, bootstrap, total)
         finally:
             if broker is not None:
                 broker.stop()
@@ -422,6 +449,9 @@ def main() -> None:
     log_s, log_cpu, log_n = min(from_log)
     print(f"    offline from the log (pipeline replay's parse_file, then the same score calls): "
           f"{log_n / log_s:.0f} ev/s ({log_n} events, {log_s:.2f} s; {log_n / log_cpu:.0f} per CPU second)")
+    print(f"    consume + produce alone (the Kafka client's share): {floor * 1e6:.1f} CPU us/event "
+          f"against {offline_cpu / total * 1e6:.1f} us for offline scoring: even a scorer with no "
+          f"Python work of its own would reach {offline_cpu / (offline_cpu + floor * total):.2f}x")
     for name, got in stage.items():
         stage_s, steady_s = min(s[0] for s in got), min(s[1] for s in got)
         stage_cpu = min(s[2] for s in got)
@@ -431,7 +461,8 @@ def main() -> None:
         print(f"    scorer stage, first score -> last score:         {total / steady_s:>8.0f} ev/s "
               f"({steady_s:.2f} s)   ratio {score_s / steady_s:.2f}x")
         print(f"    per CPU second (load-proof): offline {total / offline_cpu:.0f} ev/s, scorer stage "
-              f"{total / stage_cpu:.0f} ev/s   ratio {offline_cpu / stage_cpu:.2f}x")
+              f"{total / stage_cpu:.0f} ev/s   ratio {offline_cpu / stage_cpu:.2f}x "
+              f"({(stage_cpu - offline_cpu) / total * 1e6:.1f} CPU us/event more than offline)")
         print(f"    against offline from the log: {(total / stage_s) / (log_n / log_s):.2f}x, "
               f"{(total / stage_cpu) / (log_n / log_cpu):.2f}x per CPU second")
     if args.scoring_only:
