@@ -44,6 +44,9 @@ DEFAULT_PATTERNS: tuple[tuple[str, str], ...] = (
 )
 
 _CACHE_SIZE = 100_000  # masked field values kept (cleared whole when full): logs repeat values
+# Only values this short are kept: a hostile source's megabyte fields would otherwise hold up to
+# _CACHE_SIZE of them (100k x 1 MB); a long value is masked again each time, as it is new anyway.
+_CACHED_MAX_CHARS = 128
 
 
 def pattern_problem(name: object, regex: object) -> str | None:
@@ -76,9 +79,11 @@ class Masker:
     def mask(self, text: str) -> str:
         masked = self._cache.get(text)
         if masked is None:
-            if len(self._cache) >= _CACHE_SIZE:
-                self._cache.clear()
-            masked = self._cache[text] = self._mask(text)
+            masked = self._mask(text)
+            if len(text) <= _CACHED_MAX_CHARS:
+                if len(self._cache) >= _CACHE_SIZE:
+                    self._cache.clear()
+                self._cache[text] = masked
         return masked
 
     def _mask(self, text: str) -> str:

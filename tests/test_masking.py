@@ -188,6 +188,17 @@ def test_masked_parts_are_not_in_the_tokens(kind):
     assert "<<num>" in text and "a<<b" in text  # the literal ones, escaped
 
 
+def test_long_values_are_masked_every_time_and_never_held():
+    """A hostile source's long fields must not fill the cache (100k of them would be gigabytes);
+    short ones, which logs repeat, are kept. Either way the same masked text comes back."""
+    masker = Masker()
+    long_values = [f"user{i} from 10.0.0.{i % 250} " + "x" * 5000 for i in range(50)]
+    short = "port 8080 on 10.1.2.3"
+    for value in [*long_values, short, *long_values, short]:
+        assert masker.mask(value) == Masker()._mask(value)
+    assert sum(map(len, masker._cache)) <= len(short)  # only the short value held
+
+
 def test_masking_off_leaves_the_text_as_it_was():
     config = config_for("char", False)
     assert make_masker(config) is None
