@@ -175,6 +175,12 @@ class WindowedEventReader:
         except (_Doubt, IndexError, UnicodeDecodeError, struct.error):
             return None
 
+    def _model_text(self, fields: dict[str, str]) -> tuple[tuple[str, str], ...]:
+        """The (name, value) pairs the model reads, masked as the tokenizer stage masks them."""
+        model_fields = self.model_fields
+        text_fields = tuple(zip(model_fields, map(fields.get, model_fields, self.blanks)))
+        return text_fields if self.masker is None else self.masker.mask_fields(text_fields)
+
     def _read(self, data: bytes) -> tuple[int, Event, Wire]:
         size = len(data)
         window, pos = _varint(data, len(self.header))
@@ -241,22 +247,20 @@ class WindowedEventReader:
                 fields[key] = text[pos:end]
                 pos = end
             count, pos = _length(data, pos)
-        if not data[fields_start:pos].isascii():
-            if items != len(fields):  # a repeated name's earlier value, never decoded below, may
-                raise _Doubt  # be bad UTF-8 that the codec refuses
-            fields = {k.encode("latin-1").decode(): v.encode("latin-1").decode()
-                      for k, v in fields.items()}
-        model_fields = self.model_fields
-        text_fields = tuple(zip(model_fields, map(fields.get, model_fields, self.blanks)))
-        if self.masker is not None:
-            text_fields = self.masker.mask_fields(text_fields)
+        fields_end, text_fields = pos, None
         branch = data[pos]  # token_ids: null or an int array
         if branch == 0:
             ids, pos = None, pos + 1
         elif branch == 2:
-            # The ids the tokenizer stage gave these text fields, when the record carries exactly
-            # those: one comparison of their Avro bytes instead of a loop over every id
-            ids = self.encode(text_fields) if self.encode is not None else None
+            ids = None
+            if self.encode is not None:
+                # The ids the tokenizer stage gave these text fields, when the record carries
+                # exactly those: one comparison of their Avro bytes instead of a loop over every
+                # id. The text is made before the value's end is checked: a value the codec
+                # refuses costs what an accepted one of its size does (without encode, nothing).
+                fields = _utf8_fields(data[fields_start:fields_end], fields, items)
+                text_fields = self._model_text(fields)
+                ids = self.encode(text_fields)
             array = int_array(ids) if type(ids) is bytes else None
             if array is not None and data.startswith(array, pos + 1):
                 pos += 1 + len(array)
@@ -271,8 +275,21 @@ class WindowedEventReader:
         raw = text[pos:]
         if not data[pos:].isascii():
             raw = raw.encode("latin-1").decode()  # UnicodeDecodeError: the codec's to refuse
+        if text_fields is None:
+            fields = _utf8_fields(data[fields_start:fields_end], fields, items)
+            text_fields = self._model_text(fields)
         event = Event(line, time, fields, text_fields, ids, (topic, partition, offset), raw)
         return window, event, Wire(head, data[raw_start:])
+
+
+def _utf8_fields(span: bytes, fields: dict[str, str], items: int) -> dict[str, str]:
+    """``fields`` (cut from the value's latin-1 text) as their UTF-8 decoding: themselves when
+    their bytes, ``span``, are ASCII; UnicodeDecodeError (the codec's to refuse) if not UTF-8."""
+    if span.isascii():
+        return fields
+    if items != len(fields):  # a repeated name's earlier value, never decoded here, may be bad
+        raise _Doubt  # UTF-8 that the codec refuses
+    return {k.encode("latin-1").decode(): v.encode("latin-1").decode() for k, v in fields.items()}
 
 
 class ScoredEventWriter:
