@@ -106,15 +106,24 @@ def score_sequences(
     to ``device`` (the model's; None: the CPU); the results come back as Python floats.
     ``per_token=False``: the per-token tuples are empty (the means and totals are the same floats),
     and no per-token data leaves the device. On a GPU, batch k+1 is padded and launched before
-    the results of batch k are read, so host and device work side by side."""
+    the results of batch k are read, so host and device work side by side.
+
+    On the CPU the batches are cut in length order (shortest first, ties in input order): a
+    batch is padded to its longest sequence, and char events of 45-93 tokens in input order
+    pad a batch of 256 to 1.57x their tokens, in length order to 1.01x. No sequence's result
+    depends on its batch (padding is masked; tests/test_models.py). On a GPU every new batch
+    width costs the libraries a set-up, which made length order slower there (README)."""
     was_training = model.training
     model.eval()
     cuda = device is not None and device.type == "cuda"
+    order = None if cuda else _by_length(seqs)
     results: list[tuple[float, float, tuple[float, ...]]] = []
     pending = None
     try:
         for start in range(0, len(seqs), batch_size):
-            batch = pad_batch(seqs[start : start + batch_size], pin_memory=cuda)
+            rows = (seqs[start : start + batch_size] if order is None
+                    else [seqs[i] for i in order[start : start + batch_size]])
+            batch = pad_batch(rows, pin_memory=cuda)
             if device is not None:
                 batch = batch.to(device, non_blocking=True)
             launched = _launch(model, batch, precision, per_token)
@@ -125,4 +134,18 @@ def score_sequences(
             results += _collect(pending, per_token)
     finally:
         model.train(was_training)
-    return results
+    if order is None:
+        return results
+    in_order: list = [None] * len(results)
+    for position, index in enumerate(order):
+        in_order[index] = results[position]
+    return in_order
+
+
+def _by_length(seqs: Sequence[Sequence[int]]) -> list[int] | None:
+    """Indices of ``seqs`` by length, ties in input order; None when that is input order
+    (sequences of one length, as the word tokenizer's are, or already sorted)."""
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    if len(lengths) < 2 or bool((lengths[1:] >= lengths[:-1]).all()):
+        return None
+    return np.argsort(lengths, kind="stable").tolist()

@@ -400,16 +400,19 @@ def reference_pad_batch(seqs) -> torch.Tensor:
 
 
 def reference_scores(model, seqs, batch_size: int) -> list[tuple[float, float, tuple[float, ...]]]:
-    """score_sequences before batches were read back with one ``.tolist()``: per-row indexing."""
-    results = []
+    """score_sequences before batches were read back with one ``.tolist()``: per-row indexing,
+    over the batches it scores on the CPU (cut in length order, ties in input order)."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    results = {}
     with torch.no_grad():
         for start in range(0, len(seqs), batch_size):
-            losses, mask = token_losses(model, reference_pad_batch(seqs[start : start + batch_size]))
+            rows = order[start : start + batch_size]
+            losses, mask = token_losses(model, reference_pad_batch([seqs[i] for i in rows]))
             losses = losses * mask
             totals, counts = losses.sum(1).tolist(), mask.sum(1).clamp(min=1).tolist()
-            for row, real, total, count in zip(losses, mask, totals, counts):
-                results.append((total / count, total, tuple(row[real].tolist())))
-    return results
+            for i, row, real, total, count in zip(rows, losses, mask, totals, counts):
+                results[i] = (total / count, total, tuple(row[real].tolist()))
+    return [results[i] for i in range(len(seqs))]
 
 
 def test_pad_batch_equals_the_per_row_reference_on_ragged_input():
