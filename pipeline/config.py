@@ -329,6 +329,9 @@ class StreamingConfig:
     commit_interval_seconds: float = field(default=1.0, metadata=_check(_positive))
     # Messages taken per consume() call.
     poll_batch: int = field(default=500, metadata=_check(_positive))
+    # A scorer's consume() calls take up to this many: over a backlog, the events it scores
+    # together, in length order (a larger group pads its batches less).
+    score_poll_batch: int = field(default=2000, metadata=_check(_positive))
     # How long one consume() call waits to fill that batch: every stage a record passes adds
     # up to this much latency when records trickle in.
     poll_wait_seconds: float = field(default=0.05, metadata=_check(_positive))

@@ -80,6 +80,9 @@ class Stage(Protocol):
 
     def topics(self) -> list[str]: ...
 
+    def consume_batch(self) -> int:
+        """Records to ask for per consume() call."""
+
     def handle(self, msg: Message, out: Output) -> None:
         """Process one input record (never raises for bad input: dead-letter it)."""
 
@@ -296,7 +299,7 @@ class StageRunner:
         self.consumer.subscribe(self.stage.topics(), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke)
         interval = self.config.streaming.commit_interval_seconds
-        batch = self.config.streaming.poll_batch
+        batch = self.stage.consume_batch()
         wait = self.config.streaming.poll_wait_seconds
         log.info("%s started, reading %s", self.stage.name, ", ".join(self.stage.topics()))
         while not self.stop.stopped:

@@ -803,3 +803,19 @@ def test_a_record_of_the_wrong_schema_is_a_dead_letter(tmp_path, stage_class, to
     # record's, no completion yet) holds its partition back.
     assert offsets_of(stage.safe_offsets()) == {0: 0, 1: 1}
     assert {tp.topic for tp in stage.safe_offsets()} == {topic}
+
+
+# ---------------------------------------------------------------------------------- consume sizes
+
+
+def test_a_scorer_asks_for_score_poll_batch_records_and_the_other_stages_for_poll_batch(tmp_path):
+    """Over a backlog a scorer scores a consume() call's records together, in length order:
+    larger groups pad less. Only the scorer asks for more; both keys are the user's."""
+    from pipeline.stages.scorer import ScorerStage
+    from pipeline.stages.tokenizer import TokenizerStage
+
+    config = make_config(tmp_path, streaming={"poll_batch": 77, "score_poll_batch": 1234})
+    assert ScorerStage(config).consume_batch() == 1234
+    for stage in (TokenizerStage(config), WindowerStage(config), ArchiverStage(config)):
+        assert stage.consume_batch() == 77
+    assert ScorerStage(make_config(tmp_path)).consume_batch() == 2000  # the default

@@ -21,6 +21,10 @@ class BaseStage:
     def topics(self) -> list[str]:
         raise NotImplementedError
 
+    def consume_batch(self) -> int:
+        """Records asked for per consume() call."""
+        return self.config.streaming.poll_batch
+
     def handle(self, msg: Message, out: Output) -> None:
         raise NotImplementedError
 

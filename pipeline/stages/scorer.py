@@ -101,6 +101,12 @@ class ScorerStage(BaseStage):
     def topics(self) -> list[str]:
         return [self.config.topics.windows, self.config.topics.late]
 
+    def consume_batch(self) -> int:
+        # Every record of a call is scored together at its tick (one group a window), cut into
+        # batches in length order: over a backlog, larger groups pad less (char d128 scorer over
+        # 40k events: 2.9k events/s with 500, 3.6k with 2000; offline, whole windows: 4.4k).
+        return self.config.streaming.score_poll_batch
+
     def on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
         self.consumer = consumer
         # librdkafka keeps a partition paused across a rebalance: one this scorer paused before
