@@ -228,7 +228,7 @@ def kafka_floor(base: Config, filled: Config, work: Path, bootstrap: str, n: int
     done, cpu0 = 0, None
     with TopicReader(config, [config.topics.windows], "bench-floor") as reader:
         while done < n:
-            msgs = reader.poll(timeout=0.5, max_records=config.streaming.poll_batch)
+            msgs = reader.poll(timeout=0.5, max_records=config.streaming.score_poll_batch)
             if msgs and cpu0 is None:
                 usage = resource.getrusage(resource.RUSAGE_SELF)
                 cpu0 = usage.ru_utime + usage.ru_stime
