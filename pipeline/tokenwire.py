@@ -168,11 +168,9 @@ class TokenizedEventWriter:
             append(NULL)
         else:
             append(SECOND)
-            if not token_ids:
-                append(NULL)
-            elif type(token_ids) is bytes or (set(map(type, token_ids)) == _INT_ONLY  # bytes: ids 0..255
-                                              and 0 <= min(token_ids) and max(token_ids) < 8192):
-                append(int_array(token_ids))
+            if not token_ids or type(token_ids) is bytes or (  # bytes: ids 0..255
+                    set(map(type, token_ids)) == _INT_ONLY and 0 <= min(token_ids) and max(token_ids) < 8192):
+                append(int_array(token_ids))  # the empty array too: its end block alone
             else:
                 append(long_bytes(len(token_ids)))
                 append(b"".join(_int(i, INT_MIN, INT_MAX) for i in token_ids))
