@@ -3,7 +3,7 @@ trainer vs a plain PyTorch loop, tokenizer events/s per process.
 
 Run: python benchmarks/throughput.py [--events-per-window 10000 --windows 4 --rounds 2]
      python benchmarks/throughput.py --tokenizer-only [--baseline DIR]   ((c) alone)
-     python benchmarks/throughput.py --scoring-only [--baseline DIR]     ((a) alone)
+     python benchmarks/throughput.py --scoring-only [--baseline DIR] [--pure]   ((a) alone)
 
 One pipeline run fills the topics first: the generated, time-compressed log of
 benchmarks/latency.py (hourly windows, small char-LSTM) goes through a tokenizer (timed alone:
@@ -175,11 +175,12 @@ def offline_from_log(config: Config, log: Path, models: list[dict]) -> tuple[flo
     return parse_s + score_s, parse_cpu + score_cpu, sum(len(events) for events in windows.values())
 
 
-def scorer_stage(base: Config, filled: Config, work: Path, bootstrap: str,
-                 n: int, tree: Path | None = None) -> tuple[float, float, float]:
-    """One scorer process (this tree's, or ``tree``'s) over the filled windows topic, writing to
-    a fresh scores topic: (seconds from its assignment to its last score, from its first score to
-    its last, and the CPU seconds it used from its assignment to its last score)."""
+def scorer_stage(base: Config, filled: Config, work: Path, bootstrap: str, n: int,
+                 tree: Path | None = None, env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """One scorer process (this tree's, or ``tree``'s; ``env``: more environment) over the filled
+    windows topic, writing to a fresh scores topic: (seconds from its assignment to its last
+    score, from its first score to its last, and the CPU seconds it used from its assignment to
+    its last score)."""
     from pipeline.config import model_store_location
 
     config, path = fresh_config(base, work, bootstrap,
@@ -188,7 +189,7 @@ def scorer_stage(base: Config, filled: Config, work: Path, bootstrap: str,
                                         "late": filled.topics.late},
                                 model_store=model_store_location(filled.streaming))
     logs = work / f"logs-{config.streaming.group_prefix}"
-    stages = StageProcesses(path, logs, code=tree)
+    stages = StageProcesses(path, logs, code=tree, env=env)
     try:
         stages.start("scorer")
         pid = stages.processes[-1][1].pid
@@ -391,6 +392,9 @@ def main() -> None:
                         help="also run the tokenizer (--tokenizer-only) or the scorer (a) of this "
                              "code tree (e.g. git archive HEAD | tar -x -C DIR), alternating with "
                              "this one")
+    parser.add_argument("--pure", action="store_true",
+                        help="also run this tree's scorer with SALKA_PURE_PYTHON=1 (pipeline/"
+                             "scorewire.py as Python, not its compiled build; setup.py)")
     parser.add_argument("--scoring-only", action="store_true",
                         help="only (a), scorer vs offline scoring (no (b), no (c))")
     args = parser.parse_args()
@@ -420,8 +424,13 @@ def main() -> None:
             filled = fill(config, path, log, n, args.windows, work)
             windows, models = windows_and_models(config)
             total = sum(len(e) for e in windows.values())
-            # the scorer of this tree and, with --baseline, of that tree: each its own side
-            trees = {"": None, **({f" (baseline {args.baseline})": args.baseline} if args.baseline else {})}
+            # the scorer of this tree and, with --baseline, of that tree, with --pure of this
+            # tree in pure Python: each its own side, (code tree, more environment)
+            trees: dict[str, tuple[Path | None, dict[str, str] | None]] = {"": (None, None)}
+            if args.baseline:
+                trees[f" (baseline {args.baseline})"] = (args.baseline, None)
+            if args.pure:
+                trees[" (this tree, SALKA_PURE_PYTHON=1)"] = (None, {"SALKA_PURE_PYTHON": "1"})
             sides = ["offline", *trees]
             offline, from_log, stage = [], [], {name: [] for name in trees}
             for round_ in range(args.rounds):  # alternate the order of the sides
@@ -430,7 +439,7 @@ def main() -> None:
                         offline.append(offline_scoring(config, windows, models))
                         from_log.append(offline_from_log(config, log, models))
                     else:
-                        stage[side].append(scorer_stage(base, config, work, bootstrap, total, trees[side]))
+                        stage[side].append(scorer_stage(base, config, work, bootstrap, total, *trees[side]))
                 print(f"round {round_ + 1}: offline {total / offline[-1][0]:.0f} ev/s, " + ", ".join(
                     f"scorer{name} {total / got[-1][0]:.0f} ev/s" for name, got in stage.items()), flush=True)
             floor = kafka_floor(base, config, work, bootstrap, total)

@@ -67,18 +67,21 @@ def stage_env() -> dict[str, str]:
 class StageProcesses:
     """The stage processes, started with one effective config file, stopped in pipeline order."""
 
-    def __init__(self, config_path: Path, log_dir: Path, code: Path | None = None):
+    def __init__(self, config_path: Path, log_dir: Path, code: Path | None = None,
+                 env: dict[str, str] | None = None):
         """``code``: run the stages of another checkout of salka (a benchmark's baseline, e.g.
-        ``git archive HEAD | tar -x -C DIR``): ``python -m pipeline`` finds its package first."""
+        ``git archive HEAD | tar -x -C DIR``): ``python -m pipeline`` finds its package first.
+        ``env``: more environment for the stages (a benchmark's SALKA_PURE_PYTHON=1)."""
         self.config_path = config_path
         self.log_dir = log_dir
         self.code = code
+        self.env = env or {}
         self.processes: list[tuple[str, subprocess.Popen]] = []
 
     def start(self, stage: str, instance: int = 0) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         name = f"{stage}-{instance}"
-        env = stage_env()
+        env = {**stage_env(), **self.env}
         if self.code is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.code), env.get("PYTHONPATH")]))
         with open(self.log_dir / f"{name}.log", "ab") as out:

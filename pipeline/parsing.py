@@ -31,7 +31,7 @@ class Event:
     time: float | None  # event time, epoch seconds; None when the input has no time
     fields: dict[str, str]  # every parsed field by name
     text_fields: tuple[tuple[str, str], ...]  # (name, value) pairs the model reads, in order
-    token_ids: tuple[int, ...] | None = None  # BOS..EOS ids, when a fixed tokenizer made them early
+    token_ids: tuple[int, ...] | bytes | None = None  # BOS..EOS ids, when a fixed tokenizer made them early
     source: tuple[str, int, int] | None = None  # Kafka (topic, partition, offset) of the raw record
     raw: str = ""  # the raw line, carried on the streaming path for analysts
 

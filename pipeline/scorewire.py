@@ -19,13 +19,23 @@ of encoding them again.
 
 If schemas/ changes either record, this module turns itself off (every record through the
 codec) rather than read or write stale bytes.
+
+setup.py also compiles this module with mypyc (as ``pipeline._scorewire_c``), which then takes
+the place of the classes below when it was built from this very file (the end of the module). So
+it must type-check, and values whose type the codec judges are read as ``object`` and checked
+here: a compiled typed read would convert or refuse them on its own terms.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import struct
 from collections.abc import Callable, Sequence
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 from fastavro.schema import to_parsing_canonical_form
@@ -249,10 +259,11 @@ class WindowedEventReader:
             count, pos = _length(data, pos)
         fields_end, text_fields = pos, None
         branch = data[pos]  # token_ids: null or an int array
+        ids: tuple[int, ...] | bytes | None = None
         if branch == 0:
-            ids, pos = None, pos + 1
+            pos += 1
         elif branch == 2:
-            ids = None
+            expected: object = None
             if self.encode is not None:
                 # The ids the tokenizer stage gave these text fields, when the record carries
                 # exactly those: one comparison of their Avro bytes instead of a loop over every
@@ -260,10 +271,9 @@ class WindowedEventReader:
                 # refuses costs what an accepted one of its size does (without encode, nothing).
                 fields = _utf8_fields(data[fields_start:fields_end], fields, items)
                 text_fields = self._model_text(fields)
-                ids = self.encode(text_fields)
-            array = int_array(ids) if type(ids) is bytes else None
-            if array is not None and data.startswith(array, pos + 1):
-                pos += 1 + len(array)
+                expected = self.encode(text_fields)
+            if type(expected) is bytes and data.startswith(array := int_array(expected), pos + 1):
+                ids, pos = expected, pos + 1 + len(array)
             else:
                 ids, pos = _ids(data, pos + 1)
         else:
@@ -318,14 +328,19 @@ class ScoredEventWriter:
                 pass  # the codec writes it, or says what is wrong in its own words
         return codec().encode(SCORED, score_to_record(score, self.config, late))
 
-    def _write(self, score: Score, late: bool, wire: Wire | None) -> bytes:
-        event = score.event
-        fields = event.fields
+    # Values from a Score are read as ``object`` and their types checked here: compiled
+    # (setup.py), a typed read would cast them (True as the int 1, an int loss as a float)
+    # where the codec refuses or writes them its own way.
+    def _write(self, score: Score, late: object, wire: Wire | None) -> bytes:
+        event: object = score.event
+        if type(event) is not Event:
+            raise _Doubt
+        fields: object = event.fields
         if type(fields) is not dict:
             raise _Doubt
         parts = [self.header, wire.head if wire is not None else self._head(event)]
         append = parts.append
-        window = score.window
+        window: object = score.window
         if type(window) is not int or not LONG_MIN <= window <= LONG_MAX:
             raise _Doubt
         append(long_bytes(window))
@@ -333,23 +348,25 @@ class ScoredEventWriter:
             append(self.map_start)
             get = fields.get
             for key, field in self.entities:
-                value = get(field, "")
+                value: object = get(field, "")
                 if type(value) is not str:
                     raise _Doubt
                 append(key)
                 append(avro_string(value))
         append(NULL)
-        for loss in (score.loss, score.loss_total):
+        losses: tuple[object, object] = (score.loss, score.loss_total)
+        for loss in losses:
             if loss is None:
                 append(NULL)
             elif type(loss) is float:
                 append(SECOND + pack_double(loss))
             else:
                 raise _Doubt
+        raw: object = event.raw
         if wire is not None:
             append(wire.raw)
-        elif type(event.raw) is str:
-            append(avro_string(event.raw))
+        elif type(raw) is str:
+            append(avro_string(raw))
         else:
             raise _Doubt
         if type(late) is not bool:
@@ -359,10 +376,12 @@ class ScoredEventWriter:
 
     def _head(self, event: Event) -> bytes:
         """source, line, event_time of an Event the reader did not read (the codec did)."""
-        source = event.source
+        source: object = event.source
         if type(source) is not tuple or len(source) != 3:
             raise _Doubt
-        topic, partition, offset = source
+        topic: object = source[0]
+        partition: object = source[1]
+        offset: object = source[2]
         if type(topic) is not str:
             raise _Doubt
         topic_bytes = self.topics.get(topic)
@@ -374,14 +393,14 @@ class ScoredEventWriter:
             raise _Doubt
         if type(offset) is not int or not LONG_MIN <= offset <= LONG_MAX:
             raise _Doubt
-        line = event.line or None  # as score_to_record: line 0 (unknown) is null
+        line: object = event.line or None  # as score_to_record: line 0 (unknown) is null
         if line is None:
             line_bytes = NULL
         elif type(line) is int and LONG_MIN <= line <= LONG_MAX:
             line_bytes = SECOND + long_bytes(line)
         else:
             raise _Doubt
-        time = event.time
+        time: object = event.time
         if time is None:
             time_bytes = NULL
         elif type(time) is float:
@@ -389,3 +408,37 @@ class ScoredEventWriter:
         else:
             raise _Doubt
         return b"".join((topic_bytes, long_bytes(partition), long_bytes(offset), line_bytes, time_bytes))
+
+
+
+# The compiled build is this source up to here (setup.py cuts it at the next line).
+# ---- end of the compiled build ----
+
+
+def _compiled() -> ModuleType | None:
+    """pipeline._scorewire_c, this module compiled by mypyc at install (setup.py), if it was
+    built from this very source: an edited module is never shadowed by a stale build.
+    SALKA_PURE_PYTHON=1 keeps to this module (as it keeps setup.py from compiling)."""
+    if os.environ.get("SALKA_PURE_PYTHON"):
+        return None
+    try:
+        from pipeline import _scorewire_c as compiled
+    except ImportError:
+        return None
+    if not str(compiled.__file__).endswith(tuple(EXTENSION_SUFFIXES)):
+        return None  # the generated source, not built
+    try:
+        mine = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    except OSError:  # no source file to compare (a frozen or zipped install): play safe
+        return None
+    return compiled if getattr(compiled, "SOURCE_SHA256", None) == mine else None
+
+
+PYTHON_CLASSES = (WindowedEventReader, ScoredEventWriter)  # tests run both builds
+COMPILED = _compiled() is not None
+if COMPILED:
+    from pipeline._scorewire_c import (  # type: ignore[no-redef]  # noqa: F811
+        ScoredEventWriter,
+        WindowedEventReader,
+        Wire,
+    )

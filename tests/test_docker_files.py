@@ -335,6 +335,17 @@ def test_every_copied_path_exists_in_the_repo():
     assert copies
 
 
+def test_dockerfile_builds_the_compiled_scorewire_and_checks_it():
+    """setup.py compiles pipeline/scorewire.py when it and a C compiler are there: the image
+    copies it, has gcc while salka installs, and fails to build if the module was not compiled."""
+    copies = [instruction_args(args) for keyword, args in dockerfile_instructions() if keyword == "COPY"]
+    assert any("setup.py" in words[:-1] for words in copies), "setup.py is not copied"
+    install = next(args for keyword, args in dockerfile_instructions()
+                   if keyword == "RUN" and re.search(r"pip install -c constraints\.txt \.", args))
+    assert install.index("install -y --no-install-recommends gcc") < install.index("pip install")
+    assert "assert s.COMPILED" in install
+
+
 def test_dockerfile_ships_the_docker_config_where_compose_points():
     copies = [instruction_args(args) for keyword, args in dockerfile_instructions() if keyword == "COPY"]
     assert ["docker/config.docker.yaml", CONFIG_IN_CONTAINER] in copies

@@ -12,11 +12,14 @@ import dataclasses
 import math
 import random
 import struct
+import sys
+from pathlib import Path
 
 import pytest
 from stage_fakes import FakeMessage, RecordingOutput
 
 from nn.tokenizers import encode_event
+from pipeline import scorewire
 from pipeline.config import config_from_dict
 from pipeline.generate import GenerateSpec, generate_events
 from pipeline.modelspec import fixed_encoder, make_masker, make_tokenizer
@@ -25,6 +28,7 @@ from pipeline.parsing import Event, LineParser, Malformed
 from pipeline.score import Score
 from pipeline.scorewire import ScoredEventWriter, WindowedEventReader
 from pipeline.serde import MAGIC, DecodeError, EncodeError, avro_long, codec
+from pipeline.stages import scorer
 from pipeline.stages.scorer import ScorerStage
 from pipeline.topicrecords import event_to_record, record_to_event, score_to_record
 from pipeline.windowing import event_order
@@ -32,6 +36,50 @@ from pipeline.windowing import event_order
 WINDOWED, SCORED = "salka.WindowedEvent", "salka.ScoredEvent"
 PIECES = ["a", "Z", "0", ",", " ", "é", "\u4e2d", "\U0001f600", "\x00", "<", '"', "\\"]
 REFUSED = "refused"
+
+
+def builds() -> list:
+    """The reader and writer classes of each build at hand: the Python source, and the same
+    source compiled by mypyc at install (setup.py) when it was built."""
+    found = [pytest.param(scorewire.PYTHON_CLASSES, id="python")]
+    if scorewire.COMPILED:
+        found.append(pytest.param((scorewire.WindowedEventReader, scorewire.ScoredEventWriter),
+                                  id="compiled"))
+    return found
+
+
+def use_build(monkeypatch, module, classes) -> None:
+    """Every test of ``module`` (and the scorer stage it drives) with these classes."""
+    reader, writer = classes
+    for where in (module, scorer):
+        monkeypatch.setattr(where, "WindowedEventReader", reader)
+        monkeypatch.setattr(where, "ScoredEventWriter", writer)
+
+
+@pytest.fixture(autouse=True, params=builds())
+def build(request, monkeypatch):
+    use_build(monkeypatch, sys.modules[__name__], request.param)
+
+
+def test_the_compiled_build_is_used_only_when_it_was_built_from_this_source(monkeypatch):
+    """setup.py compiles this source; a build of another one (the module edited since) is not
+    used, the Python module is."""
+    if not scorewire.COMPILED:
+        pytest.skip("pure Python install (no mypyc or C compiler at install, or SALKA_PURE_PYTHON)")
+    from pipeline import _scorewire_c
+
+    assert scorewire.WindowedEventReader is _scorewire_c.WindowedEventReader
+    assert scorewire._compiled() is _scorewire_c
+    monkeypatch.setattr(_scorewire_c, "SOURCE_SHA256", "0" * 64)
+    assert scorewire._compiled() is None
+
+
+def test_scorewire_type_checks_as_setup_py_compiles_it():
+    """A type error would make setup.py fall back to pure Python without a word at install."""
+    api = pytest.importorskip("mypy.api")
+    out, err, status = api.run(["--ignore-missing-imports", "--follow-imports=silent",
+                                "--no-incremental", str(Path(scorewire.__file__))])
+    assert status == 0, out + err
 
 
 def value_of(window: int, event: Event) -> bytes:

@@ -9,11 +9,12 @@ Every value here is built by hand, byte by byte; no broker.
 from __future__ import annotations
 
 import struct
+import sys
 import time
 import tracemalloc
 
 import pytest
-from test_scorewire import REFUSED, codec_path
+from test_scorewire import REFUSED, builds, codec_path, use_build
 
 from pipeline.config import config_from_dict
 from pipeline.modelspec import make_masker
@@ -27,6 +28,11 @@ WINDOWED, SCORED = "salka.WindowedEvent", "salka.ScoredEvent"
 CONFIG = config_from_dict({"tokenizer": {"kind": "word", "mask": {"enabled": True}},
                            "input": {"entities": {"user": "src_user", "ok": "success"}}})
 FIELDS = LineParser(CONFIG.input).model_fields
+
+
+@pytest.fixture(autouse=True, params=builds())
+def build(request, monkeypatch):
+    use_build(monkeypatch, sys.modules[__name__], request.param)
 
 
 def reader() -> WindowedEventReader:

@@ -21,6 +21,7 @@ from collections import OrderedDict
 
 from confluent_kafka import Message, TopicPartition
 
+from pipeline import scorewire
 from pipeline.config import Config
 from pipeline.learner import WindowLearner
 from pipeline.modelspec import fixed_encoder, make_masker
@@ -83,6 +84,8 @@ class ScorerStage(BaseStage):
         # Avro by hand (pipeline/scorewire.py): the codec's results at a fraction of its cost
         self.wire_reader = WindowedEventReader(self.model_fields, self.masker, fixed_encoder(config))
         self.wire_writer = ScoredEventWriter(config)
+        log.info("scorer: records read and written by pipeline/scorewire.py, %s", "compiled (setup.py)"
+                 if scorewire.COMPILED else "as Python (not compiled at install, or SALKA_PURE_PYTHON)")
         self.index = ModelIndex()
         self.models: OrderedDict[tuple, WindowLearner] = OrderedDict()  # (through, sha256) -> model
         self.refused: dict[tuple, float] = {}  # announcement identity -> when refused
