@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from types import ModuleType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from fastavro.schema import to_parsing_canonical_form
 
@@ -185,11 +185,13 @@ class WindowedEventReader:
         except (_Doubt, IndexError, UnicodeDecodeError, struct.error):
             return None
 
-    def _model_text(self, fields: dict[str, str]) -> tuple[tuple[str, str], ...]:
-        """The (name, value) pairs the model reads, masked as the tokenizer stage masks them."""
+    def _model_text(self, fields: dict[str, str]) -> Any:
+        """The (name, value) pairs the model reads, masked as the tokenizer stage masks them
+        (Any: compiled, whatever the masker gives is passed on as it is, as in Python)."""
         model_fields = self.model_fields
         text_fields = tuple(zip(model_fields, map(fields.get, model_fields, self.blanks)))
-        return text_fields if self.masker is None else self.masker.mask_fields(text_fields)
+        masker: Any = self.masker
+        return text_fields if masker is None else masker.mask_fields(text_fields)
 
     def _read(self, data: bytes) -> tuple[int, Event, Wire]:
         size = len(data)
@@ -320,25 +322,24 @@ class ScoredEventWriter:
         self.map_start = long_bytes(len(entities)) if entities else b""
         self.topics: dict[str, bytes] = {}
 
-    def write(self, score: Score, late: bool = False, wire: Wire | None = None) -> bytes:
-        if self.fast and not score.token_losses:  # explaining scores: the codec writes them
+    def write(self, score: Score, late: Any = False, wire: Wire | None = None) -> bytes:
+        untyped: Any = score  # see _write (``late``: a bool, Any for the same reason)
+        if self.fast and not untyped.token_losses:  # explaining scores: the codec writes them
             try:
-                return self._write(score, late, wire)
+                return self._write(untyped, late, wire)
             except (_Doubt, UnicodeEncodeError):
                 pass  # the codec writes it, or says what is wrong in its own words
         return codec().encode(SCORED, score_to_record(score, self.config, late))
 
-    # Values from a Score are read as ``object`` and their types checked here: compiled
-    # (setup.py), a typed read would cast them (True as the int 1, an int loss as a float)
-    # where the codec refuses or writes them its own way.
-    def _write(self, score: Score, late: object, wire: Wire | None) -> bytes:
-        event: object = score.event
-        if type(event) is not Event:
-            raise _Doubt
+    # The Score, its Event, ``late`` and ``wire`` come in as Any and each value is checked here:
+    # compiled (setup.py), a read through a declared type is converted or refused by mypyc (True
+    # as the int 1, a TypeError for None) where the codec refuses or writes it its own way.
+    def _write(self, score: Any, late: Any, wire: Any) -> bytes:
+        event: Any = score.event
         fields: object = event.fields
         if type(fields) is not dict:
             raise _Doubt
-        parts = [self.header, wire.head if wire is not None else self._head(event)]
+        parts: list[Any] = [self.header, wire.head if wire is not None else self._head(event)]
         append = parts.append
         window: object = score.window
         if type(window) is not int or not LONG_MIN <= window <= LONG_MAX:
@@ -374,7 +375,7 @@ class ScoredEventWriter:
         append(_NULLS_TRUE if late else _NULLS_FALSE)  # tokens, token_losses (explain only), late
         return b"".join(parts)
 
-    def _head(self, event: Event) -> bytes:
+    def _head(self, event: Any) -> bytes:
         """source, line, event_time of an Event the reader did not read (the codec did)."""
         source: object = event.source
         if type(source) is not tuple or len(source) != 3:
@@ -419,26 +420,37 @@ def _compiled() -> ModuleType | None:
     """pipeline._scorewire_c, this module compiled by mypyc at install (setup.py), if it was
     built from this very source: an edited module is never shadowed by a stale build.
     SALKA_PURE_PYTHON=1 keeps to this module (as it keeps setup.py from compiling)."""
-    if os.environ.get("SALKA_PURE_PYTHON"):
+    if os.environ.get("SALKA_PURE_PYTHON", "0") != "0":
         return None
     try:
         from pipeline import _scorewire_c as compiled
-    except ImportError:
+    except Exception:  # noqa: BLE001 (none, or one that fails to load: this module it is)
         return None
     if not str(compiled.__file__).endswith(tuple(EXTENSION_SUFFIXES)):
         return None  # the generated source, not built
     try:
-        mine = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-    except OSError:  # no source file to compare (a frozen or zipped install): play safe
+        built_from = sources_sha256(Path(__file__).parent.parent)
+    except OSError:  # no source files to compare (a frozen or zipped install): play safe
         return None
-    return compiled if getattr(compiled, "SOURCE_SHA256", None) == mine else None
+    return compiled if getattr(compiled, "SOURCE_SHA256", None) == built_from else None
+
+
+# What the compiled build depends on, by path from the project root: this module, and the Avro
+# helpers whose declared types it relies on (setup.py hashes the same files into the build).
+COMPILED_FROM = ("pipeline/scorewire.py", "pipeline/tokenwire.py")
+
+
+def sources_sha256(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in COMPILED_FROM:
+        digest.update((root / path).read_bytes())
+    return digest.hexdigest()
 
 
 PYTHON_CLASSES = (WindowedEventReader, ScoredEventWriter)  # tests run both builds
 COMPILED = _compiled() is not None
-if COMPILED:
+if COMPILED:  # Wire stays this module's: the compiled reader makes its own, its writer reads either
     from pipeline._scorewire_c import (  # type: ignore[no-redef]  # noqa: F811
         ScoredEventWriter,
         WindowedEventReader,
-        Wire,
     )

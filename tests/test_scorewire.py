@@ -9,12 +9,14 @@ values; no broker.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import random
 import struct
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from stage_fakes import FakeMessage, RecordingOutput
 
@@ -33,6 +35,7 @@ from pipeline.stages.scorer import ScorerStage
 from pipeline.topicrecords import event_to_record, record_to_event, score_to_record
 from pipeline.windowing import event_order
 
+ROOT = Path(__file__).resolve().parent.parent
 WINDOWED, SCORED = "salka.WindowedEvent", "salka.ScoredEvent"
 PIECES = ["a", "Z", "0", ",", " ", "é", "\u4e2d", "\U0001f600", "\x00", "<", '"', "\\"]
 REFUSED = "refused"
@@ -72,6 +75,65 @@ def test_the_compiled_build_is_used_only_when_it_was_built_from_this_source(monk
     assert scorewire._compiled() is _scorewire_c
     monkeypatch.setattr(_scorewire_c, "SOURCE_SHA256", "0" * 64)
     assert scorewire._compiled() is None
+
+
+def test_the_build_is_chosen_by_its_sources_and_the_environment(monkeypatch):
+    """The compiled build is left out when SALKA_PURE_PYTHON is set, when only the generated
+    source is there, and when the sources cannot be read; setup.py hashes the same files."""
+    setup_py = ROOT / "setup.py"
+    spec = importlib.util.spec_from_file_location("salka_setup", setup_py)
+    pytest.importorskip("setuptools")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # setup() runs only as __main__
+    assert module.COMPILED_FROM == scorewire.COMPILED_FROM
+    if not scorewire.COMPILED:
+        pytest.skip("pure Python install (no mypyc or C compiler at install, or SALKA_PURE_PYTHON)")
+    from pipeline import _scorewire_c
+
+    assert scorewire._compiled() is _scorewire_c
+    with monkeypatch.context() as patch:
+        patch.setenv("SALKA_PURE_PYTHON", "1")
+        assert scorewire._compiled() is None
+    with monkeypatch.context() as patch:
+        patch.setattr(_scorewire_c, "__file__", str(ROOT / "pipeline" / "_scorewire_c.py"))
+        assert scorewire._compiled() is None
+    with monkeypatch.context() as patch:
+        patch.setattr(scorewire, "__file__", "/nonexistent/pipeline/scorewire.py")
+        assert scorewire._compiled() is None
+    assert scorewire._compiled() is _scorewire_c
+
+
+def outcome(write):
+    """The bytes written, or the type of the error (its words may differ: the writer and the
+    codec path read an Event's attributes in another order)."""
+    try:
+        return ("bytes", write())
+    except Exception as exc:  # noqa: BLE001 (compared: the same error type, or the same bytes)
+        return (type(exc).__name__, None)
+
+
+def test_the_writer_judges_odd_values_as_the_codec_does():
+    """Each value of a Score, its Event, ``late``: the writer's bytes or error are the codec
+    path's, in both builds (compiled, a typed read would turn True into 1 or refuse None)."""
+    config = config_from_dict({"input": {"entities": {"user": "src_user"}}})
+    writer = ScoredEventWriter(config)
+    event = Event(5, 1.5, {"src_user": "U1"}, (), None, ("raw", 1, 2), "line")
+    odd_events = [{"line": v} for v in (True, None, 0.0, np.int64(5), 2**63)] + \
+        [{"time": v} for v in (5, True, np.float32(1.5), math.nan)] + \
+        [{"fields": v} for v in (None, [], {"src_user": 5})] + [{"raw": v} for v in (None, b"line")] + \
+        [{"source": v} for v in (["raw", 1, 2], ("raw", True, 2), ("raw", 1), None)]
+    scores = [Score(dataclasses.replace(event, **change), 1, 1.5, 2.5) for change in odd_events]
+    scores += [Score(event, w, 1.5, 2.5) for w in (True, np.int64(1), 2**63, None)]
+    scores += [Score(event, 1, v, 2.5) for v in (1, True, np.float32(1.5), None)]
+    scores += [Score(event, 1, 1.5, 2.5, t) for t in ([], None)]
+    scores.append(Score(None, 1, 1.5, 2.5))
+    checked = 0
+    for score in scores:
+        for late in (False, True, 1, None, "x"):
+            want = outcome(lambda s=score, x=late: codec().encode(SCORED, score_to_record(s, config, x)))
+            assert outcome(lambda s=score, x=late: writer.write(s, x)) == want, (score, late)
+            checked += want[0] == "bytes"
+    assert checked >= 20  # control: many are written, not only refused
 
 
 def test_scorewire_type_checks_as_setup_py_compiles_it():
