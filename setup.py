@@ -2,8 +2,8 @@
 per-event Avro reader and writer) is also compiled with mypyc into ``pipeline._scorewire_c``,
 which the module uses in its own place when it was built from the very same sources.
 
-Why: read and write are pure Python over bytes, about 8 us an event, next to ~65 us of model
-for the default model; compiled, the same code takes less than half (README, "Scaling").
+Why: reading a windows record in Python over its bytes takes about 6 us an event, next to ~65 us
+of model for the default model; compiled, the same code takes less than half (README, "Scaling").
 Optional: without mypyc, without a C compiler, with a mypy that refuses the module, or with
 SALKA_PURE_PYTHON=1, the package is pure Python and behaves the same
 (tests/test_scorewire.py runs both builds against the codec).
