@@ -21,9 +21,10 @@ If schemas/ changes either record, this module turns itself off (every record th
 codec) rather than read or write stale bytes.
 
 setup.py also compiles this module with mypyc (as ``pipeline._scorewire_c``), which then takes
-the place of the classes below when it was built from this very file (the end of the module). So
-it must type-check, and values whose type the codec judges are read as ``object`` and checked
-here: a compiled typed read would convert or refuse them on its own terms.
+the place of the classes below when it was built from the very files in COMPILED_FROM (the end
+of the module). So it must type-check, and what the caller hands in (a Score, ``late``, a wire,
+the config's entities, the masker's result) is read through ``Any`` and checked here: compiled,
+a read through a declared type is converted or refused by mypyc on its own terms.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from pipeline.tokenwire import (
 )
 from pipeline.topicrecords import score_to_record
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.scorewire")  # the compiled build's too
 
 WINDOWED, SCORED = "salka.WindowedEvent", "salka.ScoredEvent"
 # The canonical forms this module was written for; another one turns its side off.
@@ -316,13 +317,14 @@ class ScoredEventWriter:
         if not self.fast:
             log.warning("schemas/%s.avsc changed: pipeline/scorewire.py no longer matches it; "
                         "encoding through the generic codec (slower) until it is updated", SCORED)
-        entities = config.input.entities
+        settings: Any = config  # its entities read as the codec path reads them (see _write)
+        entities = settings.input.entities
         # The map's block count and each key's string: the same for every event
         self.entities = [(avro_string(name), field) for name, field in entities.items()]
         self.map_start = long_bytes(len(entities)) if entities else b""
         self.topics: dict[str, bytes] = {}
 
-    def write(self, score: Score, late: Any = False, wire: Wire | None = None) -> bytes:
+    def write(self, score: Score, late: Any = False, wire: Any = None) -> bytes:
         untyped: Any = score  # see _write (``late``: a bool, Any for the same reason)
         if self.fast and not untyped.token_losses:  # explaining scores: the codec writes them
             try:
@@ -418,9 +420,10 @@ class ScoredEventWriter:
 
 def _compiled() -> ModuleType | None:
     """pipeline._scorewire_c, this module compiled by mypyc at install (setup.py), if it was
-    built from this very source: an edited module is never shadowed by a stale build.
-    SALKA_PURE_PYTHON=1 keeps to this module (as it keeps setup.py from compiling)."""
-    if os.environ.get("SALKA_PURE_PYTHON", "0") != "0":
+    built from the files of COMPILED_FROM as they are: an edited module is never shadowed by a
+    stale build. SALKA_PURE_PYTHON (any value but empty or 0) keeps to this module, as it keeps
+    setup.py from compiling."""
+    if os.environ.get("SALKA_PURE_PYTHON", "") not in ("", "0"):
         return None
     try:
         from pipeline import _scorewire_c as compiled
@@ -435,21 +438,22 @@ def _compiled() -> ModuleType | None:
     return compiled if getattr(compiled, "SOURCE_SHA256", None) == built_from else None
 
 
-# What the compiled build depends on, by path from the project root: this module, and the Avro
-# helpers whose declared types it relies on (setup.py hashes the same files into the build).
-COMPILED_FROM = ("pipeline/scorewire.py", "pipeline/tokenwire.py")
+# What the compiled build depends on, by path from the project root: this module, and those
+# whose declared types it relies on (tokenwire's Avro helpers, serde's MAGIC and codec); setup.py
+# hashes the same files into the build.
+COMPILED_FROM = ("pipeline/scorewire.py", "pipeline/tokenwire.py", "pipeline/serde.py")
 
 
 def sources_sha256(root: Path) -> str:
     digest = hashlib.sha256()
     for path in COMPILED_FROM:
-        digest.update((root / path).read_bytes())
+        digest.update(hashlib.sha256((root / path).read_bytes()).digest())
     return digest.hexdigest()
 
 
 PYTHON_CLASSES = (WindowedEventReader, ScoredEventWriter)  # tests run both builds
 COMPILED = _compiled() is not None
-if COMPILED:  # Wire stays this module's: the compiled reader makes its own, its writer reads either
+if COMPILED:  # Wire stays this module's (the compiled reader makes its own; equal, not isinstance)
     from pipeline._scorewire_c import (  # type: ignore[no-redef]  # noqa: F811
         ScoredEventWriter,
         WindowedEventReader,

@@ -15,6 +15,7 @@ import random
 import struct
 import sys
 from pathlib import Path
+from types import MappingProxyType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -86,6 +87,7 @@ def test_the_build_is_chosen_by_its_sources_and_the_environment(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # setup() runs only as __main__
     assert module.COMPILED_FROM == scorewire.COMPILED_FROM
+    assert module.sources_sha256(ROOT) == scorewire.sources_sha256(ROOT)
     if not scorewire.COMPILED:
         pytest.skip("pure Python install (no mypyc or C compiler at install, or SALKA_PURE_PYTHON)")
     from pipeline import _scorewire_c
@@ -134,6 +136,28 @@ def test_the_writer_judges_odd_values_as_the_codec_does():
             assert outcome(lambda s=score, x=late: writer.write(s, x)) == want, (score, late)
             checked += want[0] == "bytes"
     assert checked >= 20  # control: many are written, not only refused
+
+
+def test_both_builds_write_alike_for_odd_wires_and_entities():
+    """What the codec path never sees (the reader's spans, the writer's config) is taken the
+    same way by both builds: read by attribute and by mapping, whatever its type."""
+    if not scorewire.COMPILED:
+        pytest.skip("pure Python install (no mypyc or C compiler at install, or SALKA_PURE_PYTHON)")
+    python, compiled = scorewire.PYTHON_CLASSES[1], scorewire.ScoredEventWriter
+    config = config_from_dict({"input": {"entities": {"user": "src_user"}}})
+    proxied = dataclasses.replace(config, input=dataclasses.replace(
+        config.input, entities=MappingProxyType({"user": "src_user"})))
+    event = Event(5, 1.5, {"src_user": "U1"}, (), None, ("raw", 1, 2), "line")
+    _, _, wire = scorewire.PYTHON_CLASSES[0]([], None).read(value_of(1, event))
+    duck = SimpleNamespace(head=wire.head, raw=wire.raw)
+    outcomes = []
+    for conf in (config, proxied):
+        for spans in (None, wire, duck, ["a", "b"], False):
+            got = [outcome(lambda w=w, c=conf, x=spans: w(c).write(Score(event, 1, 1.5, 2.5), False, x))
+                   for w in (python, compiled)]
+            assert got[0] == got[1], (conf.input.entities, spans)
+            outcomes.append(got[0][0])
+    assert outcomes.count("bytes") == 6  # None, the reader's spans and the duck, either config
 
 
 def test_scorewire_type_checks_as_setup_py_compiles_it():
