@@ -15,7 +15,7 @@ DEMO   := demo
 export OMP_NUM_THREADS ?= 1
 
 # constraints.txt pins torch to the CPU wheel that lies on disk here (no multi-GB CUDA download).
-$(STAMP): pyproject.toml constraints.txt setup.py pipeline/scorewire.py pipeline/tokenwire.py pipeline/serde.py
+$(STAMP): pyproject.toml constraints.txt setup.py pipeline/compiledbuild.py pipeline/scorewire.py pipeline/tokenwire.py pipeline/serde.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)

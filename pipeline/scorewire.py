@@ -21,28 +21,25 @@ If schemas/ changes either record, this module turns itself off (every record th
 codec) rather than read or write stale bytes.
 
 setup.py also compiles this module with mypyc (as ``pipeline._scorewire_c``), which then takes
-the place of the classes below when it was built from the very files in COMPILED_FROM (the end
-of the module). So it must type-check, and what the caller hands in (a Score, ``late``, a wire,
-the config's entities, the masker's result) is read through ``Any`` and checked here: compiled,
-a read through a declared type is converted or refused by mypyc on its own terms.
+the place of the classes below when it was built from the very files in COMPILED_FROM
+(pipeline/compiledbuild.py; the end of this module). So it must type-check, and what the caller
+hands in (a Score, ``late``, a wire, the config's entities, the masker's result) is read through
+``Any`` and checked here: compiled, a read through a declared type is converted or refused by
+mypyc on its own terms.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import struct
 from collections.abc import Callable, Sequence
-from importlib.machinery import EXTENSION_SUFFIXES
-from pathlib import Path
-from types import ModuleType
 from typing import Any, NamedTuple
 
 from fastavro.schema import to_parsing_canonical_form
 
 from nn.masking import Masker
 from nn.tokenizers import Fields
+from pipeline.compiledbuild import compiled_scorewire
 from pipeline.config import Config
 from pipeline.parsing import Event
 from pipeline.score import Score
@@ -417,42 +414,8 @@ class ScoredEventWriter:
 # The compiled build is this source up to here (setup.py cuts it at the next line).
 # ---- end of the compiled build ----
 
-
-def _compiled() -> ModuleType | None:
-    """pipeline._scorewire_c, this module compiled by mypyc at install (setup.py), if it was
-    built from the files of COMPILED_FROM as they are: an edited module is never shadowed by a
-    stale build. SALKA_PURE_PYTHON (any value but empty or 0) keeps to this module, as it keeps
-    setup.py from compiling."""
-    if os.environ.get("SALKA_PURE_PYTHON", "") not in ("", "0"):
-        return None
-    try:
-        from pipeline import _scorewire_c as compiled
-    except Exception:  # noqa: BLE001 (none, or one that fails to load: this module it is)
-        return None
-    if not str(compiled.__file__).endswith(tuple(EXTENSION_SUFFIXES)):
-        return None  # the generated source, not built
-    try:
-        built_from = sources_sha256(Path(__file__).parent.parent)
-    except OSError:  # no source files to compare (a frozen or zipped install): play safe
-        return None
-    return compiled if getattr(compiled, "SOURCE_SHA256", None) == built_from else None
-
-
-# What the compiled build depends on, by path from the project root: this module, and those
-# whose declared types it relies on (tokenwire's Avro helpers, serde's MAGIC and codec); setup.py
-# hashes the same files into the build.
-COMPILED_FROM = ("pipeline/scorewire.py", "pipeline/tokenwire.py", "pipeline/serde.py")
-
-
-def sources_sha256(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in COMPILED_FROM:
-        digest.update(hashlib.sha256((root / path).read_bytes()).digest())
-    return digest.hexdigest()
-
-
 PYTHON_CLASSES = (WindowedEventReader, ScoredEventWriter)  # tests run both builds
-COMPILED = _compiled() is not None
+COMPILED = compiled_scorewire() is not None
 if COMPILED:  # Wire stays this module's (the compiled reader makes its own; equal, not isinstance)
     from pipeline._scorewire_c import (  # type: ignore[no-redef]  # noqa: F811
         ScoredEventWriter,

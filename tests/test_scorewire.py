@@ -22,7 +22,7 @@ import pytest
 from stage_fakes import FakeMessage, RecordingOutput
 
 from nn.tokenizers import encode_event
-from pipeline import scorewire
+from pipeline import compiledbuild, scorewire
 from pipeline.config import config_from_dict
 from pipeline.generate import GenerateSpec, generate_events
 from pipeline.modelspec import fixed_encoder, make_masker, make_tokenizer
@@ -73,9 +73,9 @@ def test_the_compiled_build_is_used_only_when_it_was_built_from_this_source(monk
     from pipeline import _scorewire_c
 
     assert scorewire.WindowedEventReader is _scorewire_c.WindowedEventReader
-    assert scorewire._compiled() is _scorewire_c
+    assert compiledbuild.compiled_scorewire() is _scorewire_c
     monkeypatch.setattr(_scorewire_c, "SOURCE_SHA256", "0" * 64)
-    assert scorewire._compiled() is None
+    assert compiledbuild.compiled_scorewire() is None
 
 
 def test_the_build_is_chosen_by_its_sources_and_the_environment(monkeypatch):
@@ -86,23 +86,23 @@ def test_the_build_is_chosen_by_its_sources_and_the_environment(monkeypatch):
     pytest.importorskip("setuptools")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # setup() runs only as __main__
-    assert module.COMPILED_FROM == scorewire.COMPILED_FROM
-    assert module.sources_sha256(ROOT) == scorewire.sources_sha256(ROOT)
+    assert module.sources_sha256 is compiledbuild.sources_sha256  # one hash, not a copy
+    assert module.sources_sha256(ROOT) == compiledbuild.sources_sha256()
     if not scorewire.COMPILED:
         pytest.skip("pure Python install (no mypyc or C compiler at install, or SALKA_PURE_PYTHON)")
     from pipeline import _scorewire_c
 
-    assert scorewire._compiled() is _scorewire_c
+    assert compiledbuild.compiled_scorewire() is _scorewire_c
     with monkeypatch.context() as patch:
         patch.setenv("SALKA_PURE_PYTHON", "1")
-        assert scorewire._compiled() is None
+        assert compiledbuild.compiled_scorewire() is None
     with monkeypatch.context() as patch:
         patch.setattr(_scorewire_c, "__file__", str(ROOT / "pipeline" / "_scorewire_c.py"))
-        assert scorewire._compiled() is None
+        assert compiledbuild.compiled_scorewire() is None
     with monkeypatch.context() as patch:
-        patch.setattr(scorewire, "__file__", "/nonexistent/pipeline/scorewire.py")
-        assert scorewire._compiled() is None
-    assert scorewire._compiled() is _scorewire_c
+        patch.setattr(compiledbuild, "__file__", "/nonexistent/pipeline/compiledbuild.py")
+        assert compiledbuild.compiled_scorewire() is None
+    assert compiledbuild.compiled_scorewire() is _scorewire_c
 
 
 def outcome(write):
