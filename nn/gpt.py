@@ -79,6 +79,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # Scoring on a GPU cuts the batches in length order (nn/scoring.py): attention's work grows
+    # faster than the width, and less padding is worth the host's gathering (H200, char GPT
+    # d128x2, batch 4096, bf16: 705k-710k events/s against 551k-553k in input order).
+    gpu_scores_in_length_order = True
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config

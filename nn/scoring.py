@@ -28,6 +28,36 @@ def pad_batch(seqs: Sequence[Sequence[int]], pin_memory: bool = False) -> torch.
     return out
 
 
+def pad_batch_on_device(seqs: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """``pad_batch(seqs)`` built on ``device``: the host sends only the ids, back to back (one
+    byte an id where ``_flat_ids`` packs them), and the rows' lengths, from pinned memory; the
+    device lays them out. On a GPU that spares the host the (B, T) int64 batch, its fill and its
+    transfer (~8x the bytes of the packed ids), which the GPU otherwise waits for. No step here
+    waits for the device: every size is known on the host."""
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    total = int(lengths.sum())
+    pin = device.type == "cuda"
+    ids = _staged(_flat_ids(seqs, total), pin).to(device, non_blocking=True)
+    row_lengths = _staged(lengths, pin).to(device, non_blocking=True)
+    width = int(lengths.max())
+    rows = torch.repeat_interleave(torch.arange(len(seqs), device=device), row_lengths, output_size=total)
+    row_starts = torch.cumsum(row_lengths, 0) - row_lengths  # where each row's ids begin in ``ids``
+    # An id's place in the flattened (B, width) batch: its row's start there, plus how far it is
+    # into its row.
+    places = torch.arange(total, device=device) + rows * width - row_starts[rows]
+    out = torch.full((len(seqs), width), PAD, dtype=torch.long, device=device)
+    return out.view(-1).scatter_(0, places, ids.long()).view(len(seqs), width)
+
+
+def _staged(array: np.ndarray, pin: bool) -> torch.Tensor:
+    """A CPU tensor holding a copy of ``array``, in page-locked memory when ``pin`` (the caching
+    host allocator keeps it until an asynchronous copy from it has finished)."""
+    dtype = torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
+    tensor = torch.empty(array.shape, dtype=dtype, pin_memory=pin)
+    tensor.numpy()[...] = array
+    return tensor
+
+
 def _flat_ids(seqs: Sequence[Sequence[int]], total: int) -> np.ndarray:
     """Every id, row after row. Rows of ``bytes`` (the char tokenizer's ids, one a byte) are
     joined as they are; lists and tuples of ids in 0..255 (char ids read from a topic, without
@@ -35,7 +65,10 @@ def _flat_ids(seqs: Sequence[Sequence[int]], total: int) -> np.ndarray:
     np.fromiter over Python ints (0.75 against 1.5 us a 58-token event): on a GPU that host work
     is what the device waits for. Anything else (larger or negative ids, arrays: ``bytes`` of an
     array would copy its raw memory) takes np.fromiter."""
-    if all(type(row) is bytes or type(row) is list or type(row) is tuple for row in seqs):
+    kinds = set(map(type, seqs))  # in C: a generator over the rows cost as much as the join
+    if kinds == {bytes}:
+        return np.frombuffer(b"".join(seqs), dtype=np.uint8)
+    if kinds <= {bytes, list, tuple}:
         try:  # a list's or tuple's bytes() is one byte an id (``total`` of them); bytes are ids
             return np.frombuffer(b"".join(map(bytes, seqs)), dtype=np.uint8)
         except (ValueError, TypeError):  # an id outside 0..255, or not an int
@@ -113,21 +146,24 @@ def score_sequences(
     pad a batch of 256 to 1.57x their tokens, in length order to 1.01x. A sequence's result
     depends on its batch only through float rounding (padding is masked; tests/test_models.py):
     ~1e-6 of a loss, more on high losses, within the 1e-5 that streaming and replay agree to.
-    On a GPU every new batch width costs the libraries a set-up, which made length order slower
-    there (README)."""
+    On a GPU the model's ``gpu_scores_in_length_order`` decides (a GPT: yes, an RNN: no; the
+    measurements are beside them), the batches are laid out on the GPU (pad_batch_on_device),
+    and each new batch width costs the GPU libraries a set-up once per process."""
     was_training = model.training
     model.eval()
     cuda = device is not None and device.type == "cuda"
-    order = None if cuda else _by_length(seqs)
+    length_order = not cuda or getattr(model, "gpu_scores_in_length_order", False)
+    order = _by_length(seqs) if length_order else None
     results: list[tuple[float, float, tuple[float, ...]]] = []
     pending = None
     try:
         for start in range(0, len(seqs), batch_size):
             rows = (seqs[start : start + batch_size] if order is None
                     else [seqs[i] for i in order[start : start + batch_size]])
-            batch = pad_batch(rows, pin_memory=cuda)
-            if device is not None:
-                batch = batch.to(device, non_blocking=True)
+            if cuda:
+                batch = pad_batch_on_device(rows, device)
+            else:
+                batch = pad_batch(rows) if device is None else pad_batch(rows).to(device)
             launched = _launch(model, batch, precision, per_token)
             if pending is not None:
                 results += _collect(pending, per_token)

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from nn.device import autocast, resolve_device, to_cpu
-from nn.scoring import score_sequences
+from nn.scoring import pad_batch, pad_batch_on_device, score_sequences
 from nn.tokenizers import BOS, EOS
 from nn.training import build_model, load_checkpoint, make_optimizer, train_sequences
 from pipeline.cli import cli
@@ -345,3 +345,28 @@ def test_fp32_on_cuda_turns_tf32_off():
     torch.backends.cudnn.allow_tf32 = True
     training_device(config_from_dict({"training": {"device": "cuda", "precision": "fp32"}}).training)
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_padding_on_the_device_gives_the_host_batch(device):
+    """pad_batch_on_device (the GPU scoring path) lays the ids out as pad_batch does, for every
+    kind of row: bytes (packed), lists and tuples, ids past a byte, negative context ids, an
+    empty row, one row alone."""
+    g = torch.Generator().manual_seed(3)
+
+    def row(kind: str) -> object:
+        ids = torch.randint(0, 256, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g).tolist()
+        return {"bytes": bytes(ids), "list": ids, "tuple": tuple(ids), "wide": [*ids, 300],
+                "context": [-7, -8, *ids]}[kind]
+
+    kinds = ["bytes", "list", "tuple", "wide", "context"]
+    batches = [[row("bytes") for _ in range(9)], [row("list")], [b"", bytes([BOS, 9, EOS])],
+               *([row(kinds[int(torch.randint(0, 5, (1,), generator=g))]) for _ in range(7)]
+                 for _ in range(20))]
+    for batch in batches:
+        expected = pad_batch(batch)
+        got = pad_batch_on_device(batch, torch.device(device))
+        assert got.device.type == device and got.dtype == expected.dtype
+        assert torch.equal(got.cpu(), expected), batch
+    assert not torch.equal(pad_batch_on_device([b"\x05\x06", b"\x07"], torch.device(device)).cpu(),
+                           pad_batch([b"\x05\x07", b"\x06"]))  # control: the layout matters

@@ -21,7 +21,7 @@ import torch
 
 from nn import scoring, training
 from nn.device import autocast
-from nn.scoring import _collect, _flat_ids, pad_batch, score_sequences
+from nn.scoring import _collect, _flat_ids, pad_batch, pad_batch_on_device, score_sequences
 from nn.tokenizers import BOS, EOS, N_SPECIAL, PAD
 from nn.training import build_model, has_targets, make_optimizer, train_sequences
 
@@ -200,6 +200,15 @@ def test_pad_batch_gives_what_d7124bb_gave(name):
     else:  # control: the case goes down the path it is meant to test
         total = sum(len(row) for row in seqs)
         assert (_flat_ids(seqs, total).dtype == np.uint8) is fast
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_padding_on_the_device_gives_pad_batch_on_every_case(name):
+    """pad_batch_on_device (the GPU scoring path; here on the CPU) on the same odd rows: the same
+    batch, or the same exception."""
+    seqs, _ = CASES[name]
+    on_device = outcome(lambda rows: pad_batch_on_device(rows, torch.device("cpu")), seqs)
+    assert on_device == outcome(pad_batch, seqs)
 
 
 def test_pad_batch_matches_on_random_mixed_batches():
