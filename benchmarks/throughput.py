@@ -22,7 +22,9 @@ every model. Then, with no stage running:
 (c) the tokenizer stage alone (above) and benchmarks/replay.py --tokenize-only (encode only).
 
 OMP_NUM_THREADS=1 (and torch.set_num_threads(1)) on both sides of every ratio. Rounds alternate
-the order of the two sides; the best of the rounds counts (a shared machine only slows things).
+the order of the two sides; the best of the rounds counts (a shared machine only slows things),
+and the scorer's ratio is also given round by round (median and range), each round's scorer
+against that round's offline scoring.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -474,6 +477,13 @@ def main() -> None:
               f"({(stage_cpu - offline_cpu) / total * 1e6:.1f} CPU us/event more than offline)")
         print(f"    against offline from the log: {(total / stage_s) / (log_n / log_s):.2f}x, "
               f"{(total / stage_cpu) / (log_n / log_cpu):.2f}x per CPU second")
+        # Each round's scorer against the same round's offline scoring: a best-of ratio pairs two
+        # lucky rounds, and rounds of the same code differ by up to 10% on a shared machine.
+        paired = sorted(o[0] / s[0] for o, s in zip(offline, got))
+        paired_cpu = sorted(o[2] / s[2] for o, s in zip(offline, got))
+        print(f"    round by round (median, range): {statistics.median(paired):.2f}x "
+              f"[{paired[0]:.2f}-{paired[-1]:.2f}], per CPU second {statistics.median(paired_cpu):.2f}x "
+              f"[{paired_cpu[0]:.2f}-{paired_cpu[-1]:.2f}]")
     if args.scoring_only:
         print(f"load after: {os.getloadavg()[0]:.2f}")
         return

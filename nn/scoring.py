@@ -36,8 +36,11 @@ def pad_batch_on_device(seqs: Sequence[Sequence[int]], device: torch.device) -> 
     waits for the device: every size is known on the host."""
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
     total = int(lengths.sum())
+    flat = _flat_ids(seqs, total)
+    if flat.size != total:  # rows and lengths that disagree: pad_batch's error, as it gives it
+        return pad_batch(seqs).to(device)
     pin = device.type == "cuda"
-    ids = _staged(_flat_ids(seqs, total), pin).to(device, non_blocking=True)
+    ids = _staged(flat, pin).to(device, non_blocking=True)
     row_lengths = _staged(lengths, pin).to(device, non_blocking=True)
     width = int(lengths.max())
     rows = torch.repeat_interleave(torch.arange(len(seqs), device=device), row_lengths, output_size=total)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from nn import scoring
 from nn.device import autocast, resolve_device, to_cpu
 from nn.scoring import pad_batch, pad_batch_on_device, score_sequences
 from nn.tokenizers import BOS, EOS
@@ -370,3 +371,28 @@ def test_padding_on_the_device_gives_the_host_batch(device):
         assert torch.equal(got.cpu(), expected), batch
     assert not torch.equal(pad_batch_on_device([b"\x05\x06", b"\x07"], torch.device(device)).cpu(),
                            pad_batch([b"\x05\x07", b"\x06"]))  # control: the layout matters
+
+
+@pytest.mark.parametrize(("kind", "length_order"), [("gpt", True), ("rnn", False)])
+def test_on_a_gpu_the_model_says_whether_batches_are_cut_in_length_order(monkeypatch, kind, length_order):
+    """score_sequences' CUDA branch, driven on the CPU: the batches it lays out (recorded where
+    pad_batch_on_device would send them to the GPU) are in length order for a GPT and in input
+    order for an RNN (gpu_scores_in_length_order), and the results come back in input order."""
+    args = {"kind": kind, "vocab_size": 32, **({"hidden_size": 16} if kind == "rnn" else
+                                                {"n_embd": 16, "n_head": 2, "n_layer": 1, "block_size": 12})}
+    torch.manual_seed(0)
+    model = build_model(args)
+    seqs = [[BOS, *range(5, 5 + n), EOS] for n in (7, 1, 5, 0, 3, 2)]
+    widths = []
+
+    def on_the_cpu(rows, device):
+        widths.append([len(row) for row in rows])
+        return pad_batch(rows)
+
+    monkeypatch.setattr(scoring, "pad_batch_on_device", on_the_cpu)
+    got = score_sequences(model, seqs, 2, device=torch.device("cuda"), per_token=False)
+    lengths = [len(seq) for seq in seqs]
+    expected_rows = sorted(lengths) if length_order else lengths
+    assert widths == [expected_rows[i : i + 2] for i in range(0, len(seqs), 2)]
+    cpu = score_sequences(model, seqs, 2, per_token=False)
+    assert [m for m, _, _ in got] == pytest.approx([m for m, _, _ in cpu], abs=1e-6)
