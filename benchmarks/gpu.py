@@ -15,12 +15,17 @@ reference figures (a plain loop on an H200: LSTM 444k train / 2.05M score, GPT 1
 The plain loop also scores batches cut in length order (less padding; on an H200 that loop comes
 nearest the reference's LSTM figure: 1.60M-1.80M against 1.15M-1.26M in input order).
 --small: tiny sizes (d16 models, batch 64, 512 events) so it runs in seconds on a CPU.
+--variants: also scores with other forward passes (autocast around the whole loop, a bf16 copy of
+the model) and batch orders, for the next step on the LSTM's scoring (README, Devices).
 Say which card gave a figure: the first line prints the device.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import functools
 import sys
 import tempfile
 import time
@@ -149,6 +154,54 @@ def plain_rates(args, seqs, batch, device, precision) -> tuple[float, float, flo
     return len(seqs) / train_s, len(seqs) / score_s, len(seqs) / by_length_s
 
 
+def forward_variants(args, seqs, batch, device, precision, rounds: int = 3) -> None:
+    """``--variants``: salka's scoring with other forward passes, on the same events, alternating,
+    to find where the host time per batch goes (an untrained model: the rates do not depend on
+    the weights). Each is timed on its second pass; the difference is the largest |mean loss|
+    difference from salka's own scores on the first 8 batches.
+    - autocast per batch: salka's (nn/scoring.py token_losses);
+    - one autocast around the loop: the weights' casts are cached across batches;
+    - bf16 copy: the model converted once, no autocast (no casts at all; an RNN keeps cuDNN's
+      flat weights);
+    each with batches in input order and in length order (set on the model instance, as
+    ``gpu_scores_in_length_order``)."""
+    torch.manual_seed(0)
+    model = build_model(args).to(device).eval()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+
+    def run(net, outer: bool, net_precision: str, length_order: bool):
+        net.gpu_scores_in_length_order = length_order
+        with autocast(device, precision) if outer else contextlib.nullcontext():
+            return score_sequences(net, seqs, batch, device=device, precision=net_precision,
+                                   per_token=False)
+
+    variants = {"autocast per batch": (model, False, precision),
+                "one autocast around the loop": (model, True, precision),
+                "bf16 copy, no autocast": (half, False, "fp32")}
+    sample = seqs[: 8 * batch]
+    reference = [m for m, _, _ in score_sequences(model, sample, batch, device=device, precision=precision,
+                                                  per_token=False)]
+    # The model's order setting applies on a GPU only: a CPU always cuts batches in length order.
+    orders = {"input": False, "length": True} if device.type == "cuda" else {"length": True}
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, (net, outer, net_precision) in variants.items():
+            for order, length_order in orders.items():
+                work = functools.partial(run, net, outer, net_precision, length_order)
+                work()  # every batch width met once
+                best[f"{name}, {order} order"] = max(best.get(f"{name}, {order} order", 0.0),
+                                                     len(seqs) / timed(device, work))
+    for name, (net, outer, net_precision) in variants.items():
+        net.gpu_scores_in_length_order = False
+        with autocast(device, precision) if outer else contextlib.nullcontext():
+            got = score_sequences(net, sample, batch, device=device, precision=net_precision, per_token=False)
+        difference = max(abs(a - m) for a, (m, _, _) in zip(reference, got))
+        for order in orders:
+            key = f"{name}, {order} order"
+            print(f"    {key:<45} {best[key]:>12.0f} ev/s (best of {rounds}; "
+                  f"|mean| difference {difference:.1e})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -159,6 +212,8 @@ def main() -> None:
     parser.add_argument("--explain", action="store_true",
                         help="salka scoring also returns per-token losses (as with scores.explain)")
     parser.add_argument("--small", action="store_true", help="tiny sizes: a CPU smoke run")
+    parser.add_argument("--variants", action="store_true",
+                        help="also score with other forward passes and batch orders (forward_variants)")
     opts = parser.parse_args()
     if opts.small:
         opts.batch, opts.events, opts.width = 64, 512, 16
@@ -179,6 +234,9 @@ def main() -> None:
         plain = plain_rates(args, seqs, opts.batch, device, opts.precision)
         for loop, (train, score) in (("salka", ours[:2]), ("plain", plain[:2])):
             print(f"{label:<12} {loop:<6} {train:>12.0f} {score:>12.0f}")
+        if opts.variants:
+            print(f"  {label}, scoring with other forward passes:")
+            forward_variants(args, seqs, opts.batch, device, opts.precision)
         ratios.append(f"salka/plain {label}: train {ours[0] / plain[0]:.2f}x, "
                       f"score {ours[1] / plain[1]:.2f}x (salka's first scoring pass: {ours[2]:.0f} "
                       f"ev/s; the plain loop scoring batches cut in length order, second pass: "

@@ -328,7 +328,7 @@ def test_replay_applies_training_threads(tiny_log, tmp_path):
 
 @pytest.mark.slow
 def test_gpu_benchmark_runs_end_to_end_on_cpu_when_small():
-    proc = subprocess.run([sys.executable, "benchmarks/gpu.py", "--small", "--device", "cpu"],
+    proc = subprocess.run([sys.executable, "benchmarks/gpu.py", "--small", "--device", "cpu", "--variants"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=_env_without_omp(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr
@@ -337,6 +337,11 @@ def test_gpu_benchmark_runs_end_to_end_on_cpu_when_small():
     for row in rows:
         train, score = (float(x) for x in row.split()[-2:])
         assert train > 0 and score > 0
+    # --variants: three forward passes a model (a CPU has one batch order), each close to salka's
+    variants = [line for line in proc.stdout.splitlines() if "|mean| difference" in line]
+    assert len(variants) == 6, proc.stdout
+    for line in variants:
+        assert float(line.split("difference")[1].strip(" )")) < 1e-2, line
 
 
 @needs_gpu
