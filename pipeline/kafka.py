@@ -240,15 +240,44 @@ def partition_count(client: Consumer | Producer | AdminClient, topic: str, timeo
 
 class DeliveryTracker:
     """Collects failed produce acknowledgements; a stage commits input offsets only when nothing
-    failed."""
+    failed.
 
-    def __init__(self) -> None:
+    ``in_order`` (an idempotent producer's tracker): a partition's acknowledgements must come in
+    offset order, and an acknowledgement without an offset, or at an offset not past the last
+    one, is a failure too. A broker that does that has lost records it acknowledged: the
+    embedded broker (Tansu on s3://), SIGKILLed while an idempotent producer had batches in
+    flight, acknowledged their retries at offsets from 0 up and never stored them (every one of
+    8 restarts). Counted as a failure, the stage starts over from its last commit and sends them
+    again, where it would otherwise commit past them."""
+
+    def __init__(self, in_order: bool = False) -> None:
         self.failures: list[str] = []
+        self.in_order = in_order
+        self._last: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset acknowledged
 
     def __call__(self, err: KafkaError | None, msg) -> None:
         if err is not None:
-            self.failures.append(f"{msg.topic()} [{msg.partition()}]: {err.str()}")
-            log.error("delivery failed to %s [%s]: %s", msg.topic(), msg.partition(), err.str())
+            self._fail(msg, err.str())
+        elif self.in_order:
+            where, offset = (msg.topic(), msg.partition()), msg.offset()
+            last = self._last.get(where)
+            if offset is None or offset < 0 or (last is not None and offset <= last):
+                self._fail(msg, f"acknowledged at offset {offset} after offset {last}: the broker "
+                                "lost records it had acknowledged")
+            else:
+                self._last[where] = offset
+
+    def _fail(self, msg, why: str) -> None:
+        self.failures.append(f"{msg.topic()} [{msg.partition()}]: {why}")
+        log.error("delivery failed to %s [%s]: %s", msg.topic(), msg.partition(), why)
+
+
+def acknowledges_in_order(settings: dict[str, Any]) -> bool:
+    """Whether a producer with these settings gets each partition's acknowledgements in offset
+    order: an idempotent one does (a transactional one is idempotent); without idempotence a
+    retried batch may land after a later one."""
+    idempotent = settings.get("enable.idempotence", False)
+    return str(idempotent).lower() == "true" or "transactional.id" in settings
 
 
 def produce(producer: Producer, topic: str, value: bytes | None, key: bytes | str | None = None,

@@ -26,7 +26,14 @@ from confluent_kafka import KafkaException
 
 from pipeline import poison
 from pipeline.config import Config
-from pipeline.kafka import DeliveryTracker, make_producer, partition_count, produce
+from pipeline.kafka import (
+    DeliveryTracker,
+    acknowledges_in_order,
+    make_producer,
+    partition_count,
+    produce,
+    producer_config,
+)
 from pipeline.parsing import Event, HeaderRow, LineParser, read_lines
 from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, LINE_HEADER, dead_letter
 
@@ -77,8 +84,9 @@ def produce_file(config: Config, path: str | Path, rate: float | None = None,
                  end_marker: bool = True, lines: range | None = None) -> ProduceReport:
     """Publish the file (only the physical ``lines`` in the given range, when set)."""
     parser = LineParser(config.input)
-    producer = make_producer(config, **{"client.id": "salka-produce"})
-    tracker = DeliveryTracker()
+    settings = {"client.id": "salka-produce"}
+    producer = make_producer(config, **settings)
+    tracker = DeliveryTracker(in_order=acknowledges_in_order(producer_config(config, **settings)))
     refusals = _Refusals(config.topics.raw, tracker)
     limit = poison.message_limit(config)
     topic = config.topics.raw

@@ -21,7 +21,14 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from pipeline import poison
 from pipeline.brokerwatch import UNREACHABLE_CODES, BrokerLost, stage_watch
 from pipeline.config import Config
-from pipeline.kafka import DeliveryTracker, make_consumer, make_producer, produce
+from pipeline.kafka import (
+    DeliveryTracker,
+    acknowledges_in_order,
+    make_consumer,
+    make_producer,
+    produce,
+    producer_config,
+)
 from pipeline.serde import DecodeError, codec
 from pipeline.topicrecords import LINE_HEADER, dead_letter
 
@@ -146,7 +153,6 @@ class StageRunner:
 
     def _open(self) -> None:
         self.stage = self.make_stage()
-        self.tracker = DeliveryTracker()
         extra = {"client.id": f"salka-{self.stage.name}"}
         if self.transactional:
             # Unique per process: with KIP-447 fencing is by consumer group generation, so the
@@ -154,6 +160,8 @@ class StageRunner:
             extra["transactional.id"] = (f"{self.config.streaming.group_prefix}.{self.stage.name}."
                                          f"{uuid.uuid4().hex[:12]}")
         self.producer = make_producer(self.config, **extra)
+        in_order = acknowledges_in_order(producer_config(self.config, **extra))
+        self.tracker = DeliveryTracker(in_order=in_order)
         self.out = Output(self.producer, self.tracker, poison.message_limit(self.config))
         self.consumer = make_consumer(self.config, self.stage.name,
                                       **{"client.id": f"salka-{self.stage.name}"})
