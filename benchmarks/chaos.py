@@ -1,10 +1,12 @@
 """Chaos run: the whole pipeline while stages are SIGKILLed at random and the broker restarts.
 
 Run: python benchmarks/chaos.py [--events 50000 --kills 10 --seed 1]   (--small for CI)
-The broker keeps its data on durable storage (Tansu's s3:// engine against a local moto server),
-so a broker restart loses nothing it acknowledged. Afterwards `pipeline audit` must find 0 lost
-and 0 duplicated, and every event's loss must equal an uninterrupted run's (pipeline replay,
-which the streaming pipeline equals by design) to 1e-5. Exits 1 when any of that fails.
+The broker keeps its data on durable storage (Tansu's s3:// engine against a local moto server);
+what it acknowledged but lost at a restart (batches an idempotent producer had in flight), the
+stages notice (pipeline.kafka.DeliveryTracker) and send again, and `pipeline produce` reports.
+Afterwards `pipeline audit` must find 0 lost and 0 duplicated, and every event's loss must equal
+an uninterrupted run's (pipeline replay, which the streaming pipeline equals by design) to 1e-5.
+Exits 1 when any of that fails.
 """
 
 from __future__ import annotations

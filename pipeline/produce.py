@@ -139,7 +139,9 @@ def produce_file(config: Config, path: str | Path, rate: float | None = None,
     report.dead_lettered.sort()
     report.seconds = time.monotonic() - started
     if remaining or tracker.failures:
+        hint = (f"; `pipeline audit --input {path}` lists the lines lost or stored twice"
+                if tracker.failures else "")
         raise ProduceError(f"{remaining} records undelivered after 60 s, {len(tracker.failures)} "
-                           f"failed{': ' + tracker.failures[0] if tracker.failures else ''}")
+                           f"failed{': ' + tracker.failures[0] if tracker.failures else ''}{hint}")
     log.info("produced %d records from %s to %s in %.1fs", report.records, path, topic, report.seconds)
     return report
