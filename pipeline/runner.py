@@ -269,12 +269,15 @@ class StageRunner:
     def run(self) -> int:
         self.stop.install()
         settle_start_up_objects()
-        backoff = 1.0
+        backoff, processed_at_failure = 1.0, -1
         while True:
             try:
                 self._loop()
                 break
             except DeliveryFailed as exc:
+                if self.processed > processed_at_failure:  # progress since the last one: a new outage
+                    backoff = 1.0
+                processed_at_failure = self.processed
                 # E.g. a broker that lost an idempotent producer's state on restart ("out of
                 # order sequence number"). Nothing past the last commit is trusted: start over
                 # from it with fresh clients and state, as a restarted process would.

@@ -24,10 +24,10 @@ def test_acknowledgements_in_offset_order_pass_per_partition():
 
 
 @pytest.mark.parametrize(("offset", "why"), [
-    (None, "acknowledged without an offset after offset 4: the broker may have lost records it had "
-           "acknowledged"),
-    (-1001, "acknowledged without an offset after offset 4: the broker may have lost records it had "
-            "acknowledged"),
+    (None, "acknowledged without an offset after offset 4 (as a duplicate, or as possibly stored): "
+           "whether the broker stored it is unknown"),
+    (-1, "acknowledged without an offset after offset 4 (as a duplicate, or as possibly stored): "
+         "whether the broker stored it is unknown"),
     (0, "acknowledged at offset 0, not past offset 4: the broker lost records it had acknowledged"),
     (4, "acknowledged at offset 4, not past offset 4: the broker lost records it had acknowledged"),
 ])
@@ -44,8 +44,9 @@ def test_an_acknowledgement_not_past_the_last_is_a_failure(offset, why):
 def test_a_first_acknowledgement_without_an_offset_is_a_failure():
     tracker = DeliveryTracker(in_order=True)
     ack(tracker, "scores", 0, None)
-    assert tracker.failures == ["scores [0]: acknowledged without an offset after offset None: the "
-                                "broker may have lost records it had acknowledged"]
+    assert tracker.failures == ["scores [0]: acknowledged without an offset after offset None (as a "
+                                "duplicate, or as possibly stored): whether the broker stored it is "
+                                "unknown"]
 
 
 def test_without_idempotence_the_order_is_not_checked():
@@ -71,8 +72,29 @@ def test_errors_are_failures_as_before():
     ({"enable.idempotence": False}, {}, False),
     ({"enable.idempotence": "false"}, {}, False),
     ({"enable.idempotence": "true"}, {}, True),
-    ({"enable.idempotence": False}, {"transactional.id": "t"}, True),
+    ({"enable.idempotence": 1}, {}, True),  # librdkafka reads 1, "1" and "t" as true too
+    ({"enable.idempotence": "1"}, {}, True),
+    ({"enable.idempotence": "t"}, {}, True),
+    ({"enable.idempotence": 0}, {}, False),
+    ({}, {"transactional.id": "t"}, True),
 ])
 def test_which_producers_acknowledge_in_order(kafka, explicit, expected):
     config = config_from_dict({"kafka": {"bootstrap.servers": "127.0.0.1:9", **kafka}})
     assert acknowledges_in_order(producer_config(config, **explicit)) is expected
+
+
+def test_stage_runners_check_the_order_of_their_acknowledgements(tmp_path):
+    """The wiring: a StageRunner's tracker checks the order with salka's (idempotent) producer
+    defaults, and not when a user turns idempotence off. Clients connect lazily: no broker."""
+    from pipeline.runner import StageRunner
+    from pipeline.stages.windower import WindowerStage
+
+    for kafka, expected in (({}, True), ({"enable.idempotence": False}, False)):
+        config = config_from_dict({"kafka": {"bootstrap.servers": "127.0.0.1:9", **kafka},
+                                   "streaming": {"state_dir": str(tmp_path)}})
+        runner = StageRunner(config, lambda config=config: WindowerStage(config))
+        try:
+            assert runner.tracker.in_order is expected
+            assert runner.out.tracker is runner.tracker
+        finally:
+            runner._discard()

@@ -84,9 +84,11 @@ def test_stages_ride_out_a_broker_restart(tmp_path):
 @pytest.mark.slow
 def test_records_the_broker_acknowledged_and_lost_are_caught(tmp_path):
     """An idempotent producer writes without pause while the durable broker is SIGKILLed and
-    restarted. Tansu has acknowledged retried batches at offsets from 0 up and never stored them
-    (every restart of 8 when measured): every record the tracker did not flag must be stored,
-    so a stage never commits past a lost one (it starts over from its last commit instead)."""
+    restarted, three times. Tansu has answered retried batches as duplicates and never stored
+    them (at every one of 8 restarts on an idle machine, at none of 5 under a test run's load;
+    librdkafka reports them delivered without an offset or at offsets counted from 0): every
+    record the tracker did not flag must be stored, so a stage never commits past a lost one
+    (it starts over from its last commit instead). Skipped when the broker lost nothing."""
     import threading
     import uuid
 
@@ -123,12 +125,12 @@ def test_records_the_broker_acknowledged_and_lost_are_caught(tmp_path):
                 except BufferError:
                     pass
                 producer.poll(0)
-                time.sleep(0.0005)
+                time.sleep(0.0002)  # batches in flight at every moment, with the GIL to spare
 
         writer = threading.Thread(target=write)
         writer.start()
         try:
-            for _ in range(2):
+            for _ in range(3):
                 time.sleep(3)
                 broker.restart(2.0)
             time.sleep(3)
@@ -151,3 +153,5 @@ def test_records_the_broker_acknowledged_and_lost_are_caught(tmp_path):
           f"{len(set(flagged) - stored)} of those lost")
     assert len(unflagged) > 1000  # control: it wrote across the restarts
     assert sorted(set(unflagged) - stored) == []
+    if not set(flagged) - stored:
+        pytest.skip("the broker lost no acknowledged record this run: the check was not exercised")
