@@ -169,33 +169,29 @@ def forward_variants(args, seqs, batch, device, precision, rounds: int = 3) -> N
     model = build_model(args).to(device).eval()
     half = copy.deepcopy(model).to(torch.bfloat16)
 
-    def run(net, outer: bool, net_precision: str, length_order: bool):
+    def means(net, outer: bool, net_precision: str, length_order: bool, events=seqs) -> list[float]:
         net.gpu_scores_in_length_order = length_order
         with autocast(device, precision) if outer else contextlib.nullcontext():
-            return score_sequences(net, seqs, batch, device=device, precision=net_precision,
-                                   per_token=False)
+            return [mean for mean, _, _ in score_sequences(net, events, batch, device=device,
+                                                           precision=net_precision, per_token=False)]
 
     variants = {"autocast per batch": (model, False, precision),
                 "one autocast around the loop": (model, True, precision),
                 "bf16 copy, no autocast": (half, False, "fp32")}
     sample = seqs[: 8 * batch]
-    reference = [m for m, _, _ in score_sequences(model, sample, batch, device=device, precision=precision,
-                                                  per_token=False)]
+    reference = means(*variants["autocast per batch"], False, sample)
     # The model's order setting applies on a GPU only: a CPU always cuts batches in length order.
     orders = {"input": False, "length": True} if device.type == "cuda" else {"length": True}
     best: dict[str, float] = {}
     for _ in range(rounds):
-        for name, (net, outer, net_precision) in variants.items():
+        for name, variant in variants.items():
             for order, length_order in orders.items():
-                work = functools.partial(run, net, outer, net_precision, length_order)
+                work = functools.partial(means, *variant, length_order)
                 work()  # every batch width met once
-                best[f"{name}, {order} order"] = max(best.get(f"{name}, {order} order", 0.0),
-                                                     len(seqs) / timed(device, work))
-    for name, (net, outer, net_precision) in variants.items():
-        net.gpu_scores_in_length_order = False
-        with autocast(device, precision) if outer else contextlib.nullcontext():
-            got = score_sequences(net, sample, batch, device=device, precision=net_precision, per_token=False)
-        difference = max(abs(a - m) for a, (m, _, _) in zip(reference, got))
+                key = f"{name}, {order} order"
+                best[key] = max(best.get(key, 0.0), len(seqs) / timed(device, work))
+    for name, variant in variants.items():
+        difference = max(abs(a - b) for a, b in zip(reference, means(*variant, False, sample)))
         for order in orders:
             key = f"{name}, {order} order"
             print(f"    {key:<45} {best[key]:>12.0f} ev/s (best of {rounds}; "
