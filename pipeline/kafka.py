@@ -279,6 +279,12 @@ class DeliveryTracker:
         log.error("delivery failed to %s [%s]: %s", msg.topic(), msg.partition(), why)
 
 
+def delivery_tracker(config: Config, **explicit: Any) -> DeliveryTracker:
+    """The tracker for ``make_producer(config, **explicit)``'s deliveries: it checks their order
+    when that producer acknowledges in order."""
+    return DeliveryTracker(in_order=acknowledges_in_order(producer_config(config, **explicit)))
+
+
 def acknowledges_in_order(settings: dict[str, Any]) -> bool:
     """Whether a producer with these settings gets each partition's acknowledgements in offset
     order: an idempotent one does (a transactional one is idempotent); without idempotence a

@@ -26,14 +26,7 @@ from confluent_kafka import KafkaException
 
 from pipeline import poison
 from pipeline.config import Config
-from pipeline.kafka import (
-    DeliveryTracker,
-    acknowledges_in_order,
-    make_producer,
-    partition_count,
-    produce,
-    producer_config,
-)
+from pipeline.kafka import DeliveryTracker, delivery_tracker, make_producer, partition_count, produce
 from pipeline.parsing import Event, HeaderRow, LineParser, read_lines
 from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, LINE_HEADER, dead_letter
 
@@ -86,7 +79,7 @@ def produce_file(config: Config, path: str | Path, rate: float | None = None,
     parser = LineParser(config.input)
     settings = {"client.id": "salka-produce"}
     producer = make_producer(config, **settings)
-    tracker = DeliveryTracker(in_order=acknowledges_in_order(producer_config(config, **settings)))
+    tracker = delivery_tracker(config, **settings)
     refusals = _Refusals(config.topics.raw, tracker)
     limit = poison.message_limit(config)
     topic = config.topics.raw

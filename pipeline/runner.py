@@ -21,14 +21,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from pipeline import poison
 from pipeline.brokerwatch import UNREACHABLE_CODES, BrokerLost, stage_watch
 from pipeline.config import Config
-from pipeline.kafka import (
-    DeliveryTracker,
-    acknowledges_in_order,
-    make_consumer,
-    make_producer,
-    produce,
-    producer_config,
-)
+from pipeline.kafka import DeliveryTracker, delivery_tracker, make_consumer, make_producer, produce
 from pipeline.serde import DecodeError, codec
 from pipeline.topicrecords import LINE_HEADER, dead_letter
 
@@ -160,8 +153,7 @@ class StageRunner:
             extra["transactional.id"] = (f"{self.config.streaming.group_prefix}.{self.stage.name}."
                                          f"{uuid.uuid4().hex[:12]}")
         self.producer = make_producer(self.config, **extra)
-        in_order = acknowledges_in_order(producer_config(self.config, **extra))
-        self.tracker = DeliveryTracker(in_order=in_order)
+        self.tracker = delivery_tracker(self.config, **extra)
         self.out = Output(self.producer, self.tracker, poison.message_limit(self.config))
         self.consumer = make_consumer(self.config, self.stage.name,
                                       **{"client.id": f"salka-{self.stage.name}"})
