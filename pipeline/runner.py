@@ -125,6 +125,7 @@ class DeliveryFailed(RuntimeError):
 
 STOP_FLUSH_SECONDS = 30.0  # how long a stopping stage waits for an absent broker
 ACK_STALL_SECONDS = 60.0  # a reachable broker that acknowledges nothing this long: start over
+ABORT_SECONDS = 10.0  # how long a failed exactly-once stage waits to abort its transaction
 
 
 class StageRunner:
@@ -167,7 +168,16 @@ class StageRunner:
         self._last_commit = time.monotonic()
 
     def _discard(self) -> None:
-        """Drop clients and in-memory state without committing anything."""
+        """Drop clients and in-memory state without committing anything. Exactly-once: abort
+        the open transaction first. The next clients take a new transactional.id, which fences
+        nothing, and an open transaction holds back every read_committed consumer of its
+        partitions (the last stable offset) until the broker times it out."""
+        if self.transactional:
+            try:  # purges what is still queued, as purge() below does
+                self.producer.abort_transaction(ABORT_SECONDS)
+            except KafkaException as exc:  # e.g. broker away, or a fatal producer error
+                log.warning("%s: could not abort the open transaction (%s); the broker ends it "
+                            "after transaction.timeout.ms", self.stage.name, exc.args[0].str())
         try:
             self.producer.purge()
             self.producer.flush(0)
