@@ -345,6 +345,28 @@ def test_gpu_benchmark_runs_end_to_end_on_cpu_when_small():
 
 
 @needs_gpu
+@pytest.mark.parametrize("kind", ["rnn", "gpt"])
+def test_the_cuda_graph_variant_scores_as_salka(kind):
+    """benchmarks/gpu.py --variants' GraphedScorer (an experiment for the LSTM's scoring): its
+    means are salka's, on the capturing pass and on the replaying one."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from gpu import GraphedScorer
+
+    torch.manual_seed(0)
+    args = ({"kind": "rnn", "vocab_size": 40, "hidden_size": 16} if kind == "rnn" else
+            {"kind": "gpt", "vocab_size": 40, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 16})
+    model = build_model(args).to("cuda").eval()
+    gen = torch.Generator().manual_seed(1)
+    seqs = [[BOS, *torch.randint(4, 40, (int(n),), generator=gen).tolist(), EOS]
+            for n in torch.randint(1, 20, (200,), generator=gen)]
+    expected = [mean for mean, _, _ in score_sequences(model, seqs, 64, device=torch.device("cuda"),
+                                                      precision="fp32", per_token=False)]
+    scorer = GraphedScorer(model, torch.device("cuda"), "fp32")
+    for _ in range(2):
+        assert scorer.means(seqs, 64) == pytest.approx(expected, abs=1e-5)
+
+
+@needs_gpu
 def test_fp32_on_cuda_turns_tf32_off():
     """TF32 (cuDNN's default for the LSTM) made scorer losses differ from replay's by more than
     1e-5 depending on batching (seen on an H200); fp32 must mean fp32."""
