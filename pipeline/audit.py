@@ -25,7 +25,7 @@ from pipeline.runner import header
 from pipeline.scorefile import iter_scores
 from pipeline.serde import DecodeError, codec
 from pipeline.source_audit import SourceAudit, archive_lines, event_lines, reconcile
-from pipeline.topicrecords import CONTROL_HEADER, LINE_HEADER, identity
+from pipeline.topicrecords import CONTROL_HEADER, LINE_HEADER, identity, line_number
 
 Identity = tuple[str, int, int]
 
@@ -154,8 +154,7 @@ def audit(config: Config, archive_dir: Path | None = None,
         if header(msg, CONTROL_HEADER) is None:
             ident = (msg.topic(), msg.partition(), msg.offset())
             raw.add(ident)
-            line = header(msg, LINE_HEADER)
-            raw_lines.append((ident, int(line) if line and line.isdigit() else None))
+            raw_lines.append((ident, line_number(header(msg, LINE_HEADER)) or None))
     archived = archive_identities(Path(archive_dir or config.streaming.archive_dir))
     seen: list[tuple[Identity, int | None]] = []
     dead, late = side_identities(config, seen)

@@ -68,7 +68,8 @@ def thread_count(requested: int, role: str, environ: Mapping[str, str] | None = 
     not 0, else the default policy for ``role``."""
     environ = os.environ if environ is None else environ
     omp = environ.get("OMP_NUM_THREADS", "").strip()
-    if omp.isdigit() and int(omp) > 0:
+    # ASCII and short: "²".isdigit() and so are 5,000 digits, but int() refuses both
+    if omp.isascii() and omp.isdigit() and len(omp) <= 6 and int(omp) > 0:
         return int(omp), "OMP_NUM_THREADS"
     if requested > 0:
         return requested, "training.threads"

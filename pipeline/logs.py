@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from pipeline.safetext import printable
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # pipeline/progress.py parses it
 SECRET_WORDS = ("password", "secret", "sasl.oauthbearer.config", "ssl.key", "token", "credential")
 REDACTED = "***"
@@ -86,9 +88,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT lines whose message shows control characters as escapes (safetext.printable):
+    messages quote log lines and reasons, which a hostile source writes, and a terminal obeys
+    the escape sequences in them. One line a message, as pipeline/progress.py reads them. A
+    traceback after it is the program's own text and stays as it is."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(level: int, log_format: str = "text") -> None:
     """Root logging for the ``pipeline`` command: text lines or JSON lines on stderr."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(SecretFilter())
     logging.basicConfig(level=level, handlers=[handler])

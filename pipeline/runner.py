@@ -23,7 +23,7 @@ from pipeline.brokerwatch import UNREACHABLE_CODES, BrokerLost, stage_watch
 from pipeline.config import Config
 from pipeline.kafka import DeliveryTracker, delivery_tracker, make_consumer, make_producer, produce
 from pipeline.serde import DecodeError, codec
-from pipeline.topicrecords import LINE_HEADER, dead_letter
+from pipeline.topicrecords import LINE_HEADER, dead_letter, line_number
 
 if TYPE_CHECKING:
     from pipeline.metrics import StageMetrics
@@ -53,6 +53,8 @@ class Output:
                          max_bytes: int | None = None) -> None:
         """Send a dead letter whole, or cut to fit (pipeline.poison): never fail for its size.
         A broker that refuses it as too large gets it again smaller (``resend_refused``)."""
+        if key is not None and poison.budget(self.limit, key) < self.limit // 2:
+            key = None  # a hostile writer's key would leave the letter no room: the letter names its source
         max_bytes = min(max_bytes or self.limit, poison.budget(self.limit, key))
         data, _ = poison.fit_dead_letter(record, max_bytes)
 
@@ -350,9 +352,8 @@ class StageRunner:
                     or not poison.is_poison(exc)):
                 raise
             reason = f"{self.stage.name} failed on this record: {type(exc).__name__}: {exc}"
-            line = header(msg, LINE_HEADER)
             send_to_dead_letters(self.stage, msg, self.out, poison.truncate(reason),
-                                 int(line) if line and line.isdigit() else None, failure=exc)
+                                 line_number(header(msg, LINE_HEADER)) or None, failure=exc)
 
     def _consumer_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
@@ -403,6 +404,7 @@ def send_to_dead_letters(stage, msg: Message, out: Output, reason: str, line: in
     """The one way an input record goes to the dead-letter topic: logged with its coordinates
     (``failure``: an error with its traceback, not bad input), sent whole or cut to fit
     (``Output.send_dead_letter``), counted in ``stage.counts``; the stage goes on."""
+    reason = poison.truncate(reason)  # it may quote the record: logged once per record
     where = f"{stage.name}: {msg.topic()}[{msg.partition()}]@{msg.offset()}"
     fields = {**coordinates(msg), **({"line": line} if line else {})}
     if failure is None:

@@ -18,6 +18,24 @@ from pipeline.score import Score
 LINE_HEADER = "salka.line"  # raw record header: physical line number in the produced file
 CONTROL_HEADER = "salka.control"  # raw/tokens record header marking a control record
 END_OF_INPUT = "end-of-input"  # control: this partition will receive no more events
+LAST_LINE = 2**63 - 1  # the largest line number an Avro long (the records' ``line``) holds
+
+
+def line_number(value: bytes | str | None) -> int:
+    """The line number in a raw record's LINE_HEADER value, 0 for none. ``pipeline produce``
+    writes ASCII digits; anything else is read as ``int()`` reads its text (decoded with
+    replacement), and a value that is no number, or none a record can carry (below 1, past an
+    Avro long), is none: any writer of the raw topic sets this header, a hostile one too."""
+    if value is None:
+        return 0
+    try:
+        number = int(value)  # ASCII digits: no decode
+    except ValueError:
+        try:
+            number = int(value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value)
+        except ValueError:  # also past int()'s 4300 digits
+            return 0
+    return number if 1 <= number <= LAST_LINE else 0
 
 
 def source_ref(topic: str, partition: int, offset: int) -> dict:

@@ -273,6 +273,8 @@ def test_thread_policy():
     assert thread_count(3, "stage", {}) == (3, "training.threads")
     assert thread_count(3, "stage", {"OMP_NUM_THREADS": "2"}) == (2, "OMP_NUM_THREADS")
     assert thread_count(0, "stage", {"OMP_NUM_THREADS": "junk"})[0] == 1
+    for odd in ("\u00b2", "9" * 5000):  # digits to str.isdigit(), not to int()
+        assert thread_count(0, "stage", {"OMP_NUM_THREADS": odd})[0] == 1
 
 
 PROBE = """

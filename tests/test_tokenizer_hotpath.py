@@ -20,9 +20,9 @@ from pipeline.config import config_from_dict
 from pipeline.modelspec import make_tokenizer
 from pipeline.parsing import Event, LineParser, Malformed, _csv_rows
 from pipeline.serde import EncodeError, avro_long, codec
-from pipeline.stages.tokenizer import TokenizerStage, _line_number
+from pipeline.stages.tokenizer import TokenizerStage
 from pipeline.tokenwire import TokenizedEventWriter, long_bytes
-from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, LINE_HEADER, event_to_record
+from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, LINE_HEADER, event_to_record, line_number
 
 SCHEMA = "salka.TokenizedEvent"
 PIECES = ["a", "Z", "0", ",", " ", "é", "\u4e2d", "\U0001f600", "\x01", "<", '"', "\\"]
@@ -107,17 +107,22 @@ def test_long_bytes_is_avro_long():
 
 @pytest.mark.parametrize("value", [
     None, b"17", b" 17\n", b"1_000", b"x", b"", b"\xff", "\u0661\u0662".encode(), b"\x1c5",
-    b"\x855", "\u20035".encode(), b"-3", b"+4", b"0x10", b"1e3", b"\xff7",
+    b"\x855", "\u20035".encode(), b"-3", b"+4", b"0x10", b"1e3", b"\xff7", b"0",
+    "\u00b2".encode(), b"9223372036854775807", b"9223372036854775808", b"9" * 5000,
 ])
 def test_line_header_read_as_text(value):
     """The line header as int() reads its text (decoded with replacement): the bytes fast path
-    changes no number, ASCII or not."""
+    changes no number, ASCII or not; a number no record can carry (below 1, past an Avro long,
+    which once made the tokenizer's dead letter fail to encode and the stage crash-loop) or no
+    number at all (int() refuses "\u00b2", which str.isdigit() accepts) is 0, none."""
     try:
         expected = int(value.decode("utf-8", errors="replace")) if value is not None else 0
     except ValueError:
         expected = 0
-    assert _line_number(value) == expected
-    assert _line_number("\u0661\u0662".encode()) == 12  # not the fast path, still a number
+    expected = expected if 1 <= expected <= 2**63 - 1 else 0
+    assert line_number(value) == expected
+    assert line_number(value.decode("utf-8", errors="replace") if value is not None else None) == expected
+    assert line_number("\u0661\u0662".encode()) == 12  # not the fast path, still a number
 
 
 def test_parse_fields_is_parse_without_the_event():

@@ -11,6 +11,7 @@ import logging
 
 from confluent_kafka import Message, TopicPartition
 
+from pipeline import poison
 from pipeline.config import Config
 from pipeline.kafka import partition_count
 from pipeline.modelspec import fixed_encoder, make_masker
@@ -18,7 +19,7 @@ from pipeline.parsing import LineParser, Malformed
 from pipeline.runner import Output, send_to_dead_letters
 from pipeline.stages.base import BaseStage
 from pipeline.tokenwire import TokenizedEventWriter
-from pipeline.topicrecords import CONTROL_HEADER, LINE_HEADER
+from pipeline.topicrecords import CONTROL_HEADER, LINE_HEADER, line_number
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ class TokenizerStage(BaseStage):
         self.encode = fixed_encoder(config)  # None: the trainer learns the vocabulary first
         self.tokens_topic = config.topics.tokens
         self.writer = TokenizedEventWriter()
+        # The windower wraps an event and the scorer copies its line, entities and tokens into
+        # a score: an event that fills a message here would not fit one there, and those
+        # stages, which keep state, would stop on it. Half the limit leaves them the room.
+        self.event_limit = poison.message_limit(config) // 2
         self.next_offsets: dict[tuple[str, int], int] = {}
         self.tokens_partitions: int | None = None
         self.counts = {"events": 0, "dead_letters": 0, "control": 0}
@@ -62,7 +67,7 @@ class TokenizerStage(BaseStage):
             out.send(self.config.topics.tokens, None, partition=tokens_partition, headers=msg.headers())
             self.counts["control"] += 1
             return
-        line = _line_number(line_value)
+        line = line_number(line_value)
         value = msg.value()
         # parse_fields: parse() without the Event and the model text, which only a fixed
         # tokenizer reads (~3 us an event).
@@ -76,9 +81,15 @@ class TokenizerStage(BaseStage):
         if self.encode is not None:
             token_ids = self.encode(self.parser.text_fields(fields))
         # Written directly, byte for byte what codec().encode(event_to_record(...)) gives.
-        out.send(self.tokens_topic,
-                 self.writer.write_fields(line, time, fields, (topic, partition, offset), raw, token_ids),
-                 key=msg.key(), partition=tokens_partition)
+        record = self.writer.write_fields(line, time, fields, (topic, partition, offset), raw, token_ids)
+        key = msg.key()
+        size = len(record) + len(key or b"")
+        if size > self.event_limit:
+            send_to_dead_letters(self, msg, out, f"its event is {size} bytes, over {self.event_limit} (half "
+                                 f"of kafka message.max.bytes, the room later stages need): shorten "
+                                 f"the line or raise message.max.bytes", line)
+            return
+        out.send(self.tokens_topic, record, key=key, partition=tokens_partition)
         self.counts["events"] += 1
 
     def safe_offsets(self) -> list[TopicPartition]:
@@ -97,16 +108,3 @@ def _control_and_line(headers: list | None) -> tuple[bool, bytes | None]:
         elif key == LINE_HEADER and line is None:
             line = value
     return control, line
-
-
-def _line_number(value: bytes | None) -> int:
-    if value is None:
-        return 0
-    try:
-        return int(value)  # ASCII digits, as pipeline produce writes them: no decode
-    except ValueError:
-        pass
-    try:  # anything else read as before: as text (int() takes other Unicode digits too)
-        return int(value.decode("utf-8", errors="replace"))
-    except ValueError:
-        return 0
