@@ -819,3 +819,35 @@ def test_a_scorer_asks_for_score_poll_batch_records_and_the_other_stages_for_pol
     for stage in (TokenizerStage(config), WindowerStage(config), ArchiverStage(config)):
         assert stage.consume_batch() == 77
     assert ScorerStage(make_config(tmp_path)).consume_batch() == 2000  # the default
+
+
+def test_archiver_restarted_skips_a_window_completed_again_after_it_was_archived(tmp_path):
+    """A trainer that fell back to an older checkpoint trains its windows again and sends their
+    completion records again, with no score after them: a restarted archiver kept such a window
+    pending, waiting for scores that never come, and every later window behind it."""
+    config = make_config(tmp_path)
+    windows = {w: [scored_record(f"w{w}e{i}", w, 1.0 + i / 10, w * 100 + i) for i in range(3)]
+               for w in (1, 2, 3)}
+    stage, out = ArchiverStage(config), RecordingOutput()
+    first = scores_topic(config, {1: windows[1], 2: windows[2]})
+    drive(stage, first, out)
+    stage.after_flush()  # what the runner does before it commits
+    assert stage.counts["windows"] == 2
+    restarted = ArchiverStage(config)
+    drive(restarted, scores_messages(config, [completion(1, 3)], start=len(first))
+          + scores_topic(config, {3: windows[3]}, start=len(first) + 1), out)
+    assert restarted.counts == {"windows": 1, "rows": 3, "late": 0, "dead_letters": 0, "skipped": 1}
+    assert sorted(p.name for p in (tmp_path / "archive").iterdir()) == [
+        "window-000001.csv.gz", "window-000002.csv.gz", "window-000003.csv.gz"]
+    assert offsets_of(restarted.safe_offsets()) == {0: len(first) + 5}  # nothing held back
+
+
+@pytest.mark.parametrize("state", [b"{", b'{"archived_through": "2"}', b"[]", b'{"archived_through": true}'])
+def test_archiver_state_unreadable_is_moved_aside(tmp_path, state, caplog):
+    config = make_config(tmp_path)
+    path = tmp_path / "state" / "archiver.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(state)
+    stage = ArchiverStage(config)
+    assert stage.archived_through is None and not path.exists()
+    assert "unreadable archiver state" in caplog.text

@@ -8,11 +8,13 @@ score can never add a second row, and a rewritten file has the same bytes.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from confluent_kafka import Message
 
+from pipeline.atomic import quarantine, write_bytes_atomic
 from pipeline.config import Config
 from pipeline.runner import Output
 from pipeline.scorefile import explain_cells, format_loss, format_number, score_columns, write_rows
@@ -47,6 +49,34 @@ class ArchiverStage(WindowStage):
         super().__init__(config, config.topics.scores, "scores")
         self.directory = Path(config.streaming.archive_dir)
         self.counts = {"windows": 0, "rows": 0, "late": 0, "dead_letters": 0}
+        # The last window archived, saved before each commit: a completion record of it or an
+        # older window that comes again after a restart (a trainer that fell back to an older
+        # checkpoint trains and completes its windows again, and no score follows) is skipped.
+        # Kept pending, it waited for scores that never come, and every later window behind it.
+        self.state_path = Path(config.streaming.state_dir) / "archiver.json"
+        self.archived_through = self.saved = self._load_state()
+
+    def _load_state(self) -> int | None:
+        if not self.state_path.exists():
+            return None
+        try:
+            window = json.loads(self.state_path.read_text())["archived_through"]
+            if isinstance(window, bool) or not isinstance(window, int):
+                raise TypeError(f"archived_through is {window!r}, not a window number")
+            return window
+        except (ValueError, KeyError, TypeError) as exc:
+            quarantine(self.state_path, f"unreadable archiver state ({exc.__class__.__name__}: {exc})",
+                       "archiving again what the committed offsets give (same files)")
+            return None
+
+    def after_flush(self) -> None:
+        if self.archived_through != self.saved:
+            state = {"archived_through": self.archived_through}
+            write_bytes_atomic(self.state_path, json.dumps(state).encode())
+            self.saved = self.archived_through
+
+    def already_done(self, window: int) -> bool:
+        return self.archived_through is not None and window <= self.archived_through
 
     def item(self, record: dict, msg: Message) -> tuple[tuple, tuple] | None:
         if record["late"]:  # not one of its window's rows (replay has no late events): counted
@@ -63,3 +93,4 @@ class ArchiverStage(WindowStage):
                  extra={"window": window, "rows": written})
         self.counts["windows"] += 1
         self.counts["rows"] += written
+        self.archived_through = window
