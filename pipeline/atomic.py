@@ -15,6 +15,7 @@ file is kept for forensics and can be moved back; the stage never crash-loops on
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import tempfile
@@ -22,9 +23,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 log = logging.getLogger(__name__)
+_FULL = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, name))
 
 
 def _umask() -> int:
@@ -66,10 +68,24 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno in _FULL:
+            # A write or close that found the disk full names no file: name the one being written.
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_text(path: str | Path) -> Iterator[TextIO]:
+    """``atomic_write`` for text: UTF-8, newlines written as given (``newline=""``, as csv wants)."""
+    with atomic_write(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        try:
+            yield text
+        finally:
+            text.detach()  # flushed, not closed: atomic_write closes the file after its fsync
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

@@ -23,7 +23,7 @@ class InputError(click.ClickException):
 # What a path the user named can be wrong with: said in one line, never a traceback.
 _PATH_ERRNOS = frozenset(getattr(errno, name) for name in (
     "ENOENT", "EACCES", "EPERM", "EISDIR", "ENOTDIR", "ENOSPC", "EDQUOT", "EROFS", "ENAMETOOLONG",
-    "ELOOP", "EFBIG", "EEXIST", "EBUSY") if hasattr(errno, name))
+    "ELOOP", "EFBIG", "EEXIST", "EBUSY", "EIO") if hasattr(errno, name))
 
 
 class FileProblem(click.ClickException):
@@ -40,8 +40,9 @@ class ConfigProblem(click.ClickException):
 
 
 class SalkaGroup(click.Group):
-    """The ``pipeline`` group: an OS error about a named path, anywhere under a command, becomes
-    ``Error: PATH: problem; ...`` (an unwritable --output is the user's to fix, not a bug); a
+    """The ``pipeline`` group: an OS error about a path, anywhere under a command, becomes
+    ``Error: PATH: problem; ...`` (an unwritable --output is the user's to fix, not a bug; a
+    disk that fills while a file is written names no path where nothing could name it); a
     setting found wrong only once in use (a ``kafka:`` value librdkafka refuses) is a config
     problem like those found when the config is read."""
 
@@ -51,9 +52,10 @@ class SalkaGroup(click.Group):
         except ConfigError as exc:
             raise ConfigProblem(str(exc)) from exc
         except OSError as exc:
-            if exc.filename is None or exc.errno not in _PATH_ERRNOS:
+            if exc.errno not in _PATH_ERRNOS:
                 raise
-            raise FileProblem(f"{exc.filename}: {exc.strerror}{_hint(exc.errno)}") from exc
+            where = f"{exc.filename}: " if exc.filename is not None else ""
+            raise FileProblem(f"{where}{exc.strerror}{_hint(exc.errno)}") from exc
 
 
 def _hint(code: int) -> str:
@@ -63,4 +65,6 @@ def _hint(code: int) -> str:
         return "; check its permissions or write elsewhere"
     if code in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP):
         return "; check the path"
+    if code == errno.EIO:
+        return "; the device could not be read or written: check the disk, or use a copy elsewhere"
     return ""

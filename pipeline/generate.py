@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import atomic_text
+
 COLUMNS = (
     "time,src_user,dst_user,src_computer,dst_computer,auth_type,logon_type,auth_orientation,success"
 ).split(",")
@@ -240,12 +242,12 @@ def write_log(spec: GenerateSpec, log_path: Path, labels_path: Path, header: boo
     events = generate_events(spec)
     log_path, labels_path = Path(log_path), Path(labels_path)
     first = 2 if header else 1
-    with open(log_path, "w", newline="") as f:
+    with atomic_text(log_path) as f:
         writer = csv.writer(f, lineterminator="\n")
         if header:
             writer.writerow(COLUMNS)
         writer.writerows(row for row, _ in events)
-    with open(labels_path, "w", newline="") as f:
+    with atomic_text(labels_path) as f:
         f.write("line,label\n")
         f.writelines(f"{first + i},{int(red)}\n" for i, (_, red) in enumerate(events))
     return {

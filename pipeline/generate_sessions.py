@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import atomic_text
 from pipeline.generate import DAY, HOURLY, GenerateSpec
 
 START = 1709510400  # 2024-03-04T00:00:00Z: dates, so the log reads as a real one
@@ -220,12 +221,12 @@ def write_sessions(spec: GenerateSpec, log_path: Path, labels_path: Path) -> dic
     counts, the log has no header) and the session labels; return a summary."""
     lines, kinds = session_events(spec)
     log_path, labels_path = Path(log_path), Path(labels_path)
-    with open(log_path, "w", newline="\n") as f:
+    with atomic_text(log_path) as f:
         f.writelines(f"{text}\n" for _, text, _ in lines)
-    with open(labels_path, "w", newline="\n") as f:
+    with atomic_text(labels_path) as f:
         f.write("line,label,session\n")
         f.writelines(f"{i},{int(kinds[sid] != 'normal')},{sid}\n" for i, (_, _, sid) in enumerate(lines, 1))
-    with open(session_labels_path(labels_path), "w", newline="\n") as f:
+    with atomic_text(session_labels_path(labels_path)) as f:
         f.write("session,label,kind\n")
         f.writelines(f"{sid},{int(kind != 'normal')},{kind}\n" for sid, kind in kinds.items())
     anomalous = sum(kind != "normal" for kind in kinds.values())

@@ -24,6 +24,7 @@ import numpy as np
 from markupsafe import Markup
 
 from pipeline import ranking
+from pipeline.atomic import write_bytes_atomic
 from pipeline.config import AlertingConfig
 from pipeline.evaluate import scored_truth
 from pipeline.normalise import entities
@@ -524,7 +525,7 @@ def build_report(rows: list[ScoreRow], output_path: str | Path,
     evaluation = evaluation_data(scored, labels, shown, by) if labels is not None else None
     summary = summary_items(rows, scored, all_windows, columns)
     document, plots = render_report(title, summary, per_window, top, tables, evaluation)
-    output_path.write_text(document, encoding="utf-8")
+    write_bytes_atomic(output_path, document.encode("utf-8"))
     return {"path": str(output_path), "events": len(rows), "scored": len(scored), "windows": len(all_windows),
             "plots": plots, "top_events": len(top.events), "explained": top.explained,
             "top_users": len(tables[0].body), "top_hosts": len(tables[1].body),

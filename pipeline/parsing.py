@@ -300,4 +300,9 @@ def json_text(value: object) -> str:
 def read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
     """(physical 1-based line number as ``grep -n`` counts it, raw bytes) for every line."""
     with open(path, "rb") as handle:
-        yield from enumerate(handle, start=1)
+        try:
+            yield from enumerate(handle, start=1)
+        except OSError as exc:  # a read that failed (EIO) names no file: name it
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pipeline.alerting import row_scores
+from pipeline.atomic import atomic_text
 from pipeline.config import AlertingConfig
 from pipeline.normalise import entities
 from pipeline.safetext import csv_cell, printable
@@ -219,6 +220,6 @@ def write_top_csv(path: str | Path, rows: list[ScoreRow], limit: int, by: str = 
         table = top_events_table(rows, limit, input_path, alerting)
     else:
         table = entity_ranking_table(rows, by, limit, input_path, alerting)
-    with open(path, "w", encoding="utf-8", newline="") as handle:
+    with atomic_text(path) as handle:
         csv.writer(handle).writerows([csv_cell(c) for c in r] for r in table)
     return len(table) - 1

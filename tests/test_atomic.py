@@ -6,10 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
+import signal
+import subprocess
+import sys
 
 import pytest
+from helpers import ROOT, invoke, one_error_line
 
-from pipeline.atomic import atomic_write, quarantine, write_bytes_atomic
+from pipeline.atomic import atomic_text, atomic_write, quarantine, write_bytes_atomic
 from pipeline.config import config_from_dict
 
 
@@ -151,3 +156,41 @@ def test_a_good_windower_state_still_resumes(tmp_path):
     assert stage.open == {2: 5} and stage.reported_through == 1
     assert stage.resume == {0: 12} and stage.restored_newest == {0: 9000.0}
     assert list((tmp_path / "state").glob("*.corrupt-*")) == []
+
+
+def _file_size_limit(limit: int):
+    """A child whose files cannot grow past ``limit`` bytes: writes past it fail with EFBIG, as a
+    full disk's fail with ENOSPC (SIGXFSZ ignored, so that the write reports it)."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "sessions"]])
+def test_a_disk_that_fills_while_writing_is_one_line_and_leaves_no_file(tmp_path, profile):
+    """A full disk (here, a file size limit: the same failed write, EFBIG for ENOSPC) named no
+    file, so it was a traceback, and generate left a partial log behind."""
+    args = ["generate", "--days", "1", *profile, "--output", tmp_path / "log.csv",
+            "--labels", tmp_path / "l.csv"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, preexec_fn=_file_size_limit(20_000), cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("Error: ")]
+    assert line == f"Error: {tmp_path}/log.csv: File too large; free some disk space or write elsewhere"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial file, no temporary one
+
+
+def test_atomic_text_writes_utf8_as_given(tmp_path):
+    path = tmp_path / "t.csv"
+    with atomic_text(path) as handle:
+        handle.write("a,\u00e9\r\nb\n")
+    assert path.read_bytes() == "a,\u00e9\r\nb\n".encode()
+
+
+def test_a_read_that_fails_names_the_file():
+    """/proc/self/mem cannot be read from its start (EIO): a traceback once, now one line."""
+    result = invoke("check", "--input", "/proc/self/mem")
+    line = one_error_line(result, 1)
+    assert line.startswith("Error: /proc/self/mem: Input/output error; the device could not be read")
