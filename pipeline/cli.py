@@ -11,6 +11,7 @@ import click
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.errors import ConfigProblem, SalkaGroup
+from pipeline.outpaths import check_outputs
 
 log = logging.getLogger("pipeline")
 
@@ -90,6 +91,12 @@ def generate_command(config: Config, output, labels, users, computers, days, eve
     """Write a synthetic authentication log (LANL format) and its labels file."""
     from pipeline.generate import GenerateSpec, write_log
 
+    outputs = {"--output": output, "--labels": labels}
+    if profile == "sessions":
+        from pipeline.generate_sessions import session_labels_path
+
+        outputs["the session labels"] = session_labels_path(Path(labels))
+    check_outputs({}, outputs)
     if profile == "realistic" and (users < 10 or computers < 30):
         raise click.BadParameter("the realistic profile needs --users >= 10 and --computers >= 30",
                                  param_hint="--profile")
@@ -97,7 +104,7 @@ def generate_command(config: Config, output, labels, users, computers, days, eve
                         events_per_day=events_per_day, redteam_events=redteam_events, seed=seed,
                         profile=profile)
     if profile == "sessions":  # a text log (no header), labels per line and per session
-        from pipeline.generate_sessions import session_labels_path, write_sessions
+        from pipeline.generate_sessions import write_sessions
 
         summary = write_sessions(spec, Path(output), Path(labels))
         click.echo(f"wrote {summary['events']} lines of {summary['sessions']} sessions "
@@ -130,6 +137,8 @@ def replay_command(config: Config, input_path, output_path, progress, save_model
         raise click.BadParameter("session scores need sessions.entity in the config (an entity "
                                  "of input.entities, with tokenizer.kind: template)",
                                  param_hint="--sessions")
+    check_outputs({"--input": input_path},
+                  {"--output": output_path, "--save-model": save_model, "--sessions": sessions_path})
     start_torch(config, "replay")
     count, report = replay(input_path, output_path, config, progress=progress, save_model=save_model,
                            sessions_output=sessions_path)
@@ -206,6 +215,14 @@ def scores_source(command):
     return wrapper
 
 
+def _read_paths(**given) -> dict[str, str | None]:
+    """Option -> path of the files a scores command reads: ``given`` (keyword: the option's
+    parameter name) and the scores file that ``scores_source`` read."""
+    paths = {"--scores": click.get_current_context().params.get("scores_path")}
+    paths.update({f"--{name.removesuffix('_path')}": path for name, path in given.items()})
+    return paths
+
+
 @cli.command("top", short_help="The most anomalous events, users or hosts.")
 @with_config
 @scores_source
@@ -221,6 +238,7 @@ def top_command(config: Config, rows, limit, by, input_path, csv_path) -> None:
     entity-normalised score (alerting.normalise), or by loss when that is []."""
     from pipeline.ranking import format_top, write_top_csv
 
+    check_outputs(_read_paths(input_path=input_path), {"--csv": csv_path})
     try:
         click.echo(format_top(rows, limit, by, input_path, config.alerting))
         if csv_path:
@@ -251,6 +269,8 @@ def report_command(config: Config, rows, labels_path, input_path, output_path, t
     from pipeline.evaluate import read_labels
     from pipeline.htmlreport import build_report
 
+    check_outputs(_read_paths(input_path=input_path, labels_path=labels_path, model_path=model_path),
+                  {"--output": output_path})
     labels = read_labels(labels_path) if labels_path else None
     attention, refusals = None, ()
     if model_path:

@@ -159,3 +159,46 @@ def test_broker_on_a_port_in_use_says_so_instead_of_reporting_the_other_listener
 def test_broker_with_a_storage_engine_it_does_not_have():
     error = one_error_line(invoke("broker", "--storage", "file:///tmp/x"), 2)
     assert "--storage: 'file:///tmp/x': the embedded broker stores in memory://NAME/ or s3://BUCKET/" in error
+
+
+def test_an_output_that_names_an_input_is_refused_before_anything_is_written(scores, tmp_path):
+    """`replay --output` equal to `--input` replaced the log with scores (exit 0); so did
+    `report --output` the scores file and `generate --labels` the log. However the two are
+    spelled (a link, a `..` through a directory yet to be made), nothing is read or written."""
+    log = tmp_path / "auth.csv"
+    log.write_bytes((DATA / "lanl.csv").read_bytes())
+    (tmp_path / "link.csv").symlink_to(log)
+    os.link(scores, tmp_path / "hard.csv.gz")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    cases = [
+        (["replay", "--input", log, "--output", log, *TINY], "--output", "--input"),
+        (["replay", "--input", tmp_path / "link.csv", "--output", tmp_path / "new" / ".." / "auth.csv",
+          *TINY], "--output", "--input"),
+        (["replay", "--input", log, "--output", tmp_path / "s.csv.gz", "--save-model", log, *TINY],
+         "--save-model", "--input"),
+        (["replay", "--input", log, "--output", tmp_path / "s.csv.gz", "--save-model",
+          tmp_path / "s.csv.gz", *TINY], "--save-model", "--output"),
+        (["report", "--scores", scores, "--output", tmp_path / "hard.csv.gz"], "--output", "--scores"),
+        (["top", "--scores", scores, "--input", log, "--csv", log], "--csv", "--input"),
+        (["generate", "--output", log, "--labels", log, "--days", "1"], "--labels", "--output"),
+    ]
+    for args, output, other in cases:
+        error = one_error_line(invoke(*args), 2)
+        assert f"is the same file as {other}: writing it would replace that file" in error, args
+        assert error.startswith(f"Error: {output} "), args
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_an_unwritable_extra_output_stops_replay_before_it_trains(tmp_path):
+    """`--save-model` and `--sessions` were first written after the whole replay: a bad path
+    cost the run, and the scores file was replaced before the error."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    for option in ("--save-model", "--sessions"):
+        extra = (["--set", "sessions.entity=user", "--set", "tokenizer.kind=template"]
+                 if option == "--sessions" else [])
+        result = invoke("replay", "--input", DATA / "lanl.csv", "--output", tmp_path / "s.csv.gz",
+                        option, blocker / "out", *TINY, *extra)
+        assert one_error_line(result, 1) == f"Error: {blocker}: Not a directory; check the path"
+        assert "window 0" not in result.output  # nothing trained
+    assert sorted(os.listdir(tmp_path)) == ["file.txt"]
