@@ -673,9 +673,27 @@ def yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
     return f"{where}: not valid YAML: {what}{f' ({context})' if context else ''}; fix the YAML syntax there"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (the same safe subset) that refuses a key given twice in one mapping:
+    YAML's last-one-wins would drop the whole first ``model:`` section without a word. Keys a
+    merge (``<<: *base``) brings in may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[tuple[str, str], yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                first = seen.setdefault((key_node.tag, key_node.value), key_node.start_mark)
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} given twice (first on line "
+                        f"{first.line + 1}): the second would replace the first; keep one",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
                 environ: Mapping[str, str] | None = None) -> Config:
-    """Read YAML (safe_load only), then the environment (``SALKA__SECTION__KEY``, see
+    """Read YAML (safe loading only: UniqueKeyLoader), then the environment (``SALKA__SECTION__KEY``, see
     pipeline/configenv.py), then ``overrides``, and validate. ``path=None`` means built-in
     defaults; ``environ=None`` means ``os.environ``."""
     from pipeline.configenv import apply_environment
@@ -684,7 +702,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            # UniqueKeyLoader is a SafeLoader: what yaml.safe_load reads, and no more
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
         except UnicodeDecodeError as exc:

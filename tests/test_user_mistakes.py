@@ -89,6 +89,12 @@ def test_output_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path)
     ("model:\n  kind: rnn\n   x: 1\n", "cfg.yaml:3:5: not valid YAML: mapping values are not allowed here"),
     ("model:\n  kind: [\n", "cfg.yaml:3:1: not valid YAML: expected the node content"),
     ("a: b\n\tc: d\n", "cfg.yaml:2:1: not valid YAML: found character '\\t' that cannot start any token"),
+    # YAML's last-one-wins would drop the first section silently
+    ("model:\n  kind: gpt\nwindow: {}\nmodel:\n  rnn: {hidden_size: 8}\n",
+     "cfg.yaml:4:1: not valid YAML: key 'model' given twice (first on line 1): the second would "
+     "replace the first; keep one"),
+    ("model:\n  rnn: {hidden_size: 8, hidden_size: 16}\n", "cfg.yaml:2:25: not valid YAML: key "
+     "'hidden_size' given twice (first on line 2)"),
 ])
 def test_yaml_syntax_error_is_one_line_with_line_and_column(content, message, tmp_path):
     config = tmp_path / "cfg.yaml"
@@ -202,3 +208,12 @@ def test_an_unwritable_extra_output_stops_replay_before_it_trains(tmp_path):
         assert one_error_line(result, 1) == f"Error: {blocker}: Not a directory; check the path"
         assert "window 0" not in result.output  # nothing trained
     assert sorted(os.listdir(tmp_path)) == ["file.txt"]
+
+
+def test_a_merge_key_may_still_be_overridden():
+    import yaml
+
+    from pipeline.config import UniqueKeyLoader
+
+    assert yaml.load("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n", Loader=UniqueKeyLoader) == {
+        "a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
