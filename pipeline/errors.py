@@ -12,6 +12,7 @@ import errno
 import click
 
 from pipeline.config import ConfigError
+from pipeline.parsing import UnreadableLog
 
 
 class InputError(click.ClickException):
@@ -51,6 +52,8 @@ class SalkaGroup(click.Group):
             return super().invoke(ctx)
         except ConfigError as exc:
             raise ConfigProblem(str(exc)) from exc
+        except UnreadableLog as exc:
+            raise InputError(str(exc)) from exc
         except OSError as exc:
             if exc.errno not in _PATH_ERRNOS:
                 raise

@@ -7,10 +7,12 @@ topic), so nothing here knows where a line came from beyond the identity it is h
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 import re
 import time as _time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -297,11 +299,27 @@ def json_text(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class UnreadableLog(ValueError):
+    """A gzip log that ends early or is corrupt (the CLI says so in one line)."""
+
+
 def read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
-    """(physical 1-based line number as ``grep -n`` counts it, raw bytes) for every line."""
+    """(physical 1-based line number as ``grep -n`` counts it, raw bytes) for every line. A
+    gzip file (known by its first bytes, whatever its name: logs are shipped compressed, as
+    LANL's auth.txt.gz) is read decompressed, and its lines are numbered as ``zcat | grep -n``
+    numbers them, in replay, produce and the input audit alike."""
     with open(path, "rb") as handle:
         try:
-            yield from enumerate(handle, start=1)
+            compressed = handle.read(2) == GZIP_MAGIC
+            handle.seek(0)
+            lines = gzip.GzipFile(fileobj=handle, mode="rb") if compressed else handle
+            yield from enumerate(lines, start=1)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise UnreadableLog(f"{path}: a gzip file that is truncated or corrupt ({exc}); "
+                                f"decompress it with gunzip to see how far it reads") from exc
         except OSError as exc:  # a read that failed (EIO) names no file: name it
             if exc.filename is not None:
                 raise

@@ -14,6 +14,7 @@ from pipeline.alerting import row_scores
 from pipeline.atomic import atomic_text
 from pipeline.config import AlertingConfig
 from pipeline.normalise import entities
+from pipeline.parsing import read_lines
 from pipeline.safetext import csv_cell, printable
 from pipeline.scorefile import ScoreRow
 
@@ -23,10 +24,9 @@ Scores = Mapping[int, float]  # id(row) -> the score it ranks by, for the scored
 def raw_lines(path: str | Path, wanted: set[int]) -> dict[int, str]:
     """The text of the wanted physical lines of a log file."""
     found = {}
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number in wanted:
-                found[number] = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    for number, raw in read_lines(path):
+        if number in wanted:
+            found[number] = raw.decode("utf-8", errors="replace").rstrip("\r\n")
     return found
 
 

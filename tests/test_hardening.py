@@ -268,12 +268,17 @@ def test_top_csv_export_neutralises_formulas(tmp_path):
     assert all(csv_uncell(row[-1]) in log_lines for row in rows[1:])
 
 
-def test_top_csv_to_a_missing_directory_is_one_line(tmp_path):
+def test_top_csv_makes_a_missing_directory_and_under_a_file_is_one_line(tmp_path):
+    """As every output (the atomic writer): missing directories are made; a path through a file
+    is one line naming it, before anything is written."""
     scores, _, _ = hostile_scores(tmp_path)
-    result = CliRunner().invoke(cli, ["top", "--scores", str(scores), "--csv",
-                                      str(tmp_path / "no" / "such" / "top.csv")])
-    assert result.exit_code != 0 and "Traceback" not in result.output
-    assert "top.csv" in result.output
+    made = tmp_path / "no" / "such" / "top.csv"
+    result = CliRunner().invoke(cli, ["top", "--scores", str(scores), "--csv", str(made)])
+    assert result.exit_code == 0 and made.read_text().startswith("rank,")
+    blocked = tmp_path / "no" / "such" / "top.csv" / "top.csv"
+    result = CliRunner().invoke(cli, ["top", "--scores", str(scores), "--csv", str(blocked)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"Error: {made}: Not a directory; check the path" in result.output
 
 
 def test_scores_files_keep_raw_values(tmp_path):

@@ -217,3 +217,28 @@ def test_a_merge_key_may_still_be_overridden():
 
     assert yaml.load("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n", Loader=UniqueKeyLoader) == {
         "a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
+
+
+def test_a_gzip_log_is_read_decompressed_and_a_truncated_one_is_one_line(tmp_path):
+    """Logs are shipped compressed (LANL's auth.txt.gz): read as text, every line was malformed
+    ("invalid UTF-8 ... check input.format"). Now read decompressed, whatever the file's name;
+    the same scores as the plain log, lines numbered as zcat numbers them."""
+    import gzip
+
+    plain = (DATA / "lanl.csv").read_bytes()
+    packed = tmp_path / "auth.log"  # no .gz: known by its first bytes
+    packed.write_bytes(gzip.compress(plain))
+    scores = {}
+    for name, path in (("plain", DATA / "lanl.csv"), ("gzip", packed)):
+        result = invoke("replay", "--input", path, "--output", tmp_path / f"{name}.csv.gz", *TINY)
+        assert result.exit_code == 0, result.output
+        scores[name] = gzip.decompress((tmp_path / f"{name}.csv.gz").read_bytes())
+    assert scores["gzip"] == scores["plain"]
+    assert "0 malformed" in invoke("check", "--input", packed).output
+    truncated = tmp_path / "cut.csv.gz"
+    truncated.write_bytes(packed.read_bytes()[:-20])
+    for command in (["check"], ["replay", "--output", tmp_path / "t.csv.gz", *TINY]):
+        args = [command[0], "--input", truncated, *command[1:]]
+        assert one_error_line(invoke(*args), 1).startswith(
+            f"Error: {truncated}: a gzip file that is truncated or corrupt (")
+    assert not (tmp_path / "t.csv.gz").exists()
