@@ -34,8 +34,12 @@ def _time(seconds: float | None) -> str:
     return f"{stamp} ({format_number(seconds)})"
 
 
+STOP = "replay would stop: "  # the verdict line that makes ``pipeline check`` exit 1
+
+
 def check_lines(config: Config, path: str | Path, limit: int) -> list[str]:
-    """The report for the first ``limit`` physical lines of ``path``, as printable lines."""
+    """The report for the first ``limit`` physical lines of ``path``, as printable lines; the
+    last is the verdict (``STOP``... when replay would refuse the file)."""
     from nn.tokenizers import encode_event
     from pipeline.modelspec import make_masker, make_tokenizer
 
@@ -75,8 +79,10 @@ def check_lines(config: Config, path: str | Path, limit: int) -> list[str]:
                f"{report.header_rows} header / comment lines skipped")
     if lines:
         problem = malformed_problem(report, str(path), config.input.max_malformed_fraction)
-        out.append(f"replay would stop: {problem}" if problem else
-                   "replay would accept lines like these")
+        out.append(f"{STOP}{problem}" if problem else "replay would accept lines like these")
+    else:  # replay's own words for such a file
+        out.append(f"{STOP}{path}: no events in these lines (the file is empty or only header / "
+                   f"comment lines so far)")
     return out
 
 

@@ -172,11 +172,14 @@ def init_command(format_name: str) -> None:
               help="Lines to read from the start of the file.")
 def check_command(config: Config, input_path, limit: int) -> None:
     """Parse the first N lines and print, for each, its fields, event time, window, entities,
-    what the model reads and its tokens, or why it is malformed."""
-    from pipeline.check import check_lines
+    what the model reads and its tokens, or why it is malformed. Exit 1 when replay would stop."""
+    from pipeline.check import STOP, check_lines
 
-    for line in check_lines(config, input_path, limit):
+    lines = check_lines(config, input_path, limit)
+    for line in lines:
         click.echo(line)
+    if lines[-1].startswith(STOP):
+        raise SystemExit(1)
 
 
 @cli.command("eval", short_help="ROC AUC, average precision, precision@k of a scores file.")
@@ -195,6 +198,8 @@ def eval_command(config: Config, scores_path, labels_path, ks, as_json) -> None:
 
     result = evaluate(scores_path, labels_path, tuple(ks), config.alerting)
     click.echo(json.dumps(result, indent=2) if as_json else format_report(result))
+    if "error" in result:  # "cannot evaluate": no metric came out (said in the report)
+        raise SystemExit(1)
 
 
 def scores_source(command):

@@ -134,7 +134,7 @@ def test_check_shows_fields_times_windows_entities_and_tokens():
 
 def test_check_shows_why_lines_are_malformed():
     result = CliRunner().invoke(cli, ["check", "--input", str(sample("apache")), "-n", "3"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # replay would stop: a script can tell
     assert "line 1: MALFORMED: expected 9 CSV columns, got" in result.output
     assert "replay would stop:" in result.output and "3 of 3 lines malformed (all)" in result.output
 

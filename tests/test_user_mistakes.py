@@ -3,6 +3,7 @@ directory where a file belongs (and the other way round), an output that cannot 
 config that is not YAML, the demo's --input / --labels. Each is one ``Error:`` line naming the
 file or key, a non-zero exit, never a traceback, and nothing left half-written."""
 
+import json
 import os
 import stat
 
@@ -242,3 +243,23 @@ def test_a_gzip_log_is_read_decompressed_and_a_truncated_one_is_one_line(tmp_pat
         assert one_error_line(invoke(*args), 1).startswith(
             f"Error: {truncated}: a gzip file that is truncated or corrupt (")
     assert not (tmp_path / "t.csv.gz").exists()
+
+
+def test_check_and_eval_exit_1_when_they_give_no_answer(scores, tmp_path):
+    """`check` said "replay would stop" and `eval` "cannot evaluate" with exit 0: a script
+    running them could not tell. A header-only log now gets replay's verdict too."""
+    header_only = tmp_path / "h.csv"
+    header_only.write_text("time,src_user,dst_user,src_computer,dst_computer,auth_type,logon_type,"
+                           "auth_orientation,success\n")
+    result = invoke("check", "--input", header_only)
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1].startswith(f"replay would stop: {header_only}: no events")
+    other_log = tmp_path / "labels.csv"
+    other_log.write_text("line,label\n" + "".join(f"{n},{n % 2}\n" for n in range(500, 520)))
+    result = invoke("eval", "--scores", scores, "--labels", other_log)
+    assert result.exit_code == 1 and "cannot evaluate: " in result.output, result.output
+    result = invoke("eval", "--scores", scores, "--labels", other_log, "--json")
+    assert result.exit_code == 1 and json.loads(result.output)["error"], result.output
+    good = tmp_path / "good.csv"
+    good.write_text("line,label\n" + "".join(f"{n},{int(n > 8)}\n" for n in range(2, 12)))
+    assert invoke("eval", "--scores", scores, "--labels", good).exit_code == 0
