@@ -186,4 +186,10 @@ def replay(input_path: str | Path, output_path: str | Path, config: Config,
         write_rows(sessions_output, SESSION_COLUMNS, map(session_row, sessions))
     if save_model:
         learner.save(save_model)
+    if len(windows) == 1:  # every score needs a model of earlier windows: there are none
+        key = "window.size_seconds" if config.input.time_field else "window.size_lines"
+        size = config.window.size_seconds if config.input.time_field else config.window.size_lines
+        log.warning("%s: every event is in one window (%s: %g), the first, which no model has "
+                    "seen before: no event has a loss; set a smaller %s so that earlier windows "
+                    "train a model for later ones", input_path, key, size, key)
     return count, report

@@ -264,3 +264,17 @@ def test_check_and_eval_exit_1_when_they_give_no_answer(scores, tmp_path):
     good = tmp_path / "good.csv"
     good.write_text("line,label\n" + "".join(f"{n},{int(n > 8)}\n" for n in range(2, 12)))
     assert invoke("eval", "--scores", scores, "--labels", good).exit_code == 0
+
+
+def test_a_replay_of_one_window_says_that_nothing_could_be_scored(tmp_path, caplog):
+    """A log shorter than one window "succeeded" with no loss at all; top, eval and report then
+    had nothing to show and did not say why."""
+    result = invoke("replay", "--input", DATA / "lanl.csv", "--output", tmp_path / "s.csv.gz", *TINY,
+                    "--set", "window.size_seconds=100000000")
+    assert result.exit_code == 0
+    assert ("every event is in one window (window.size_seconds: 1e+08), the first, which no model "
+            "has seen before: no event has a loss; set a smaller window.size_seconds") in caplog.text
+    caplog.clear()
+    assert invoke("replay", "--input", DATA / "lanl.csv", "--output", tmp_path / "t.csv.gz", *TINY,
+                  "--set", "window.size_seconds=60").exit_code == 0
+    assert "every event is in one window" not in caplog.text
