@@ -75,6 +75,7 @@ class AuditReport:
     unknown_rows: int = 0  # archive rows whose raw record is not in the raw topic (retention?)
     examples: list[str] = field(default_factory=list)
     source: SourceAudit | None = None  # against the input file (audit --input)
+    archive_problem: str | None = None  # no archive to audit against (archive_problem())
 
     @property
     def total(self) -> PartitionAudit:
@@ -94,6 +95,7 @@ class AuditReport:
         return {"ok": self.ok, "total": asdict(self.total),
                 "partitions": {f"{t}[{p}]": asdict(a) for (t, p), a in self.partitions.items()},
                 "unknown_rows": self.unknown_rows,
+                "archive_problem": self.archive_problem,
                 "input": self.source.as_dict() if self.source else None}
 
     def format(self) -> str:
@@ -107,11 +109,23 @@ class AuditReport:
             lines.append(f"archive rows whose raw record is not in the raw topic (deleted by "
                          f"retention, or another topic's archive?): {self.unknown_rows}")
         lines += self.examples[:10]
+        if self.archive_problem is not None:
+            lines.append(self.archive_problem)
         if self.source is not None:
             lines.append(self.source.format())
         lines.append("audit: OK, every raw record accounted for exactly once" if self.ok
                      else "audit: FAILED")
         return "\n".join(lines)
+
+
+def archive_problem(directory: Path) -> str | None:
+    """Why ``directory`` holds no archive yet, for a report whose every record would read as
+    lost; None when it has window files."""
+    if directory.is_dir() and any(directory.glob("window-*.csv.gz")):
+        return None
+    what = "has no window files" if directory.is_dir() else "does not exist"
+    return (f"archive {directory} {what}: has the archiver archived a window yet, and is "
+            f"--workdir or --archive the directory it writes (streaming.archive_dir)?")
 
 
 def archive_identities(directory: Path) -> Counter:
@@ -155,10 +169,11 @@ def audit(config: Config, archive_dir: Path | None = None,
             ident = (msg.topic(), msg.partition(), msg.offset())
             raw.add(ident)
             raw_lines.append((ident, line_number(header(msg, LINE_HEADER)) or None))
-    archived = archive_identities(Path(archive_dir or config.streaming.archive_dir))
+    archive = Path(archive_dir or config.streaming.archive_dir)
+    archived = archive_identities(archive)
     seen: list[tuple[Identity, int | None]] = []
     dead, late = side_identities(config, seen)
-    report = AuditReport()
+    report = AuditReport(archive_problem=archive_problem(archive))
     for ident in sorted(raw):
         part = report.partitions.setdefault(ident[:2], PartitionAudit())
         part.raw += 1

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from confluent_kafka import KafkaError, KafkaException, Producer
 from helpers import delete_topics, read_records, stream_config, wait_for
 
-from pipeline.audit import audit
+from pipeline.audit import archive_problem, audit
 from pipeline.cli import cli
 from pipeline.demo import ArchiveCounter, StageProcesses
 from pipeline.generate import GenerateSpec, write_log
@@ -119,6 +119,14 @@ def test_reconcile_names_missing_duplicated_and_unexpected_lines():
     assert report.not_published == [4]
     text = report.format()
     assert "missing lines" in text and ": 4" in text and "input audit: FAILED" in text
+
+
+def test_an_audit_says_when_there_is_no_archive_to_audit_against(tmp_path):
+    assert "does not exist" in archive_problem(tmp_path / "none")
+    (tmp_path / "empty").mkdir()
+    assert "has no window files" in archive_problem(tmp_path / "empty")
+    (tmp_path / "empty" / "window-000001.csv.gz").write_bytes(b"")
+    assert archive_problem(tmp_path / "empty") is None
 
 
 # ---------------------------------------------------------------- over the broker: the tokenizer
@@ -279,11 +287,15 @@ def _pipeline_run(tmp_path, kafka_bootstrap, skip: int | None = None, duplicate:
 def test_audit_input_is_clean_after_a_normal_run(kafka_bootstrap, tmp_path):
     config, config_path, log = _pipeline_run(tmp_path, kafka_bootstrap)
     report = audit(config, input_path=log)
+    elsewhere = audit(config, archive_dir=tmp_path / "elsewhere")  # a wrong --archive: all "lost"
     delete_topics(config)
     print(report.format())
     assert report.ok and report.source is not None and report.source.ok
     assert report.source.lines == report.source.accounted == report.total.raw
     assert report.source.header_rows == 1
+    assert report.archive_problem is None
+    assert not elsewhere.ok and elsewhere.total.lost == report.total.archived
+    assert f"archive {tmp_path / 'elsewhere'} does not exist: has the archiver" in elsewhere.format()
 
 
 @pytest.mark.slow
