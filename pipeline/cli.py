@@ -352,6 +352,9 @@ def produce_command(config: Config, input_path, rate, end_marker) -> None:
     from pipeline.kafka import require_reachable
 
     require_reachable(config)  # an absent broker: one line and exit 1, in seconds
+    # Before the first record: a broker that creates topics on first use would make the raw
+    # topic with its own partition count, which the stages refuse.
+    _create_topics(config, "produce: ")
     from pipeline.produce import ProduceError, produce_file
 
     try:
@@ -371,10 +374,22 @@ def produce_command(config: Config, input_path, rate, end_marker) -> None:
 @with_config
 def create_topics_command(config: Config) -> None:
     """Create the raw, tokens, windows, scores, dead-letter and late topics."""
-    from pipeline.kafka import create_topics
-
-    created = create_topics(config)
+    created = _create_topics(config)
     click.echo(f"created: {', '.join(created) if created else 'nothing (all exist)'}", err=True)
+
+
+def _create_topics(config: Config, said: str | None = None) -> list[str]:
+    """salka's missing topics created (``said``: announce them with this prefix); a topic with
+    another partition count is one line and exit 1."""
+    from pipeline.kafka import TopicMismatch, create_topics
+
+    try:
+        created = create_topics(config)
+    except TopicMismatch as exc:
+        raise click.ClickException(str(exc)) from exc
+    if said is not None and created:
+        click.echo(f"{said}created the missing topics {', '.join(created)}", err=True)
+    return created
 
 
 @cli.command("status", short_help="Lag of every stage's consumer group, and the last trained window.")

@@ -191,10 +191,24 @@ def topic_plan(config: Config) -> dict[str, int]:
     }
 
 
+class TopicMismatch(RuntimeError):
+    """A topic of salka's exists with another partition count than the config's."""
+
+
 def create_topics(config: Config, timeout: float = 30.0) -> list[str]:
-    """Create salka's topics that do not exist yet; returns the names created."""
+    """Create salka's topics that do not exist yet; returns the names created. Raises
+    TopicMismatch, creating nothing, when one exists with another partition count: the stages
+    would stop on it (pipeline/brokerwatch.py), and a broker that creates a topic on first use
+    (as the embedded one does for ``pipeline produce`` before ``create-topics``) makes one so."""
     admin = make_admin(config)
-    existing = set(require_broker(admin, bootstrap_servers(config)).topics)
+    metadata = require_broker(admin, bootstrap_servers(config)).topics
+    existing = set(metadata)
+    for name, parts in topic_plan(config).items():
+        if name in existing and len(metadata[name].partitions) != parts:
+            raise TopicMismatch(
+                f"topic {name} has {len(metadata[name].partitions)} partitions where the config says "
+                f"{parts} (topics.partitions): made by another config, or by the broker on first use; "
+                f"delete the topic (and what it holds) or set topics.partitions to match")
     # Only the newest announcement per model matters; a broker that ignores the setting (the
     # embedded one) keeps them all, which scorers read the same way. Session scores are keyed
     # "<window>/<session>" and a window re-trained after a restart sends the same values again:
