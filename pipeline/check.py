@@ -80,9 +80,10 @@ def check_lines(config: Config, path: str | Path, limit: int) -> list[str]:
     if lines:
         problem = malformed_problem(report, str(path), config.input.max_malformed_fraction)
         out.append(f"{STOP}{problem}" if problem else "replay would accept lines like these")
-    else:  # replay's own words for such a file
-        out.append(f"{STOP}{path}: no events in these lines (the file is empty or only header / "
-                   f"comment lines so far)")
+    elif len(results) < limit:  # the whole file: replay's own words for it
+        out.append(f"{STOP}{path}: no events (the file is empty or only header / comment lines)")
+    else:
+        out.append(f"no event in the first {limit} lines: read more of them with -n")
     return out
 
 

@@ -15,6 +15,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +50,19 @@ _probability = _range_check("a number in [0, 1)", lambda v: 0 <= v < 1)
 _percent = _range_check("a percentage in (0, 100]", lambda v: 0 < v <= 100)
 _fraction = _range_check("a fraction in [0, 1]", lambda v: 0 <= v <= 1)
 _year = _range_check("0 (the current year) or a year in 1970..2200", lambda v: v == 0 or 1970 <= v <= 2200)
+
+
+def _time_format(value: str) -> str | None:
+    """A strptime format must read back a time it wrote: ``%Q`` (no such directive) failed on
+    every line, in words that hid the format."""
+    if value in ("epoch", "iso8601"):
+        return None
+    sample = datetime(2001, 2, 3, 4, 5, 6, 7000, tzinfo=timezone.utc)
+    try:
+        datetime.strptime(sample.strftime(value), value)
+    except ValueError as exc:
+        return f"'epoch', 'iso8601' or a strptime format that reads the times it writes ({exc})"
+    return None
 
 
 def _check(fn):
@@ -95,7 +109,7 @@ class InputConfig:
     # Field holding the event time; empty string: no event time, windows count lines instead.
     time_field: str = "time"
     # "epoch" (seconds, may be fractional), "iso8601", or a strptime format like "%d/%b/%Y:%H:%M:%S %z".
-    time_format: str = "epoch"
+    time_format: str = field(default="epoch", metadata=_check(_time_format))
     # Entity name -> field; entities are carried to the scores for ranking by user / host.
     entities: dict[str, str] = field(
         default_factory=lambda: {
@@ -393,7 +407,11 @@ class MetricsConfig:
 
 def _kafka_settings(value: Any) -> str | None:
     bad = [k for k, v in value.items() if not isinstance(v, (str, int, float, bool))]
-    return f"plain values (not {bad[0]!r} as a mapping or list)" if bad else None
+    if bad:
+        return f"plain values (not {bad[0]!r} as a mapping or list)"
+    if "bootstrap.servers" in value and not str(value["bootstrap.servers"]).strip():
+        return "bootstrap.servers as host:port[,host:port...] (not empty; or KAFKA_BOOTSTRAP_SERVERS)"
+    return None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,11 @@ def scores(tmp_path):
     ("=3", "--set '=3': empty key in path"),
     ("nosuch.key=1", "nosuch: unknown key"),
     ("window.size_seconds=-5", "window.size_seconds: expected a positive number, got -5"),
+    # once: every line malformed, in words that hid the format
+    ("input.time_format=%Q", "input.time_format: expected 'epoch', 'iso8601' or a strptime format "
+                             "that reads the times it writes ('Q' is a bad directive in format '%Q')"),
+    ("kafka.bootstrap.servers=", "kafka: expected bootstrap.servers as host:port[,host:port...] (not "
+                                 "empty; or KAFKA_BOOTSTRAP_SERVERS)"),  # once: "cannot reach ... at :"
 ])
 def test_bad_set_syntax_names_the_setting(setting, message):
     error = one_error_line(invoke("check", "--input", DATA / "lanl.csv", "--set", setting), 2)
@@ -254,7 +259,10 @@ def test_check_and_eval_exit_1_when_they_give_no_answer(scores, tmp_path):
                            "auth_orientation,success\n")
     result = invoke("check", "--input", header_only)
     assert result.exit_code == 1, result.output
-    assert result.output.splitlines()[-1].startswith(f"replay would stop: {header_only}: no events")
+    assert result.output.splitlines()[-1] == (f"replay would stop: {header_only}: no events (the file is "
+                                              f"empty or only header / comment lines)")
+    result = invoke("check", "--input", DATA / "lanl.csv", "-n", "1")  # its header: read on
+    assert result.exit_code == 0 and "read more of them with -n" in result.output
     other_log = tmp_path / "labels.csv"
     other_log.write_text("line,label\n" + "".join(f"{n},{n % 2}\n" for n in range(500, 520)))
     result = invoke("eval", "--scores", scores, "--labels", other_log)
