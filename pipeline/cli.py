@@ -340,9 +340,9 @@ def run_command(config: Config, stage: str, metrics_port: int | None) -> None:
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True),
               help="Records per second (default: as fast as possible).")
-@click.option("--end-marker/--no-end-marker", default=True, show_default=True,
+@click.option("--end-marker/--no-end-marker", default=None,
               help="Send an end-of-input control record to every partition at the end, so the "
-                   "last windows close.")
+                   "last windows close (default: streaming.end_of_input, true unless set false).")
 def produce_command(config: Config, input_path, rate, end_marker) -> None:
     """Publish LOG to topics.raw: value = raw line, key and header salka.line = line number,
     timestamp = event time.
@@ -358,7 +358,8 @@ def produce_command(config: Config, input_path, rate, end_marker) -> None:
     from pipeline.produce import ProduceError, produce_file
 
     try:
-        report = produce_file(config, input_path, rate=rate, end_marker=end_marker)
+        report = produce_file(config, input_path, rate=rate, end_marker=(
+            config.streaming.end_of_input if end_marker is None else end_marker))
     except ProduceError as exc:
         raise click.ClickException(f"{input_path}: {exc}") from exc
     click.echo(f"produced {report.records} records to {config.topics.raw} in {report.seconds:.1f}s",

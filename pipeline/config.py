@@ -357,6 +357,11 @@ class StreamingConfig:
     # The trainer, archiver and alerter hold at most this many records of a window in memory
     # while it fills; the rest waits on disk in sorted runs (<state_dir>/spill), in event order.
     spill_events: int = field(default=50_000, metadata=_check(_positive))
+    # Whether an end-of-input control record on the raw topic (what `pipeline produce` sends after
+    # a file) closes its partition's windows. On a shared log bus set false: any writer of the
+    # raw topic could otherwise close every open window and send later events to the late topic;
+    # the tokenizer then dead-letters such records, and windows close as event time moves on.
+    end_of_input: bool = True
 
 
 def model_store_location(streaming: StreamingConfig) -> str:

@@ -16,7 +16,7 @@ from pipeline.config import config_from_dict
 from pipeline.logs import JsonFormatter, TextFormatter
 from pipeline.runner import StageRunner
 from pipeline.stages.tokenizer import TokenizerStage
-from pipeline.topicrecords import LINE_HEADER
+from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, LINE_HEADER
 
 GOOD = b"7200,U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success"
 
@@ -25,9 +25,9 @@ GOOD = b"7200,U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success"
 def tokenizer(tmp_path):
     made = []
 
-    def make(**kafka) -> StageRunner:
+    def make(end_of_input: bool = True, **kafka) -> StageRunner:
         config = config_from_dict({"kafka": {"bootstrap.servers": "127.0.0.1:9", **kafka},
-                                   "streaming": {"state_dir": str(tmp_path)}})
+                                   "streaming": {"state_dir": str(tmp_path), "end_of_input": end_of_input}})
         runner = StageRunner(config, lambda: TokenizerStage(config))
         made.append(runner)
         return runner
@@ -113,3 +113,18 @@ def test_json_log_lines_keep_the_message_as_data():
     text = JsonFormatter().format(hostile_record())
     assert "\x1b" not in text and "\n" not in text  # JSON escapes control characters itself
     assert json.loads(text)["message"].endswith(HOSTILE)
+
+
+def test_an_end_of_input_record_is_refused_where_the_config_says_so(tokenizer):
+    """Any writer of the raw topic could send the end-of-input control record that
+    `pipeline produce` sends after a file, and close every open window (later events then late).
+    On a shared bus, streaming.end_of_input: false makes it a dead letter."""
+    control = [(CONTROL_HEADER, END_OF_INPUT.encode()), (LINE_HEADER, b"7")]
+    trusting = tokenizer()
+    trusting._handle(FakeMessage("raw", 0, 0, b"", headers=control))
+    assert sent(trusting) == {"tokens": 1}
+    refusing = tokenizer(end_of_input=False)
+    refusing._handle(FakeMessage("raw", 0, 0, b"", headers=control))
+    refusing._handle(FakeMessage("raw", 0, 1, GOOD, headers=[(LINE_HEADER, b"8")]))
+    assert sent(refusing) == {"dead-letters": 1, "tokens": 1}
+    assert refusing.stage.counts == {"events": 1, "dead_letters": 1, "control": 0}

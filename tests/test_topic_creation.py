@@ -21,6 +21,14 @@ def saved(config, path):
     return path
 
 
+def read_all(config, topic: str) -> list:
+    with TopicReader(config, [topic], "check") as reader:
+        records = []
+        while not reader.at_end:
+            records += reader.poll()
+    return records
+
+
 def test_produce_makes_the_topics_first_and_refuses_a_partition_count_the_config_does_not_say(
         kafka_bootstrap, tmp_path):
     config, _ = stream_config(tmp_path, kafka_bootstrap)  # its topics exist: 3 partitions each
@@ -34,6 +42,11 @@ def test_produce_makes_the_topics_first_and_refuses_a_partition_count_the_config
     admin = make_admin(fresh)
     for name, parts in topic_plan(fresh).items():
         assert partition_count(admin, name) == parts, name
+    # streaming.end_of_input: false (a shared bus): produce sends no end-of-input records
+    result = invoke("produce", "--config", tmp_path / "fresh.yaml", "--input", log,
+                    "--set", "streaming.end_of_input=false")
+    assert result.exit_code == 0, result.output
+    assert len(read_all(fresh, fresh.topics.raw)) == 2 * 5 + 3  # one end-of-input per partition, once
     try:
         five = dataclasses.replace(config, topics=dataclasses.replace(config.topics, partitions=5))
         five_path = saved(five, tmp_path / "five.yaml")
@@ -42,10 +55,6 @@ def test_produce_makes_the_topics_first_and_refuses_a_partition_count_the_config
             assert result.exit_code == 1, result.output
             assert (f"Error: topic {config.topics.raw} has 3 partitions where the config says 5 "
                     f"(topics.partitions)") in result.output
-        with TopicReader(config, [config.topics.raw], "check") as reader:  # nothing was written
-            records = []
-            while not reader.at_end:
-                records += reader.poll()
-        assert records == []
+        assert read_all(config, config.topics.raw) == []  # nothing was written
     finally:
         admin.delete_topics(list(topic_plan(fresh)), operation_timeout=10)

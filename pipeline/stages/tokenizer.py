@@ -63,6 +63,10 @@ class TokenizerStage(BaseStage):
         self.next_offsets[(topic, partition)] = offset + 1
         tokens_partition = partition % (self.tokens_partitions or 1)
         control, line_value = _control_and_line(msg.headers())
+        if control and not self.config.streaming.end_of_input:
+            send_to_dead_letters(self, msg, out, "a control record (end of input), refused: "
+                                 "streaming.end_of_input is false", line_number(line_value))
+            return
         if control:
             out.send(self.config.topics.tokens, None, partition=tokens_partition, headers=msg.headers())
             self.counts["control"] += 1
