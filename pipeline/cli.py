@@ -114,6 +114,9 @@ def generate_command(config: Config, output, labels, users, computers, days, eve
     summary = write_log(spec, Path(output), Path(labels), header=not no_header)
     click.echo(f"wrote {summary['events']} events ({summary['redteam']} red-team) to {output}; "
                f"labels in {labels}")
+    if redteam_events and not summary["redteam"]:
+        click.echo("no red-team events planted: the first day is the clean day a model trains on "
+                   "(its window is never scored); use --days 2 or more", err=True)
 
 
 @cli.command("replay", short_help="Score a log file offline, window by window.")
