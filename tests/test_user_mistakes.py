@@ -289,7 +289,8 @@ def test_a_replay_of_one_window_says_that_nothing_could_be_scored(tmp_path, capl
 
 
 def test_generate_says_when_it_planted_no_red_team_event(tmp_path):
-    one_day = invoke("generate", "--days", "1", "--output", tmp_path / "a.csv", "--labels", tmp_path / "l.csv")
+    one_day = invoke("generate", "--days", "1", "--output", tmp_path / "a.csv",
+                     "--labels", tmp_path / "l.csv")
     assert one_day.exit_code == 0 and "(0 red-team)" in one_day.output
     assert "no red-team events planted: the first day is the clean day" in one_day.output
     two_days = invoke("generate", "--days", "2", "--events-per-day", "500", "--output", tmp_path / "b.csv",
