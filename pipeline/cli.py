@@ -358,13 +358,18 @@ def produce_command(config: Config, input_path, rate, end_marker) -> None:
     # Before the first record: a broker that creates topics on first use would make the raw
     # topic with its own partition count, which the stages refuse.
     _create_topics(config, "produce: ")
-    from pipeline.produce import ProduceError, produce_file
+    from pipeline.interrupt import interruptible
+    from pipeline.produce import ProduceError, ProduceInterrupted, produce_file
 
     try:
-        report = produce_file(config, input_path, rate=rate, end_marker=(
-            config.streaming.end_of_input if end_marker is None else end_marker))
+        with interruptible("produce"):  # SIGTERM too: the records sent so far are flushed
+            report = produce_file(config, input_path, rate=rate, end_marker=(
+                config.streaming.end_of_input if end_marker is None else end_marker))
     except ProduceError as exc:
-        raise click.ClickException(f"{input_path}: {exc}") from exc
+        error = click.ClickException(f"{input_path}: {exc}")
+        if isinstance(exc, ProduceInterrupted):
+            error.exit_code = 128 + exc.signum
+        raise error from exc
     click.echo(f"produced {report.records} records to {config.topics.raw} in {report.seconds:.1f}s",
                err=True)
     if report.dead_lettered:

@@ -8,6 +8,7 @@ names the file and row (``labels.csv:7``) and says what to do.
 from __future__ import annotations
 
 import errno
+import signal
 
 import click
 
@@ -54,6 +55,11 @@ class SalkaGroup(click.Group):
             raise ConfigProblem(str(exc)) from exc
         except UnreadableLog as exc:
             raise InputError(str(exc)) from exc
+        except KeyboardInterrupt as exc:  # e.g. Ctrl-C while torch loads: click's "Aborted!", exit 1
+            from pipeline.interrupt import Interrupted
+
+            name = ctx.invoked_subcommand or "the command"
+            raise Interrupted(getattr(exc, "signum", signal.SIGINT), name) from None
         except OSError as exc:
             if exc.errno not in _PATH_ERRNOS:
                 raise

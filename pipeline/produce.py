@@ -18,6 +18,7 @@ the dead-letter topic does (``ProduceError``, after everything else is flushed).
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +40,23 @@ class ProduceReport:
     header_rows: int = 0
     seconds: float = 0.0
     dead_lettered: list[int] = field(default_factory=list)  # line numbers too large to publish
+    last_line: int = 0  # the line of the last record published
 
 
 class ProduceError(RuntimeError):
     """Records that reached neither the raw topic nor the dead-letter topic."""
+
+
+class ProduceInterrupted(ProduceError):
+    """Ctrl-C (or SIGTERM, under ``interrupt.interruptible``) while publishing: what was sent so
+    far is flushed and counted."""
+
+    def __init__(self, text: str, signum: int):
+        super().__init__(text)
+        self.signum = signum
+
+
+INTERRUPT_FLUSH_SECONDS = 10.0
 
 
 class _Refusals:
@@ -85,39 +99,48 @@ def produce_file(config: Config, path: str | Path, rate: float | None = None,
     topic = config.topics.raw
     report = ProduceReport()
     started = time.monotonic()
-    for number, raw in read_lines(path):
-        if lines is not None and number not in lines:
-            continue
-        value = raw.rstrip(b"\r\n")
-        parsed = parser.parse(value, number)
-        if isinstance(parsed, HeaderRow):
-            report.header_rows += 1
-            continue
-        timestamp = {}
-        if isinstance(parsed, Event) and parsed.time is not None:
-            timestamp = {"timestamp": int(parsed.time * 1000)}
-        line = str(number).encode()
-        headers = [(LINE_HEADER, line)]
-        too_large = len(value) > poison.budget(limit, line, headers)
-        if not too_large:
-            try:
-                produce(producer, topic, value, key=line, headers=headers, on_delivery=refusals,
-                        **timestamp)
-            except KafkaException as exc:  # librdkafka's own size arithmetic disagreed with ours
-                if not poison.is_size_error(exc):
-                    raise
-                too_large = True
-        if too_large:
-            _dead_letter_line(config, producer, tracker, number, value,
-                              f"over the producer's message.max.bytes ({limit})")
-            report.dead_lettered.append(number)
-            continue
-        report.records += 1
-        producer.poll(0)
-        if rate:  # paced replay: sleep until this record's slot
-            delay = started + report.records / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+    try:
+        for number, raw in read_lines(path):
+            if lines is not None and number not in lines:
+                continue
+            value = raw.rstrip(b"\r\n")
+            parsed = parser.parse(value, number)
+            if isinstance(parsed, HeaderRow):
+                report.header_rows += 1
+                continue
+            timestamp = {}
+            if isinstance(parsed, Event) and parsed.time is not None:
+                timestamp = {"timestamp": int(parsed.time * 1000)}
+            line = str(number).encode()
+            headers = [(LINE_HEADER, line)]
+            too_large = len(value) > poison.budget(limit, line, headers)
+            if not too_large:
+                try:
+                    produce(producer, topic, value, key=line, headers=headers, on_delivery=refusals,
+                            **timestamp)
+                except KafkaException as exc:  # librdkafka's own size arithmetic disagreed with ours
+                    if not poison.is_size_error(exc):
+                        raise
+                    too_large = True
+            if too_large:
+                _dead_letter_line(config, producer, tracker, number, value,
+                                  f"over the producer's message.max.bytes ({limit})")
+                report.dead_lettered.append(number)
+                continue
+            report.records += 1
+            report.last_line = number
+            producer.poll(0)
+            if rate:  # paced replay: sleep until this record's slot
+                delay = started + report.records / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+    except KeyboardInterrupt as exc:  # what was sent so far still reaches the broker, and is counted
+        remaining = producer.flush(INTERRUPT_FLUSH_SECONDS)
+        signum = getattr(exc, "signum", signal.SIGINT)
+        raise ProduceInterrupted(
+            f"interrupted by {signal.Signals(signum).name} after {report.records} records (through "
+            f"line {report.last_line}), {remaining} of them unacknowledged; no end-of-input sent; "
+            f"`pipeline audit --input {path}` lists what reached the topic", signum) from None
     if end_marker:
         for partition in range(partition_count(producer, topic)):
             produce(producer, topic, None, partition=partition,

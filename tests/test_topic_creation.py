@@ -6,8 +6,13 @@ with advice that did not fix it)."""
 from __future__ import annotations
 
 import dataclasses
+import re
+import signal
+import subprocess
+import sys
+import time
 
-from helpers import TOPIC_ROLES, invoke, stream_config
+from helpers import ROOT, TOPIC_ROLES, invoke, stream_config
 
 from pipeline.config import config_to_dict
 from pipeline.kafka import make_admin, partition_count, topic_plan
@@ -58,3 +63,22 @@ def test_produce_makes_the_topics_first_and_refuses_a_partition_count_the_config
         assert read_all(config, config.topics.raw) == []  # nothing was written
     finally:
         admin.delete_topics(list(topic_plan(fresh)), operation_timeout=10)
+
+
+def test_produce_interrupted_flushes_what_it_sent_and_says_how_far_it_got(kafka_bootstrap, tmp_path):
+    """Ctrl-C during `produce --rate` printed "Aborted!" (exit 1), dropped the records still
+    queued in the client and did not say how far it had got."""
+    config, config_path = stream_config(tmp_path, kafka_bootstrap)
+    log = tmp_path / "log.csv"
+    log.write_text("".join(f"{t},U1@D,U1@D,C1,C2,Kerberos,Network,LogOn,Success\n" for t in range(400)))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "produce", "--config", str(config_path),
+                             "--input", str(log), "--rate", "40"], cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(4)  # the client connects, then about 40 records a second
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    match = re.search(r"interrupted by SIGINT after (\d+) records \(through line (\d+)\), 0 of them "
+                      r"unacknowledged; no end-of-input sent", stderr)
+    assert match and 0 < int(match[1]) < 400 and match[1] == match[2], stderr
+    assert len(read_all(config, config.topics.raw)) == int(match[1])  # each one sent arrived
