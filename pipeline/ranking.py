@@ -6,6 +6,7 @@ report."""
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ from pipeline.parsing import read_lines
 from pipeline.safetext import csv_cell, printable
 from pipeline.scorefile import ScoreRow
 
+log = logging.getLogger(__name__)
 Scores = Mapping[int, float]  # id(row) -> the score it ranks by, for the scored rows
 
 
@@ -27,6 +29,10 @@ def raw_lines(path: str | Path, wanted: set[int]) -> dict[int, str]:
     for number, raw in read_lines(path):
         if number in wanted:
             found[number] = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    missing = sorted(wanted - found.keys())
+    if missing:  # a shorter log than the scores': the raw-line column would be blank, unexplained
+        log.warning("%s has no line %d%s: is it the log these scores came from? (--input)", path,
+                    missing[0], f" nor {len(missing) - 1} more" if len(missing) > 1 else "")
     return found
 
 

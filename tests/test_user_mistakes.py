@@ -5,6 +5,7 @@ file or key, a non-zero exit, never a traceback, and nothing left half-written."
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -296,3 +297,16 @@ def test_generate_says_when_it_planted_no_red_team_event(tmp_path):
     two_days = invoke("generate", "--days", "2", "--events-per-day", "500", "--output", tmp_path / "b.csv",
                       "--labels", tmp_path / "m.csv")
     assert two_days.exit_code == 0 and "no red-team events planted" not in two_days.output
+
+
+def test_top_with_a_log_that_is_not_the_scored_one_says_so(scores, tmp_path, caplog):
+    """A --input shorter than the scored log only blanked the raw-line column, without a word."""
+    short = tmp_path / "short.csv"
+    short.write_text("a\nb\nc\n")
+    result = invoke("top", "--scores", scores, "--input", short, "-n", "3")
+    assert result.exit_code == 0
+    assert re.search(rf"{re.escape(str(short))} has no line \d+( nor \d+ more)?: is it the log these "
+                     r"scores came from\?", caplog.text), caplog.text
+    caplog.clear()
+    assert invoke("top", "--scores", scores, "--input", DATA / "lanl.csv", "-n", "3").exit_code == 0
+    assert "is it the log" not in caplog.text
