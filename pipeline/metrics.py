@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -532,6 +533,10 @@ def start_metrics(config, stage: str, port: int | None = None) -> StageMetrics |
     host = config.metrics.host
     try:
         metrics, _ = serve(stage, port, host, config.metrics.stuck_seconds)
+    except socket.gaierror as exc:  # the name, not the port: say so
+        raise MetricsPortError(
+            f"metrics.host {host!r}: not an address of this host ({exc.strerror or exc}); set "
+            f"metrics.host to one (0.0.0.0: every interface; 127.0.0.1: this host only)") from exc
     except OSError as exc:
         raise MetricsPortError(
             f"metrics.port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); choose a "

@@ -173,6 +173,16 @@ def test_a_taken_metrics_port_is_one_line_and_exit_2(tmp_path):
     assert f"metrics.port {port}" in lines[0] and "--metrics-port" in lines[0]
 
 
+def test_an_unresolvable_metrics_host_is_named_not_the_port(tmp_path):
+    """A host name that does not resolve was blamed on the port ("choose a free port")."""
+    result = CliRunner().invoke(cli, ["run", "tokenizer", "--metrics-port", "9555",
+                                      "--set", "metrics.host=no-such-host.invalid",
+                                      "--set", f"streaming.state_dir={tmp_path}"])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith("Error: metrics.host 'no-such-host.invalid': not an address of this host")
+
+
 class PausingConsumer:
     """What a scorer asks of its consumer: pause / seek / resume, recorded."""
 
