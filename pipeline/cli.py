@@ -208,7 +208,7 @@ def eval_command(config: Config, scores_path, labels_path, ks, as_json) -> None:
 def scores_source(command):
     """``--scores FILE`` or ``--archive DIR``: the same rows either way."""
 
-    @click.option("--scores", "scores_path", type=click.Path(exists=True, dir_okay=False),
+    @click.option("--scores", "scores_path", type=click.Path(exists=True),
                   help="Scores file written by pipeline replay.")
     @click.option("--archive", "archive_dir", type=click.Path(exists=True, file_okay=False),
                   help="Archive directory written by the archiver stage.")
@@ -216,6 +216,9 @@ def scores_source(command):
     def wrapper(scores_path, archive_dir, **kwargs):
         if bool(scores_path) == bool(archive_dir):
             raise click.UsageError("give exactly one of --scores FILE and --archive DIR")
+        if scores_path and Path(scores_path).is_dir():
+            raise click.BadParameter(f"{scores_path} is a directory; an archive directory goes to "
+                                     f"--archive DIR", param_hint="--scores")
         from pipeline.scorefile import read_scores
 
         return command(rows=read_scores(scores_path or archive_dir), **kwargs)

@@ -310,3 +310,15 @@ def test_top_with_a_log_that_is_not_the_scored_one_says_so(scores, tmp_path, cap
     caplog.clear()
     assert invoke("top", "--scores", scores, "--input", DATA / "lanl.csv", "-n", "3").exit_code == 0
     assert "is it the log" not in caplog.text
+
+
+def test_a_directory_given_as_scores_points_to_archive(tmp_path):
+    for command in ("top", "report", "alerts"):
+        args = ["--output", tmp_path / "r.html"] if command == "report" else []
+        if command == "alerts":  # alerts reads an archive from --scores DIR too (as eval does)
+            error = one_error_line(invoke(command, "--scores", tmp_path), 1)
+            assert "no window-*.csv.gz files, so not a score archive" in error, error
+            continue
+        error = one_error_line(invoke(command, "--scores", tmp_path, *args), 2)
+        assert error == f"Error: Invalid value for --scores: {tmp_path} is a directory; an archive " \
+                        f"directory goes to --archive DIR", error
