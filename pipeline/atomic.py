@@ -18,6 +18,7 @@ import errno
 import io
 import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -46,13 +47,19 @@ def fsync_dir(directory: str | Path) -> None:
 
 @contextmanager
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
-    """A binary handle whose content replaces ``path`` whole when the block ends without error."""
+    """A binary handle whose content replaces ``path`` whole when the block ends without error.
+    A character device or a FIFO (``/dev/null``, ``/dev/stdout``, ``<(...)``) is a stream, not a
+    file to replace: it is written straight, as the bytes come."""
     path = Path(path)
+    if is_stream(path):
+        with open(path, "wb") as stream:
+            yield stream
+        return
     if path.is_symlink():  # write where the link points, as open() would; never replace the link
         path = Path(os.path.realpath(path))
-    if path.exists() and not path.is_file():  # a rename would replace /dev/..., a FIFO or a socket
+    if path.exists() and not path.is_file():  # a rename would replace a directory, a socket, ...
         raise FileExistsError(errno.EEXIST, "exists and is not a regular file (a directory, "
-                              "device, pipe or socket); name a file", str(path))
+                              "block device or socket); name a file", str(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError as exc:  # a file where a directory of the path should be
@@ -86,6 +93,15 @@ def atomic_text(path: str | Path) -> Iterator[TextIO]:
             yield text
         finally:
             text.detach()  # flushed, not closed: atomic_write closes the file after its fsync
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """A character device or FIFO, through links: written straight, never replaced."""
+    try:
+        mode = os.stat(path).st_mode  # through links: /dev/stdout -> /proc/self/fd/1 -> a pipe
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

@@ -77,13 +77,16 @@ def check_lines(config: Config, path: str | Path, limit: int) -> list[str]:
     lines = report.events + len(report.errors)
     out.append(f"{len(results)} lines read: {report.events} events, {len(report.errors)} malformed, "
                f"{report.header_rows} header / comment lines skipped")
-    if lines:
-        problem = malformed_problem(report, str(path), config.input.max_malformed_fraction)
-        out.append(f"{STOP}{problem}" if problem else "replay would accept lines like these")
-    elif len(results) < limit:  # the whole file: replay's own words for it
-        out.append(f"{STOP}{path}: no events (the file is empty or only header / comment lines)")
-    else:
-        out.append(f"no event in the first {limit} lines: read more of them with -n")
+    whole = len(results) < limit  # the whole file read: the verdict is replay's own
+    problem = (malformed_problem(report, str(path), config.input.max_malformed_fraction) if lines
+               else f"{path}: no events (the file is empty or only header / comment lines)")
+    if not problem:
+        out.append("replay would accept lines like these")
+    elif whole:
+        out.append(f"{STOP}{problem}")
+    else:  # the rest of the file may differ: not a verdict (exit 0)
+        out.append(f"replay would stop if the whole file were like its first {limit} lines: "
+                   f"{problem}; read more of them with -n")
     return out
 
 

@@ -226,10 +226,13 @@ def scores_source(command):
     return wrapper
 
 
-def _read_paths(**given) -> dict[str, str | None]:
+def _read_paths(**given) -> dict:
     """Option -> path of the files a scores command reads: ``given`` (keyword: the option's
-    parameter name) and the scores file that ``scores_source`` read."""
-    paths = {"--scores": click.get_current_context().params.get("scores_path")}
+    parameter name), and the scores file or the archive's window files ``scores_source`` read."""
+    params = click.get_current_context().params
+    archive = params.get("archive_dir")
+    paths: dict = {"--scores": params.get("scores_path"),
+                   "--archive": sorted(Path(archive).glob("window-*.csv.gz")) if archive else None}
     paths.update({f"--{name.removesuffix('_path')}": path for name, path in given.items()})
     return paths
 
@@ -359,8 +362,9 @@ def produce_command(config: Config, input_path, rate, end_marker) -> None:
 
     require_reachable(config)  # an absent broker: one line and exit 1, in seconds
     # Before the first record: a broker that creates topics on first use would make the raw
-    # topic with its own partition count, which the stages refuse.
-    _create_topics(config, "produce: ")
+    # topic with its own partition count, which the stages refuse. The raw topic only: a
+    # producer may be allowed no more.
+    _create_topics(config, "produce: ", only=[config.topics.raw])
     from pipeline.interrupt import interruptible
     from pipeline.produce import ProduceError, ProduceInterrupted, produce_file
 
@@ -390,15 +394,22 @@ def create_topics_command(config: Config) -> None:
     click.echo(f"created: {', '.join(created) if created else 'nothing (all exist)'}", err=True)
 
 
-def _create_topics(config: Config, said: str | None = None) -> list[str]:
-    """salka's missing topics created (``said``: announce them with this prefix); a topic with
-    another partition count is one line and exit 1."""
+def _create_topics(config: Config, said: str | None = None, only: list[str] | None = None) -> list[str]:
+    """salka's missing topics created (``only``: those of them; ``said``: announce them with
+    this prefix); a topic with another partition count, or a creation the broker refuses (no
+    permission, say), is one line and exit 1."""
+    from confluent_kafka import KafkaException
+
     from pipeline.kafka import TopicMismatch, create_topics
 
     try:
-        created = create_topics(config)
+        created = create_topics(config, only=only)
     except TopicMismatch as exc:
         raise click.ClickException(str(exc)) from exc
+    except KafkaException as exc:
+        raise click.ClickException(f"cannot create topics: {exc.args[0].str()}; create them as "
+                                   f"`pipeline create-topics` would (partitions: topics.partitions), "
+                                   f"or ask whoever administers the cluster") from exc
     if said is not None and created:
         click.echo(f"{said}created the missing topics {', '.join(created)}", err=True)
     return created

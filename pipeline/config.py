@@ -698,20 +698,22 @@ def yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader (the same safe subset) that refuses a key given twice in one mapping:
-    YAML's last-one-wins would drop the whole first ``model:`` section without a word. Keys a
-    merge (``<<: *base``) brings in may still be overridden."""
+    YAML's last-one-wins would drop the whole first ``model:`` section without a word. Checked
+    as the document is read, before merges (``<<: *base``) are applied: a key a merge brings in
+    may still be overridden, at any depth."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
         seen: dict[tuple[str, str], yaml.Mark] = {}
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                 first = seen.setdefault((key_node.tag, key_node.value), key_node.start_mark)
                 if first is not key_node.start_mark:
-                    raise yaml.constructor.ConstructorError(
+                    raise yaml.composer.ComposerError(
                         None, None, f"key {key_node.value!r} given twice (first on line "
                         f"{first.line + 1}): the second would replace the first; keep one",
                         key_node.start_mark)
-        return super().construct_mapping(node, deep)
+        return node
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),

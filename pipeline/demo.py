@@ -156,8 +156,9 @@ class SideTopicCounter:
 
 def effective_config(config: Config, workdir: Path, bootstrap: str) -> tuple[Config, Path]:
     kafka = {**config.kafka, "bootstrap.servers": bootstrap}
+    # end_of_input: the demo's last windows close on the end-of-input records it produces
     streaming = replace(config.streaming, state_dir=str(workdir / "state"),
-                        archive_dir=str(workdir / "archive"))
+                        archive_dir=str(workdir / "archive"), end_of_input=True)
     config = replace(config, kafka=kafka, streaming=streaming)
     path = workdir / "effective-config.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Collection
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
@@ -195,16 +196,19 @@ class TopicMismatch(RuntimeError):
     """A topic of salka's exists with another partition count than the config's."""
 
 
-def create_topics(config: Config, timeout: float = 30.0) -> list[str]:
-    """Create salka's topics that do not exist yet; returns the names created. Raises
-    TopicMismatch, creating nothing, when one exists with another partition count: the stages
-    would stop on it (pipeline/brokerwatch.py), and a broker that creates a topic on first use
-    (as the embedded one does for ``pipeline produce`` before ``create-topics``) makes one so."""
+def create_topics(config: Config, timeout: float = 30.0, only: Collection[str] | None = None) -> list[str]:
+    """Create salka's topics (``only``: those of them) that do not exist yet; returns the names
+    created. Raises TopicMismatch, creating nothing, when one exists with another partition
+    count: the stages would stop on it (pipeline/brokerwatch.py), and a broker that creates a
+    topic on first use (as the embedded one does for ``pipeline produce`` before
+    ``create-topics``) makes one so."""
     admin = make_admin(config)
     metadata = require_broker(admin, bootstrap_servers(config)).topics
     existing = set(metadata)
-    for name, parts in topic_plan(config).items():
-        if name in existing and len(metadata[name].partitions) != parts:
+    plan = {name: parts for name, parts in topic_plan(config).items() if only is None or name in only}
+    for name, parts in plan.items():
+        # No partitions yet: being created (by a create-topics beside this one), not wrong.
+        if name in existing and metadata[name].partitions and len(metadata[name].partitions) != parts:
             raise TopicMismatch(
                 f"topic {name} has {len(metadata[name].partitions)} partitions where the config says "
                 f"{parts} (topics.partitions): made by another config, or by the broker on first use; "
@@ -218,7 +222,7 @@ def create_topics(config: Config, timeout: float = 30.0) -> list[str]:
     wanted = [
         NewTopic(name, num_partitions=parts, replication_factor=config.topics.replication_factor,
                  config=settings.get(name, {}))
-        for name, parts in topic_plan(config).items()
+        for name, parts in plan.items()
         if name not in existing
     ]
     created = []

@@ -91,8 +91,8 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     """TEXT_FORMAT lines whose message shows control characters as escapes (safetext.printable):
     messages quote log lines and reasons, which a hostile source writes, and a terminal obeys
-    the escape sequences in them. One line a message, as pipeline/progress.py reads them. A
-    traceback after it is the program's own text and stays as it is."""
+    the escape sequences in them. One line a message, as pipeline/progress.py reads them; a
+    traceback after it keeps its lines, each escaped the same way."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -100,6 +100,10 @@ class TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = printable(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        # Its lines stay lines; an exception's own message may quote the record: escaped too.
+        return "\n".join(map(printable, super().formatException(ei).split("\n")))
 
 
 def configure_logging(level: int, log_format: str = "text") -> None:

@@ -15,19 +15,25 @@ from pathlib import Path
 
 import click
 
+from pipeline.atomic import is_stream
+
 PathArg = str | os.PathLike | None
 
 
-def check_outputs(inputs: Mapping[str, PathArg], outputs: Mapping[str, PathArg]) -> None:
-    """``inputs`` and ``outputs``: option name -> path (None: not given). Refuses an output that
+def check_outputs(inputs: Mapping[str, PathArg | list[Path]], outputs: Mapping[str, PathArg]) -> None:
+    """``inputs`` and ``outputs``: option name -> path (None: not given; for an input, also a
+    list of paths: an archive's window files). Refuses an output that
     is one of the inputs or another output (the same file, however it is spelled: links, ``..``),
     and one that cannot be written: a directory, under a file, or where the nearest existing
-    directory is not writable. The atomic writer creates missing directories; so may this."""
+    directory is not writable. The atomic writer creates missing directories; so may this. A
+    character device or FIFO (``/dev/null``, ``/dev/stdout``) is a stream the writer writes
+    straight (pipeline/atomic.py): left to open() to judge."""
     taken: dict[tuple | str, str] = {}
-    for option, path in inputs.items():
-        taken.update(dict.fromkeys(_identities(path), option) if path else {})
+    for option, given in inputs.items():
+        for path in given if isinstance(given, list) else [given]:
+            taken.update(dict.fromkeys(_identities(path), option) if path else {})
     for option, path in outputs.items():
-        if not path:
+        if not path or is_stream(path):  # /dev/null, /dev/stdout, a FIFO: written as a stream
             continue
         others = [taken[key] for key in _identities(path) if key in taken]
         if others:

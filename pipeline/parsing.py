@@ -313,14 +313,14 @@ def read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
     numbers them, in replay, produce and the input audit alike."""
     with open(path, "rb") as handle:
         try:
-            compressed = handle.read(2) == GZIP_MAGIC
-            handle.seek(0)
+            # peek, not read and seek back: a pipe (<(zcat ...), a FIFO) cannot seek
+            compressed = handle.peek(2)[:2] == GZIP_MAGIC
             lines = gzip.GzipFile(fileobj=handle, mode="rb") if compressed else handle
             yield from enumerate(lines, start=1)
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise UnreadableLog(f"{path}: a gzip file that is truncated or corrupt ({exc}); "
                                 f"decompress it with gunzip to see how far it reads") from exc
         except OSError as exc:  # a read that failed (EIO) names no file: name it
-            if exc.filename is not None:
+            if exc.filename is not None or exc.errno is None:
                 raise
             raise OSError(exc.errno, exc.strerror, str(path)) from exc

@@ -28,7 +28,7 @@ from confluent_kafka import KafkaException
 from pipeline import poison
 from pipeline.config import Config
 from pipeline.kafka import DeliveryTracker, delivery_tracker, make_producer, partition_count, produce
-from pipeline.parsing import Event, HeaderRow, LineParser, read_lines
+from pipeline.parsing import Event, HeaderRow, LineParser, UnreadableLog, read_lines
 from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, LINE_HEADER, dead_letter
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ class ProduceReport:
     header_rows: int = 0
     seconds: float = 0.0
     dead_lettered: list[int] = field(default_factory=list)  # line numbers too large to publish
-    last_line: int = 0  # the line of the last record published
 
 
 class ProduceError(RuntimeError):
@@ -66,12 +65,16 @@ class _Refusals:
     def __init__(self, topic: str, tracker: DeliveryTracker):
         self.topic, self.tracker = topic, tracker
         self.refused: list[tuple[int, bytes]] = []
+        self.acknowledged, self.last_line = 0, 0  # raw records the broker took, and the last line
 
     def __call__(self, err, msg) -> None:
         if err is not None and poison.is_size_error(err) and msg.topic() == self.topic and msg.key():
             self.refused.append((int(msg.key()), msg.value() or b""))
-        else:
-            self.tracker(err, msg)
+            return
+        self.tracker(err, msg)
+        if err is None and msg.topic() == self.topic and msg.key():
+            self.acknowledged += 1
+            self.last_line = max(self.last_line, int(msg.key()))
 
 
 def _dead_letter_line(config: Config, producer, tracker: DeliveryTracker, number: int,
@@ -128,19 +131,23 @@ def produce_file(config: Config, path: str | Path, rate: float | None = None,
                 report.dead_lettered.append(number)
                 continue
             report.records += 1
-            report.last_line = number
             producer.poll(0)
             if rate:  # paced replay: sleep until this record's slot
                 delay = started + report.records / rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-    except KeyboardInterrupt as exc:  # what was sent so far still reaches the broker, and is counted
+    except (KeyboardInterrupt, UnreadableLog, OSError) as exc:
+        # What was sent so far still reaches the broker (a destroyed client drops its queue),
+        # and the user learns how far it got.
         remaining = producer.flush(INTERRUPT_FLUSH_SECONDS)
+        refused = f", {len(refusals.refused)} refused as too large" if refusals.refused else ""
+        sent = (f"{refusals.acknowledged} records acknowledged (through line {refusals.last_line}), "
+                f"{remaining} more unacknowledged{refused}; no end-of-input sent; `pipeline audit "
+                f"--input {path}` lists what reached the topic")
+        if not isinstance(exc, KeyboardInterrupt):
+            raise ProduceError(f"stopped reading ({exc}): {sent}") from exc
         signum = getattr(exc, "signum", signal.SIGINT)
-        raise ProduceInterrupted(
-            f"interrupted by {signal.Signals(signum).name} after {report.records} records (through "
-            f"line {report.last_line}), {remaining} of them unacknowledged; no end-of-input sent; "
-            f"`pipeline audit --input {path}` lists what reached the topic", signum) from None
+        raise ProduceInterrupted(f"interrupted by {signal.Signals(signum).name}: {sent}", signum) from None
     if end_marker:
         for partition in range(partition_count(producer, topic)):
             produce(producer, topic, None, partition=partition,

@@ -134,9 +134,13 @@ def test_check_shows_fields_times_windows_entities_and_tokens():
 
 def test_check_shows_why_lines_are_malformed():
     result = CliRunner().invoke(cli, ["check", "--input", str(sample("apache")), "-n", "3"])
-    assert result.exit_code == 1, result.output  # replay would stop: a script can tell
+    assert result.exit_code == 0, result.output  # the first lines only: not replay's verdict
     assert "line 1: MALFORMED: expected 9 CSV columns, got" in result.output
-    assert "replay would stop:" in result.output and "3 of 3 lines malformed (all)" in result.output
+    assert "replay would stop if the whole file were like its first 3 lines:" in result.output
+    assert "3 of 3 lines malformed (all)" in result.output
+    whole = CliRunner().invoke(cli, ["check", "--input", str(sample("apache"))])
+    assert whole.exit_code == 1, whole.output  # replay would stop: a script can tell
+    assert whole.output.splitlines()[-1].startswith("replay would stop: ")
 
 
 def test_a_json_lone_surrogate_is_a_malformed_line_not_a_crash(tmp_path):

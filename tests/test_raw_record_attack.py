@@ -128,3 +128,17 @@ def test_an_end_of_input_record_is_refused_where_the_config_says_so(tokenizer):
     refusing._handle(FakeMessage("raw", 0, 1, GOOD, headers=[(LINE_HEADER, b"8")]))
     assert sent(refusing) == {"dead-letters": 1, "tokens": 1}
     assert refusing.stage.counts == {"events": 1, "dead_letters": 1, "control": 0}
+
+
+def test_a_traceback_keeps_its_lines_and_escapes_a_quoted_record():
+    try:
+        raise ValueError("bad field '\x1b]0;owned\x07'")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("pipeline.runner", logging.ERROR, __file__, 1, "failed", (),
+                                   sys.exc_info())
+    text = TextFormatter().format(record)
+    assert "\x1b" not in text and "\x07" not in text
+    assert text.splitlines()[1] == "Traceback (most recent call last):"
+    assert text.splitlines()[-1] == "ValueError: bad field '\\x1b]0;owned\\x07'"

@@ -74,13 +74,30 @@ def test_output_under_a_file_is_one_line_for_every_command_that_writes(scores, t
                                                                                   "scores.csv.gz"]
 
 
-def test_output_onto_a_fifo_is_refused_and_the_fifo_is_left_alone(tmp_path):
-    """Renaming over it (as root, over /dev/full) would replace the special file itself."""
+def test_output_onto_a_fifo_or_a_device_streams_into_it_and_leaves_it_alone(tmp_path):
+    """Renaming over it (as root, over /dev/full) would replace the special file itself; and
+    `generate --labels /dev/null`, `top --csv /dev/stdout` are what a Unix user writes. A FIFO
+    or a character device is written straight, as a stream; a socket is still refused."""
+    import gzip
+    import socket
+    import threading
+
     fifo = tmp_path / "out.fifo"
     os.mkfifo(fifo)
-    error = one_error_line(invoke("replay", "--input", DATA / "lanl.csv", "--output", fifo, *TINY), 1)
-    assert f"{fifo}: exists and is not a regular file" in error
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    assert invoke("replay", "--input", DATA / "lanl.csv", "--output", fifo, *TINY).exit_code == 0
+    reader.join(10)
+    assert gzip.decompress(got[0]).startswith(b"line,event_time,window,")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    result = invoke("generate", "--days", "1", "--output", tmp_path / "a.csv", "--labels", os.devnull)
+    assert result.exit_code == 0 and stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(tmp_path / "s.sock"))
+        error = one_error_line(invoke("generate", "--days", "1", "--output", tmp_path / "s.sock",
+                                      "--labels", tmp_path / "l.csv"), 1)
+    assert f"{tmp_path / 's.sock'}: exists and is not a regular file" in error
 
 
 def test_output_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path):
@@ -183,7 +200,10 @@ def test_an_output_that_names_an_input_is_refused_before_anything_is_written(sco
     log.write_bytes((DATA / "lanl.csv").read_bytes())
     (tmp_path / "link.csv").symlink_to(log)
     os.link(scores, tmp_path / "hard.csv.gz")
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "window-000002.csv.gz").write_bytes(scores.read_bytes())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     cases = [
         (["replay", "--input", log, "--output", log, *TINY], "--output", "--input"),
         (["replay", "--input", tmp_path / "link.csv", "--output", tmp_path / "new" / ".." / "auth.csv",
@@ -195,12 +215,14 @@ def test_an_output_that_names_an_input_is_refused_before_anything_is_written(sco
         (["report", "--scores", scores, "--output", tmp_path / "hard.csv.gz"], "--output", "--scores"),
         (["top", "--scores", scores, "--input", log, "--csv", log], "--csv", "--input"),
         (["generate", "--output", log, "--labels", log, "--days", "1"], "--labels", "--output"),
+        (["top", "--archive", archive, "--csv", archive / "window-000002.csv.gz"], "--csv", "--archive"),
     ]
     for args, output, other in cases:
         error = one_error_line(invoke(*args), 2)
         assert f"is the same file as {other}: writing it would replace that file" in error, args
         assert error.startswith(f"Error: {output} "), args
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert (archive / "window-000002.csv.gz").read_bytes() == scores.read_bytes()
 
 
 def test_an_unwritable_extra_output_stops_replay_before_it_trains(tmp_path):
@@ -225,6 +247,10 @@ def test_a_merge_key_may_still_be_overridden():
 
     assert yaml.load("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n", Loader=UniqueKeyLoader) == {
         "a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
+    # an override inside an anchored mapping merged again (PyYAML flattens it in place, and
+    # the check once saw both keys): read as safe_load reads it
+    nested = "profiles: {base: &b {x: 1}, mid: &m {<<: *b, x: 2}}\ntop: {<<: *m}\n"
+    assert yaml.load(nested, Loader=UniqueKeyLoader) == yaml.safe_load(nested)
 
 
 def test_a_gzip_log_is_read_decompressed_and_a_truncated_one_is_one_line(tmp_path):
@@ -322,3 +348,25 @@ def test_a_directory_given_as_scores_points_to_archive(tmp_path):
         error = one_error_line(invoke(command, "--scores", tmp_path, *args), 2)
         assert error == f"Error: Invalid value for --scores: {tmp_path} is a directory; an archive " \
                         f"directory goes to --archive DIR", error
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_log_read_from_a_pipe(tmp_path, compressed):
+    """<(zcat log.gz) or a FIFO: the gzip check must not seek (a pipe cannot), plain or not."""
+    import gzip
+    import threading
+
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    data = (DATA / "lanl.csv").read_bytes()
+
+    def feed() -> None:
+        with open(fifo, "wb") as pipe:
+            pipe.write(gzip.compress(data) if compressed else data)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    result = invoke("check", "--input", fifo)
+    writer.join(10)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == "replay would accept lines like these"
