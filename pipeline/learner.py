@@ -135,6 +135,14 @@ def added_keys_filled(saved: dict, current: dict) -> dict:
     return saved
 
 
+def config_differences(saved: object, now: object, where: str) -> list[str]:
+    """Each setting that differs, as ``key: X there, Y here`` (leaves of nested mappings)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [line for key in sorted(saved.keys() | now.keys(), key=str)
+                for line in config_differences(saved.get(key), now.get(key), f"{where}.{key}")]
+    return [] if saved == now else [f"{where} is {saved!r} there, {now!r} here"]
+
+
 class WindowLearner:
     """Tokenizer + model + optimizer, advanced one complete window at a time."""
 
@@ -390,8 +398,11 @@ class WindowLearner:
             saved, now = compared_sections(saved), compared_sections(current)
             for section in ("model", "tokenizer", "seed"):
                 if saved[section] != now[section]:
-                    raise CheckpointError(f"{path}: made with a different {section} configuration "
-                                          f"({saved[section]!r})")
+                    diff = config_differences(saved[section], now[section], section)
+                    more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+                    raise CheckpointError(f"{path}: made with another {section} configuration: "
+                                          f"{'; '.join(diff[:3])}{more}; use the config it was "
+                                          f"made with (--config, --set)")
             learner = cls(config)
             learner.tokenizer = tokenizer_from_state(data["tokenizer"])
             if (isinstance(learner.tokenizer, WordTokenizer) and config.tokenizer.word.grow

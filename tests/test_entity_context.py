@@ -270,14 +270,14 @@ def test_checkpoints_of_another_context_are_refused_and_old_ones_load_with_conte
         assert WindowLearner.load(tmp_path / path, off).history is None
         assert WindowLearner.load(tmp_path / path, config_from_dict(
             {"model": {"rnn": {"hidden_size": 16}, "context": {"events": 9}}})).last_window == 0
-        with pytest.raises(CheckpointError, match="different model configuration"):
+        with pytest.raises(CheckpointError, match="another model configuration"):
             WindowLearner.load(tmp_path / path, make_config())
     on = make_config(events=2)
     with_table = WindowLearner(on)
     with_table.train(0, windows[0])
     with_table.save(tmp_path / "ctx.pt")
     for other in (off, make_config(events=3)):
-        with pytest.raises(CheckpointError, match="different model configuration"):
+        with pytest.raises(CheckpointError, match="another model configuration"):
             WindowLearner.load(tmp_path / "ctx.pt", other)
 
 

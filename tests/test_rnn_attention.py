@@ -292,7 +292,7 @@ def test_checkpoint_from_before_attention_resumes_as_none_and_refuses_attention_
     assert [s.loss for s in resumed.score(1, probe)] == [s.loss for s in learner.score(1, probe)]
     from nn.training import CheckpointError
 
-    with pytest.raises(CheckpointError, match="different model configuration"):
+    with pytest.raises(CheckpointError, match="another model configuration"):
         WindowLearner.load(path, tiny_config("fixed"))
 
 
@@ -309,7 +309,7 @@ def test_learner_with_attention_checkpoints_and_resumes_exactly(attention, tmp_p
     scores = [s.loss for s in learner.score(1, probe)]
     assert [s.loss for s in loaded.score(1, probe)] == scores
     assert len(set(scores)) > 1
-    with pytest.raises(Exception, match="different model configuration"):
+    with pytest.raises(Exception, match="another model configuration"):
         WindowLearner.load(path, tiny_config("none"))
 
 
@@ -363,4 +363,4 @@ def test_report_shows_attention_from_a_replay_model_and_refuses_one_without(tmp_
     assert "no attention" in line and str(none_model) in line
     line = one_error_line(invoke("report", *TINY_MODEL, "--scores", scores, "--input", log,
                                  "--model", model, "--output", html), 1)
-    assert "different model configuration" in line
+    assert "another model configuration" in line

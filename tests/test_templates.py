@@ -166,7 +166,7 @@ def test_template_ids_stable_across_a_restart(tmp_path):
     # A checkpoint made with other drain3 settings does not continue this run.
     from nn.training import CheckpointError
 
-    with pytest.raises(CheckpointError, match="different tokenizer configuration"):
+    with pytest.raises(CheckpointError, match="another tokenizer configuration"):
         WindowLearner.load(path, config_for("model.rnn.hidden_size=8", "training.epochs=1",
                                             "tokenizer.template.sim_threshold=0.6"))
 
