@@ -44,7 +44,10 @@ def check_lines(config: Config, path: str | Path, limit: int) -> list[str]:
     from pipeline.modelspec import make_masker, make_tokenizer
 
     parser = LineParser(config.input, masker=make_masker(config))
-    results = [parser.parse(raw, number) for number, raw in islice(read_lines(path), limit)]
+    # One line past the limit: whether the whole file was read (a verdict of replay's) or not.
+    results = [parser.parse(raw, number) for number, raw in islice(read_lines(path), limit + 1)]
+    whole = len(results) <= limit
+    results = results[:limit]
     events = [r for r in results if isinstance(r, Event)]
     tokenizer = make_tokenizer(config)
     if events:
@@ -77,7 +80,6 @@ def check_lines(config: Config, path: str | Path, limit: int) -> list[str]:
     lines = report.events + len(report.errors)
     out.append(f"{len(results)} lines read: {report.events} events, {len(report.errors)} malformed, "
                f"{report.header_rows} header / comment lines skipped")
-    whole = len(results) < limit  # the whole file read: the verdict is replay's own
     problem = (malformed_problem(report, str(path), config.input.max_malformed_fraction) if lines
                else f"{path}: no events (the file is empty or only header / comment lines)")
     if not problem:

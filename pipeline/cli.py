@@ -109,11 +109,11 @@ def generate_command(config: Config, output, labels, users, computers, days, eve
         summary = write_sessions(spec, Path(output), Path(labels))
         click.echo(f"wrote {summary['events']} lines of {summary['sessions']} sessions "
                    f"({summary['anomalous_sessions']} anomalous) to {output}; labels in {labels} "
-                   f"and {session_labels_path(Path(labels))}")
+                   f"and {session_labels_path(Path(labels))}", err=True)  # stdout may be --output
         return
     summary = write_log(spec, Path(output), Path(labels), header=not no_header)
     click.echo(f"wrote {summary['events']} events ({summary['redteam']} red-team) to {output}; "
-               f"labels in {labels}")
+               f"labels in {labels}", err=True)  # stdout may be --output (/dev/stdout)
     if redteam_events and not summary["redteam"]:
         click.echo("no red-team events planted: the first day is the clean day a model trains on "
                    "(its window is never scored); use --days 2 or more", err=True)
@@ -226,6 +226,16 @@ def scores_source(command):
     return wrapper
 
 
+def _is_stdout(path: str) -> bool:
+    """Whether ``path`` is this process's standard output (/dev/stdout, /proc/self/fd/1, ...)."""
+    import os
+
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(1))
+    except OSError:
+        return False
+
+
 def _read_paths(**given) -> dict:
     """Option -> path of the files a scores command reads: ``given`` (keyword: the option's
     parameter name), and the scores file or the archive's window files ``scores_source`` read."""
@@ -254,7 +264,8 @@ def top_command(config: Config, rows, limit, by, input_path, csv_path) -> None:
 
     check_outputs(_read_paths(input_path=input_path), {"--csv": csv_path})
     try:
-        click.echo(format_top(rows, limit, by, input_path, config.alerting))
+        if not (csv_path and _is_stdout(csv_path)):  # --csv /dev/stdout: the CSV alone
+            click.echo(format_top(rows, limit, by, input_path, config.alerting))
         if csv_path:
             count = write_top_csv(csv_path, rows, limit, by, input_path, config.alerting)
             click.echo(f"wrote {count} rows to {csv_path}", err=True)
@@ -357,14 +368,22 @@ def produce_command(config: Config, input_path, rate, end_marker) -> None:
     timestamp = event time.
 
     A line too large for one Kafka message is dead-lettered (cut, with its size and SHA-256) and
-    the rest goes on. Exits 1 only when a record reached neither the raw nor the dead-letter topic."""
+    the rest goes on. Exits 1 when a record reached neither the raw nor the dead-letter topic, or
+    the file could not be read to its end (what was sent is flushed and counted); 130 / 143 when
+    interrupted (the same)."""
     from pipeline.kafka import require_reachable
 
     require_reachable(config)  # an absent broker: one line and exit 1, in seconds
     # Before the first record: a broker that creates topics on first use would make the raw
-    # topic with its own partition count, which the stages refuse. The raw topic only: a
-    # producer may be allowed no more.
+    # topic (and the dead-letter topic, where a line too large for Kafka goes) with its own
+    # partition count, which the stages refuse. Those two only: a producer may be allowed no
+    # more, and without the dead-letter topic it can still publish.
     _create_topics(config, "produce: ", only=[config.topics.raw])
+    try:
+        _create_topics(config, "produce: ", only=[config.topics.dead_letters])
+    except click.ClickException as exc:
+        click.echo(f"produce: warning: {exc.message}; a line too large for Kafka cannot be "
+                   f"dead-lettered", err=True)
     from pipeline.interrupt import interruptible
     from pipeline.produce import ProduceError, ProduceInterrupted, produce_file
 

@@ -135,12 +135,25 @@ def added_keys_filled(saved: dict, current: dict) -> dict:
     return saved
 
 
+_UNSET = object()
+
+
 def config_differences(saved: object, now: object, where: str) -> list[str]:
-    """Each setting that differs, as ``key: X there, Y here`` (leaves of nested mappings)."""
+    """Each setting that differs, as ``key is X there, Y here``: leaves of nested mappings, and
+    of lists of one length item by item (one changed mask pattern, not both whole lists)."""
     if isinstance(saved, dict) and isinstance(now, dict):
         return [line for key in sorted(saved.keys() | now.keys(), key=str)
-                for line in config_differences(saved.get(key), now.get(key), f"{where}.{key}")]
-    return [] if saved == now else [f"{where} is {saved!r} there, {now!r} here"]
+                for line in config_differences(saved.get(key, _UNSET), now.get(key, _UNSET),
+                                               f"{where}.{key}")]
+    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+        return [line for i, (a, b) in enumerate(zip(saved, now))
+                for line in config_differences(a, b, f"{where}[{i}]")]
+    return [] if saved == now else [f"{where} is {_shown(saved)} there, {_shown(now)} here"]
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    text = "not set" if value is _UNSET else repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 10]}... ({len(text)} characters)"
 
 
 class WindowLearner:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from pipeline.safetext import printable
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # pipeline/progress.py parses it
+_LOG_LINE_START = re.compile(r"\d{4}-\d\d-\d\d ")  # TEXT_FORMAT's asctime
 SECRET_WORDS = ("password", "secret", "sasl.oauthbearer.config", "ssl.key", "token", "credential")
 REDACTED = "***"
 
@@ -102,8 +104,10 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record)
 
     def formatException(self, ei) -> str:
-        # Its lines stay lines; an exception's own message may quote the record: escaped too.
-        return "\n".join(map(printable, super().formatException(ei).split("\n")))
+        # Its lines stay lines, each escaped: an exception's message may quote the record. One
+        # that reads as a log line (a forged one, after a newline in that message) is indented.
+        return "\n".join(("  " if _LOG_LINE_START.match(line) else "") + printable(line)
+                         for line in super().formatException(ei).split("\n"))
 
 
 def configure_logging(level: int, log_format: str = "text") -> None:

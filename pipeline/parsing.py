@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import math
 import re
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import repeat
 from pathlib import Path
+from typing import BinaryIO
 
 from nn.masking import Masker
 from pipeline.config import InputConfig
@@ -306,6 +308,24 @@ class UnreadableLog(ValueError):
     """A gzip log that ends early or is corrupt (the CLI says so in one line)."""
 
 
+class _Prefixed(io.RawIOBase):
+    """A stream whose first bytes were read to look at them: those bytes, then the rest."""
+
+    def __init__(self, head: bytes, rest: BinaryIO):
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.head:
+            data, self.head = self.head[: len(buffer)], self.head[len(buffer):]
+        else:
+            data = self.rest.read1(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
 def read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
     """(physical 1-based line number as ``grep -n`` counts it, raw bytes) for every line. A
     gzip file (known by its first bytes, whatever its name: logs are shipped compressed, as
@@ -313,9 +333,13 @@ def read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
     numbers them, in replay, produce and the input audit alike."""
     with open(path, "rb") as handle:
         try:
-            # peek, not read and seek back: a pipe (<(zcat ...), a FIFO) cannot seek
-            compressed = handle.peek(2)[:2] == GZIP_MAGIC
-            lines = gzip.GzipFile(fileobj=handle, mode="rb") if compressed else handle
+            head = handle.read(2)
+            if handle.seekable():
+                handle.seek(0)
+                stream: BinaryIO = handle
+            else:  # a pipe (<(zcat ...), a FIFO) cannot seek back: the two bytes go first
+                stream = io.BufferedReader(_Prefixed(head, handle))
+            lines = gzip.GzipFile(fileobj=stream, mode="rb") if head == GZIP_MAGIC else stream
             yield from enumerate(lines, start=1)
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise UnreadableLog(f"{path}: a gzip file that is truncated or corrupt ({exc}); "

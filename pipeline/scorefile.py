@@ -77,13 +77,21 @@ def write_rows(path: str | Path, columns: list[str], rows: Iterable[list[str]]) 
     count = 0
     # mtime=0: the same rows always give the same bytes, so rewriting a file after a redelivery
     # is indistinguishable from the first write.
-    with atomic_write(path) as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-        with io.TextIOWrapper(gz, encoding="utf-8", newline="") as text:
+    with atomic_write(path) as raw:
+        gz = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0)
+        text = io.TextIOWrapper(gz, encoding="utf-8", newline="")
+        try:
             writer = csv.writer(text)
             writer.writerow(columns)
             for row in rows:
                 writer.writerow(row)
                 count += 1
+            text.close()  # flushes, and ends the gzip stream: only once every row is in
+        except BaseException:
+            # No gzip end-of-stream after a failure: a reader of a stream (a FIFO, stdout: the
+            # atomic writer writes those straight) sees a truncated file, not a whole short one.
+            gz.fileobj = io.BytesIO()  # what closing it (when collected) writes goes nowhere
+            raise
     return count
 
 

@@ -194,3 +194,28 @@ def test_a_read_that_fails_names_the_file():
     result = invoke("check", "--input", "/proc/self/mem")
     line = one_error_line(result, 1)
     assert line.startswith("Error: /proc/self/mem: Input/output error; the device could not be read")
+
+
+def test_a_failed_write_into_a_stream_leaves_a_truncated_gzip_not_a_short_whole_one(tmp_path):
+    """A FIFO or stdout is written straight: after a failure its reader must see a cut file, not
+    a complete-looking one with the rows so far."""
+    import gzip
+    import threading
+
+    from pipeline.scorefile import write_rows
+
+    fifo = tmp_path / "scores.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+
+    def rows():
+        yield from ([str(i)] for i in range(5))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_rows(fifo, ["n"], rows())
+    reader.join(10)
+    with pytest.raises(EOFError):
+        gzip.decompress(got[0])

@@ -346,6 +346,18 @@ def test_learner_checkpoint_keeps_tying_and_resumes_exactly(kind, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_config_differences_name_each_setting_once():
+    from pipeline.learner import config_differences
+
+    saved = {"mask": {"patterns": ["a", "b" * 200, "c"]}, "kind": "word", "gone": 1}
+    now = {"mask": {"patterns": ["a", "B", "c"]}, "kind": "word", "new": 2}
+    assert config_differences(saved, now, "tokenizer") == [
+        "tokenizer.gone is 1 there, not set here",
+        f"tokenizer.mask.patterns[1] is {repr('b' * 200)[:70]}... (202 characters) there, 'B' here",
+        "tokenizer.new is not set there, 2 here"]
+    assert config_differences(3, 4, "seed") == ["seed is 3 there, 4 here"]
+
+
 def test_checkpoint_of_an_earlier_release_with_rnn_layers_still_resumes(tmp_path):
     """model.rnn.layers was renamed n_layer: a checkpoint whose config says ``layers`` is the same
     configuration, not a foreign one; a different value still is."""

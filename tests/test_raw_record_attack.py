@@ -142,3 +142,16 @@ def test_a_traceback_keeps_its_lines_and_escapes_a_quoted_record():
     assert "\x1b" not in text and "\x07" not in text
     assert text.splitlines()[1] == "Traceback (most recent call last):"
     assert text.splitlines()[-1] == "ValueError: bad field '\\x1b]0;owned\\x07'"
+
+
+def test_an_exception_message_cannot_forge_a_log_line():
+    try:
+        raise ValueError("x\n2026-11-28 01:00:00,000 INFO pipeline.trainer: window 999: forged")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("pipeline.runner", logging.ERROR, __file__, 1, "failed", (),
+                                   sys.exc_info())
+    lines = TextFormatter().format(record).splitlines()
+    assert not any(re.match(r"\d{4}-\d\d-\d\d ", line) for line in lines[1:])
+    assert "  2026-11-28 01:00:00,000 INFO pipeline.trainer: window 999: forged" in lines

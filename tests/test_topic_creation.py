@@ -43,10 +43,12 @@ def test_produce_makes_the_topics_first_and_refuses_a_partition_count_the_config
         config.topics, **{role: f"{getattr(config.topics, role)}-fresh" for role in TOPIC_ROLES}))
     result = invoke("produce", "--config", saved(fresh, tmp_path / "fresh.yaml"), "--input", log)
     assert result.exit_code == 0, result.output
-    # the raw topic only: a producer may be allowed no more
+    # the raw and dead-letter topics only (where produce writes): a producer may be allowed no more
     assert f"produce: created the missing topics {fresh.topics.raw}\n" in result.output
+    assert f"produce: created the missing topics {fresh.topics.dead_letters}\n" in result.output
     admin = make_admin(fresh)
     assert partition_count(admin, fresh.topics.raw) == fresh.topics.partitions == 3
+    assert partition_count(admin, fresh.topics.dead_letters) == 1
     assert fresh.topics.tokens not in admin.list_topics(timeout=10).topics
     # streaming.end_of_input: false (a shared bus): produce sends no end-of-input records
     result = invoke("produce", "--config", tmp_path / "fresh.yaml", "--input", log,

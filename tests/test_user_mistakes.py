@@ -370,3 +370,33 @@ def test_a_log_read_from_a_pipe(tmp_path, compressed):
     writer.join(10)
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1] == "replay would accept lines like these"
+
+
+def test_check_of_exactly_n_lines_has_read_the_whole_file(tmp_path):
+    log = tmp_path / "three.csv"
+    log.write_text("a\nb\nc\n")
+    assert invoke("check", "--input", log, "-n", "3").exit_code == 1  # the whole file: replay's verdict
+    assert invoke("check", "--input", log, "-n", "2").exit_code == 0  # its first lines only
+
+
+def test_a_gzip_log_from_a_pipe_that_sends_its_first_byte_alone(tmp_path):
+    """peek() on a pipe returns what one read gives: one byte, and the gzip went unnoticed."""
+    import gzip
+    import threading
+    import time
+
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    packed = gzip.compress((DATA / "lanl.csv").read_bytes())
+
+    def feed() -> None:
+        with open(fifo, "wb", buffering=0) as pipe:
+            pipe.write(packed[:1])
+            time.sleep(0.3)
+            pipe.write(packed[1:])
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    result = invoke("check", "--input", fifo)
+    writer.join(10)
+    assert result.output.splitlines()[-1] == "replay would accept lines like these", result.output
