@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 
 import pytest
 from stage_fakes import FakeMessage
@@ -130,28 +131,24 @@ def test_an_end_of_input_record_is_refused_where_the_config_says_so(tokenizer):
     assert refusing.stage.counts == {"events": 1, "dead_letters": 1, "control": 0}
 
 
-def test_a_traceback_keeps_its_lines_and_escapes_a_quoted_record():
+def error_with(message: str) -> logging.LogRecord:
+    """An error log record carrying a ValueError(message) with its traceback."""
     try:
-        raise ValueError("bad field '\x1b]0;owned\x07'")
+        raise ValueError(message)
     except ValueError:
-        import sys
+        return logging.LogRecord("pipeline.runner", logging.ERROR, __file__, 1, "failed", (),
+                                 sys.exc_info())
 
-        record = logging.LogRecord("pipeline.runner", logging.ERROR, __file__, 1, "failed", (),
-                                   sys.exc_info())
-    text = TextFormatter().format(record)
+
+def test_a_traceback_keeps_its_lines_and_escapes_a_quoted_record():
+    text = TextFormatter().format(error_with("bad field '\x1b]0;owned\x07'"))
     assert "\x1b" not in text and "\x07" not in text
     assert text.splitlines()[1] == "Traceback (most recent call last):"
     assert text.splitlines()[-1] == "ValueError: bad field '\\x1b]0;owned\\x07'"
 
 
 def test_an_exception_message_cannot_forge_a_log_line():
-    try:
-        raise ValueError("x\n2026-11-28 01:00:00,000 INFO pipeline.trainer: window 999: forged")
-    except ValueError:
-        import sys
-
-        record = logging.LogRecord("pipeline.runner", logging.ERROR, __file__, 1, "failed", (),
-                                   sys.exc_info())
-    lines = TextFormatter().format(record).splitlines()
+    forged = "2026-11-28 01:00:00,000 INFO pipeline.trainer: window 999: forged"
+    lines = TextFormatter().format(error_with(f"x\n{forged}")).splitlines()
     assert not any(re.match(r"\d{4}-\d\d-\d\d ", line) for line in lines[1:])
-    assert "  2026-11-28 01:00:00,000 INFO pipeline.trainer: window 999: forged" in lines
+    assert f"  {forged}" in lines
