@@ -8,6 +8,7 @@ names the file and row (``labels.csv:7``) and says what to do.
 from __future__ import annotations
 
 import errno
+import logging
 import signal
 
 import click
@@ -49,6 +50,17 @@ class SalkaGroup(click.Group):
     problem like those found when the config is read."""
 
     def invoke(self, ctx: click.Context):
+        try:
+            return self._invoke_mapped(ctx)
+        except click.ClickException as exc:
+            if ctx.params.get("log_format") != "json":
+                raise
+            # --log-format json: the error is a JSON log line too, for the shipper that reads them
+            logging.getLogger("pipeline").error("%s", exc.format_message(),
+                                                extra={"exit_code": exc.exit_code})
+            ctx.exit(exc.exit_code)
+
+    def _invoke_mapped(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except ConfigError as exc:

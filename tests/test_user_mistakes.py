@@ -400,3 +400,18 @@ def test_a_gzip_log_from_a_pipe_that_sends_its_first_byte_alone(tmp_path):
     result = invoke("check", "--input", fifo)
     writer.join(10)
     assert result.output.splitlines()[-1] == "replay would accept lines like these", result.output
+
+
+def test_with_json_logs_an_error_is_a_json_line_too(tmp_path):
+    """`--log-format json` for a log shipper: the final `Error:` was the one plain-text line."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--log-format", "json", "check", "--input",
+                           DATA / "lanl.csv", "--set", "window.size_seconds=-1"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    entry = json.loads(line)
+    assert (entry["level"], entry["exit_code"]) == ("ERROR", 2)
+    assert entry["message"] == "window.size_seconds: expected a positive number, got -1"
