@@ -366,6 +366,7 @@ def test_the_cuda_graph_variant_scores_as_salka(kind):
     scorer = GraphedScorer(model, torch.device("cuda"), "fp32")
     for _ in range(2):
         assert scorer.means(seqs, 64) == pytest.approx(expected, abs=1e-5)
+        assert scorer.means(seqs, 64, length_order=True, bucket=8) == pytest.approx(expected, abs=1e-5)
 
 
 @needs_gpu
