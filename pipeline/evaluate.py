@@ -60,6 +60,10 @@ def read_labels(path: str | Path) -> dict[int, int]:
         raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); {LABELS_FORMAT}") from exc
     except csv.Error as exc:
         raise InputError(f"{path}:{reader.line_num}: broken CSV ({exc}); {LABELS_FORMAT}") from exc
+    except OSError as exc:  # a read that failed (EIO) names no file: name it
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     return labels
 
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, invoke, one_error_line
+from helpers import ROOT, invoke, one_error_line, write_small_scores
 
 from pipeline.atomic import atomic_text, atomic_write, quarantine, write_bytes_atomic
 from pipeline.config import config_from_dict
@@ -189,10 +189,12 @@ def test_atomic_text_writes_utf8_as_given(tmp_path):
     assert path.read_bytes() == "a,\u00e9\r\nb\n".encode()
 
 
-def test_a_read_that_fails_names_the_file():
+@pytest.mark.parametrize("args", [["check", "--input", "/proc/self/mem"],
+                                  ["eval", "--scores", "{scores}", "--labels", "/proc/self/mem"]])
+def test_a_read_that_fails_names_the_file(args, tmp_path):
     """/proc/self/mem cannot be read from its start (EIO): a traceback once, now one line."""
-    result = invoke("check", "--input", "/proc/self/mem")
-    line = one_error_line(result, 1)
+    scores = write_small_scores(tmp_path / "s.csv.gz", 11)
+    line = one_error_line(invoke(*(a.format(scores=scores) for a in args)), 1)
     assert line.startswith("Error: /proc/self/mem: Input/output error; the device could not be read")
 
 
