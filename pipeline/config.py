@@ -704,16 +704,23 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
     def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
         node = super().compose_mapping_node(anchor)
-        seen: dict[tuple[str, str], yaml.Mark] = {}
+        seen: dict[object, yaml.Mark] = {}
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                first = seen.setdefault((key_node.tag, key_node.value), key_node.start_mark)
+                # The key as the mapping will hold it: 1 and 01 (and 1.0), true and yes collide.
+                first = seen.setdefault(self.construct_scalar_key(key_node), key_node.start_mark)
                 if first is not key_node.start_mark:
                     raise yaml.composer.ComposerError(
                         None, None, f"key {key_node.value!r} given twice (first on line "
                         f"{first.line + 1}): the second would replace the first; keep one",
                         key_node.start_mark)
         return node
+
+    def construct_scalar_key(self, node: yaml.ScalarNode) -> object:
+        try:
+            return self.construct_object(node)
+        except yaml.YAMLError:  # its own error comes when the document is built
+            return (node.tag, node.value)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),

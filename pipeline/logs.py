@@ -116,3 +116,6 @@ def configure_logging(level: int, log_format: str = "text") -> None:
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(SecretFilter())
     logging.basicConfig(level=level, handlers=[handler])
+    # torch's own INFO lines (e.g. from fake_tensor when Ctrl-C lands while it loads) are not
+    # salka's to show; -vv (debug) shows them.
+    logging.getLogger("torch").setLevel(logging.WARNING if level > logging.DEBUG else level)

@@ -253,6 +253,17 @@ def test_a_merge_key_may_still_be_overridden():
     assert yaml.load(nested, Loader=UniqueKeyLoader) == yaml.safe_load(nested)
 
 
+@pytest.mark.parametrize("doc", ["a: 1\n01: 2\n1: 3\n", "true: 1\nyes: 2\n", "1.0: a\n1: b\n"])
+def test_keys_equal_once_read_are_one_key_given_twice(doc):
+    """Written differently, read as one key: the mapping would keep the last one only."""
+    import yaml
+
+    from pipeline.config import UniqueKeyLoader
+
+    with pytest.raises(yaml.YAMLError, match="given twice"):
+        yaml.load(doc, Loader=UniqueKeyLoader)
+
+
 def test_a_gzip_log_is_read_decompressed_and_a_truncated_one_is_one_line(tmp_path):
     """Logs are shipped compressed (LANL's auth.txt.gz): read as text, every line was malformed
     ("invalid UTF-8 ... check input.format"). Now read decompressed, whatever the file's name;
@@ -415,3 +426,15 @@ def test_with_json_logs_an_error_is_a_json_line_too(tmp_path):
     entry = json.loads(line)
     assert (entry["level"], entry["exit_code"]) == ("ERROR", 2)
     assert entry["message"] == "window.size_seconds: expected a positive number, got -1"
+
+
+def test_torch_info_lines_are_not_shown_unless_debugging():
+    """Ctrl-C while torch loaded showed three of its INFO lines before salka's one line."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; from pipeline.logs import configure_logging; "
+            "configure_logging(int(sys.argv[1])); print(logging.getLogger('torch.x').getEffectiveLevel())")
+    levels = [subprocess.run([sys.executable, "-c", code, str(level)], capture_output=True, text=True,
+                             cwd=ROOT, timeout=60).stdout.strip() for level in (20, 10)]
+    assert levels == ["30", "10"]  # INFO run: torch at WARNING; -vv: torch's debug lines too
