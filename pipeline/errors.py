@@ -10,17 +10,35 @@ from __future__ import annotations
 import errno
 import logging
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
 from pipeline.config import ConfigError
-from pipeline.parsing import UnreadableLog
 
 
 class InputError(click.ClickException):
     """A file given on the command line is not what the command expects."""
 
     exit_code = 1
+
+
+class UnreadableLog(InputError):
+    """A gzip log that ends early or is corrupt."""
+
+
+@contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """An OSError raised inside that names no file (a read of an open file that failed: EIO)
+    is raised again naming ``path``, so that the one line the CLI prints says which file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 # What a path the user named can be wrong with: said in one line, never a traceback.
@@ -65,8 +83,6 @@ class SalkaGroup(click.Group):
             return super().invoke(ctx)
         except ConfigError as exc:
             raise ConfigProblem(str(exc)) from exc
-        except UnreadableLog as exc:
-            raise InputError(str(exc)) from exc
         except KeyboardInterrupt as exc:  # e.g. Ctrl-C while torch loads: click's "Aborted!", exit 1
             from pipeline.interrupt import Interrupted
 

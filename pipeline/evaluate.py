@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.alerting import row_scores
 from pipeline.config import AlertingConfig
-from pipeline.errors import InputError
+from pipeline.errors import InputError, naming
 from pipeline.normalise import entities
 from pipeline.scorefile import ScoreRow, read_scores
 from pipeline.stats import detection_scores, midrank_percentiles
@@ -29,7 +29,7 @@ def read_labels(path: str | Path) -> dict[int, int]:
     labels: dict[int, int] = {}
     first_row: dict[int, int] = {}
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
+        with naming(path), open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
             header = [name.strip().lower() for name in next(reader, [])]
             if "line" not in header or "label" not in header:
@@ -60,10 +60,6 @@ def read_labels(path: str | Path) -> dict[int, int]:
         raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); {LABELS_FORMAT}") from exc
     except csv.Error as exc:
         raise InputError(f"{path}:{reader.line_num}: broken CSV ({exc}); {LABELS_FORMAT}") from exc
-    except OSError as exc:  # a read that failed (EIO) names no file: name it
-        if exc.filename is not None or exc.errno is None:
-            raise
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     return labels
 
 

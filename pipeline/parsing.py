@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from nn.masking import Masker
 from pipeline.config import InputConfig
+from pipeline.errors import UnreadableLog, naming
 
 # Times past this are almost surely garbage (year 2200); rejecting them keeps one bad record from
 # opening a window centuries ahead and stalling every watermark behind it.
@@ -304,10 +305,6 @@ def json_text(value: object) -> str:
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class UnreadableLog(ValueError):
-    """A gzip log that ends early or is corrupt (the CLI says so in one line)."""
-
-
 class _Prefixed(io.RawIOBase):
     """A stream whose first bytes were read to look at them: those bytes, then the rest."""
 
@@ -331,7 +328,7 @@ def read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
     gzip file (known by its first bytes, whatever its name: logs are shipped compressed, as
     LANL's auth.txt.gz) is read decompressed, and its lines are numbered as ``zcat | grep -n``
     numbers them, in replay, produce and the input audit alike."""
-    with open(path, "rb") as handle:
+    with naming(path), open(path, "rb") as handle:
         try:
             head = handle.read(2)
             if handle.seekable():
@@ -344,7 +341,3 @@ def read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise UnreadableLog(f"{path}: a gzip file that is truncated or corrupt ({exc}); "
                                 f"decompress it with gunzip to see how far it reads") from exc
-        except OSError as exc:  # a read that failed (EIO) names no file: name it
-            if exc.filename is not None or exc.errno is None:
-                raise
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc

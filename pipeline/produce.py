@@ -27,8 +27,9 @@ from confluent_kafka import KafkaException
 
 from pipeline import poison
 from pipeline.config import Config
+from pipeline.errors import UnreadableLog
 from pipeline.kafka import DeliveryTracker, delivery_tracker, make_producer, partition_count, produce
-from pipeline.parsing import Event, HeaderRow, LineParser, UnreadableLog, read_lines
+from pipeline.parsing import Event, HeaderRow, LineParser, read_lines
 from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, LINE_HEADER, dead_letter
 
 log = logging.getLogger(__name__)
