@@ -22,7 +22,7 @@ from pipeline.brokerwatch import require_broker
 from pipeline.config import Config
 from pipeline.kafka import bootstrap_servers, make_admin
 from pipeline.runner import header
-from pipeline.scorefile import iter_scores
+from pipeline.scorefile import iter_scores, window_files
 from pipeline.serde import DecodeError, codec
 from pipeline.source_audit import SourceAudit, archive_lines, event_lines, reconcile
 from pipeline.topicrecords import CONTROL_HEADER, LINE_HEADER, identity, line_number
@@ -121,7 +121,7 @@ class AuditReport:
 def archive_problem(directory: Path) -> str | None:
     """Why ``directory`` holds no archive yet, for a report whose every record would read as
     lost; None when it has window files."""
-    if directory.is_dir() and any(directory.glob("window-*.csv.gz")):
+    if directory.is_dir() and window_files(directory):
         return None
     what = "has no window files" if directory.is_dir() else "does not exist"
     return (f"archive {directory} {what}: has the archiver archived a window yet, and is "

@@ -241,8 +241,10 @@ def _read_paths(**given) -> dict:
     parameter name), and the scores file or the archive's window files ``scores_source`` read."""
     params = click.get_current_context().params
     archive = params.get("archive_dir")
+    from pipeline.scorefile import window_files
+
     paths: dict = {"--scores": params.get("scores_path"),
-                   "--archive": sorted(Path(archive).glob("window-*.csv.gz")) if archive else None}
+                   "--archive": window_files(archive) if archive else None}
     paths.update({f"--{name.removesuffix('_path')}": path for name, path in given.items()})
     return paths
 

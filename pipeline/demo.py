@@ -30,6 +30,7 @@ from pipeline.generate import GenerateSpec
 from pipeline.kafka import create_topics
 from pipeline.progress import LogTail, shorten
 from pipeline.safetext import printable
+from pipeline.scorefile import window_files
 from pipeline.serde import DecodeError, codec
 from pipeline.status import collect as collect_status
 from pipeline.status import lag_line
@@ -118,7 +119,7 @@ class ArchiveCounter:
         self.rows: dict[Path, tuple[float, int]] = {}
 
     def count(self) -> tuple[int, int]:
-        for path in self.directory.glob("window-*.csv.gz"):
+        for path in window_files(self.directory):
             mtime = path.stat().st_mtime
             if path not in self.rows or self.rows[path][0] != mtime:
                 with gzip.open(path, "rt") as handle:
@@ -317,7 +318,7 @@ def _wait_for_alerts(config: Config, archive: Path, timeout: float = 120.0) -> l
     """Once the alerter has judged the last archived window, every alert it will raise."""
     from pipeline.stages.alerter import judged_through
 
-    last = max((int(p.name[len("window-"):-len(".csv.gz")]) for p in archive.glob("window-*.csv.gz")),
+    last = max((int(p.name[len("window-"):-len(".csv.gz")]) for p in window_files(archive)),
                default=None)
     if last is None:  # every event dead-lettered or late: no window to wait for
         return []

@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline.atomic import atomic_write
 from pipeline.config import Config
 from pipeline.errors import InputError
+from pipeline.parsing import GZIP_MAGIC
 
 SOURCE_COLUMNS = ["source_topic", "source_partition", "source_offset"]
 
@@ -171,23 +172,28 @@ def read_scores(path: str | Path) -> list[ScoreRow]:
     path = Path(path)
     # A directory without window files is a wrong path (the demo's workdir for its archive), not
     # an archive with no events: analysing it would print "no scored events" and exit 0.
-    if path.is_dir() and not any(path.glob("window-*.csv.gz")):
+    if path.is_dir() and not window_files(path):
         raise InputError(f"{path}: no window-*.csv.gz files, so not a score archive; pass the "
                          f"archiver's directory (streaming.archive_dir, e.g. demo/archive) or a "
                          f"scores file written by pipeline replay --output")
     return list(iter_scores(path))
 
 
+def window_files(directory: str | Path) -> list[Path]:
+    """An archive directory's window files, in window order (the archiver's names)."""
+    return sorted(Path(directory).glob("window-*.csv.gz"))
+
+
 def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as handle:
-        return handle.read(2) == b"\x1f\x8b"
+        return handle.read(2) == GZIP_MAGIC
 
 
 def iter_scores(path: str | Path) -> Iterator[ScoreRow]:
     """:func:`read_scores` one row at a time, for readers of a whole archive (the audit)."""
     path = Path(path)
     if path.is_dir():
-        for part in sorted(path.glob("window-*.csv.gz")):
+        for part in window_files(path):
             yield from iter_scores(part)
         return
     try:
