@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -228,8 +229,6 @@ def scores_source(command):
 
 def _is_stdout(path: str) -> bool:
     """Whether ``path`` is this process's standard output (/dev/stdout, /proc/self/fd/1, ...)."""
-    import os
-
     try:
         return os.path.samestat(os.stat(path), os.fstat(1))
     except OSError:
@@ -373,9 +372,7 @@ def produce_command(config: Config, input_path, rate, end_marker) -> None:
     the rest goes on. Exits 1 when a record reached neither the raw nor the dead-letter topic, or
     the file could not be read to its end (what was sent is flushed and counted); 130 / 143 when
     interrupted (the same)."""
-    from pipeline.kafka import require_reachable
-
-    require_reachable(config)  # an absent broker: one line and exit 1, in seconds
+    # An absent broker: one line and exit 1, in seconds (create_topics asks it first).
     # Before the first record: a broker that creates topics on first use would make the raw
     # topic (and the dead-letter topic, where a line too large for Kafka goes) with its own
     # partition count, which the stages refuse. Those two only: a producer may be allowed no

@@ -35,11 +35,12 @@ def check_outputs(inputs: Mapping[str, PathArg | list[Path]], outputs: Mapping[s
     for option, path in outputs.items():
         if not path or is_stream(path):  # /dev/null, /dev/stdout, a FIFO: written as a stream
             continue
-        others = [taken[key] for key in _identities(path) if key in taken]
+        keys = _identities(path)
+        others = [taken[key] for key in keys if key in taken]
         if others:
             raise click.UsageError(f"{option} {path} is the same file as {others[0]}: writing it "
                                    f"would replace that file; name another file for {option}")
-        taken.update(dict.fromkeys(_identities(path), option))
+        taken.update(dict.fromkeys(keys, option))
         _check_writable(Path(path))
 
 
