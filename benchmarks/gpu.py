@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from nn.device import autocast, resolve_device  # noqa: E402
-from nn.scoring import pad_batch, score_sequences, token_losses  # noqa: E402
+from nn.scoring import _collect, by_length, in_input_order, pad_batch, score_sequences, token_losses  # noqa: E402
 from nn.tokenizers import BOS, PAD, encode_event  # noqa: E402
 from nn.training import build_model, make_optimizer, train_sequences  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
@@ -194,7 +194,7 @@ class GraphedScorer:
         padded to a multiple of it, so that few shapes (graphs) cover every width (padding past
         a row's end changes none of its losses: both models read left to right)."""
         self.model.eval()
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i])) if length_order else None
+        order = by_length(seqs) if length_order else None  # None: already in that order
         rows = [seqs[i] for i in order] if order is not None else seqs
         results: list[float] = []
         pending = None
@@ -213,22 +213,11 @@ class GraphedScorer:
             done = torch.cuda.Event()
             done.record()
             if pending is not None:
-                results += _means(*pending)
+                results += [mean for mean, _, _ in _collect(pending, per_token=False)]
             pending = host, done
         if pending is not None:
-            results += _means(*pending)
-        if order is None:
-            return results
-        in_order = [0.0] * len(results)
-        for position, index in enumerate(order):
-            in_order[index] = results[position]
-        return in_order
-
-
-def _means(host: list[torch.Tensor], done: torch.cuda.Event) -> list[float]:
-    done.synchronize()
-    totals, counts = host[0].numpy().astype("float64"), host[1].numpy()
-    return (totals / counts.clip(min=1)).tolist()
+            results += [mean for mean, _, _ in _collect(pending, per_token=False)]
+        return results if order is None else in_input_order(results, order)
 
 
 def forward_variants(args, seqs, batch, device, precision, rounds: int = 3) -> None:

@@ -156,7 +156,7 @@ def score_sequences(
     model.eval()
     cuda = device is not None and device.type == "cuda"
     length_order = not cuda or getattr(model, "gpu_scores_in_length_order", False)
-    order = _by_length(seqs) if length_order else None
+    order = by_length(seqs) if length_order else None
     results: list[tuple[float, float, tuple[float, ...]]] = []
     pending = None
     try:
@@ -175,15 +175,18 @@ def score_sequences(
             results += _collect(pending, per_token)
     finally:
         model.train(was_training)
-    if order is None:
-        return results
+    return results if order is None else in_input_order(results, order)
+
+
+def in_input_order(results: list, order: list[int]) -> list:
+    """The results of sequences taken in ``order`` (their indices), back in input order."""
     in_order: list = [None] * len(results)
     for position, index in enumerate(order):
         in_order[index] = results[position]
     return in_order
 
 
-def _by_length(seqs: Sequence[Sequence[int]]) -> list[int] | None:
+def by_length(seqs: Sequence[Sequence[int]]) -> list[int] | None:
     """Indices of ``seqs`` by length, ties in input order; None when that is input order
     (sequences of one length, as the word tokenizer's are, or already sorted)."""
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
