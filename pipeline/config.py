@@ -362,6 +362,11 @@ class StreamingConfig:
     # raw topic could otherwise close every open window and send later events to the late topic;
     # the tokenizer then dead-letters such records, and windows close as event time moves on.
     end_of_input: bool = True
+    # The windower's watermark stops waiting for a tokens partition that has had no event for
+    # this many seconds while others had some (a partition no source writes to, a dead source),
+    # until its next event; 0: wait for every partition, however long. Windows close as the
+    # other partitions' event time moves on; that partition's events in them come late.
+    idle_partition_seconds: float = field(default=300.0, metadata=_check(_non_negative))
 
 
 def model_store_location(streaming: StreamingConfig) -> str:

@@ -242,6 +242,9 @@ def _windower_families(m: StageMetrics) -> None:
                               "still open (counted only: the windower holds no events)", registry=r)
     m.windows_closed = Counter("salka_windower_windows_closed", "Windows closed and emitted",
                                registry=r)
+    m.idle_partitions = Gauge("salka_windower_idle_partitions", "Tokens partitions the watermark "
+                              "no longer waits for (no event for streaming.idle_partition_seconds)",
+                              registry=r)
 
 
 def _windower_probe(m: StageMetrics, stage, deltas: dict) -> None:
@@ -249,6 +252,7 @@ def _windower_probe(m: StageMetrics, stage, deltas: dict) -> None:
     if math.isfinite(mark):
         m.watermark.set(mark)
     m.open_windows.set(len(stage.open))
+    m.idle_partitions.set(len(stage.watermark.idle) if stage.watermark is not None else 0)
     m.events_buffered.set(sum(stage.open.values()))  # open window -> events forwarded
     if deltas.get("windows"):
         m.windows_closed.inc(deltas["windows"])

@@ -65,14 +65,32 @@ def first_open_window(closed_through: float, window: WindowConfig, timed: bool) 
     return index
 
 
+OUTAGE_GRACE = 30.0  # seconds: time enough for every broker's first fetch answer after an outage
+
+
 class Watermark:
     """Event-clock watermark: the minimum over input partitions of the newest clock seen there,
     minus the allowed lateness. A partition with no data yet holds it back (-inf); one that
-    reported end of input no longer does (+inf)."""
+    reported end of input no longer does (+inf).
 
-    def __init__(self, partitions: int, lateness: float = 0.0):
+    An idle partition stops holding it back too (``idle_after`` seconds of processing time, 0:
+    never): one that has had no event for that long while another partition had some, such as a
+    partition no source writes to, or a source that died. Without this one empty partition of a
+    live bus would keep every window open for good. Its next event makes it count again (that
+    event is late if its window closed meanwhile). Silence everywhere (a quiet bus, a broker
+    away) proves nothing about one partition: when events come again, the others have
+    ``grace`` seconds (half of ``idle_after``, at most OUTAGE_GRACE) to show theirs, the backlog
+    another broker may still be sending.
+    """
+
+    def __init__(self, partitions: int, lateness: float = 0.0, idle_after: float = 0.0,
+                 now: float = 0.0):
         self.newest = {p: -math.inf for p in range(partitions)}
         self.lateness = lateness
+        self.idle_after = idle_after
+        self.heard_at = {p: now for p in range(partitions)}  # processing time of its last event
+        self.last_heard = now
+        self.idle: set[int] = set()
 
     def observe(self, partition: int, clock: float) -> None:
         newest = self.newest.get(partition, -math.inf)
@@ -83,6 +101,32 @@ class Watermark:
     def end_of_input(self, partition: int) -> None:
         self.newest[partition] = math.inf
 
+    def heard(self, partition: int, now: float) -> bool:
+        """An event (or end of input) came from ``partition`` at processing time ``now``.
+        True when that partition was idle until now."""
+        if self.idle_after and now - self.last_heard >= self.idle_after:  # silence everywhere
+            grace = min(self.idle_after / 2, OUTAGE_GRACE)
+            for p, at in self.heard_at.items():
+                self.heard_at[p] = max(at, now - self.idle_after + grace)
+        self.heard_at[partition] = self.last_heard = now
+        if partition in self.idle:
+            self.idle.discard(partition)
+            return True
+        return False
+
+    def find_idle(self, now: float) -> list[int]:
+        """Partitions idle from ``now`` on (each said once, until it has events again)."""
+        if not self.idle_after or now - self.last_heard >= self.idle_after:
+            return []
+        found = [p for p, at in sorted(self.heard_at.items())
+                 if p not in self.idle and self.newest.get(p) != math.inf
+                 and now - at >= self.idle_after]
+        self.idle.update(found)
+        return found
+
     @property
     def value(self) -> float:
-        return min(self.newest.values()) - self.lateness if self.newest else -math.inf
+        if not self.newest:
+            return -math.inf
+        live = [c for p, c in self.newest.items() if p not in self.idle] if self.idle else None
+        return min(live or self.newest.values()) - self.lateness

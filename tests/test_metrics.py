@@ -382,6 +382,7 @@ def test_stage_counters_match_the_records_they_processed(scraped_pipeline):
         events + windows + r["progress"])
     assert value(win, "salka_windower_open_windows") == 0
     assert value(win, "salka_windower_events_buffered") == 0
+    assert value(win, "salka_windower_idle_partitions") == 0  # every partition had events
     assert value(win, "salka_windower_records_late_total", topic=t.tokens) == 0
     tr = f["trainer"]
     assert value(tr, "salka_trainer_records_in_total", topic=t.windows) == (

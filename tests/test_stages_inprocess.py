@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import logging
 import random
 
 import pytest
@@ -81,8 +82,8 @@ class WindowerRun:
     """The runner's loop around a windower, over an in-memory tokens topic: batches (handle,
     then tick), commits (save state, then commit the safe offsets), crashes and rebalances."""
 
-    def __init__(self, config: Config, log: list[list[FakeMessage]]):
-        self.config, self.log = config, log
+    def __init__(self, config: Config, log: list[list[FakeMessage]], clock=None):
+        self.config, self.log, self.clock = config, log, clock
         self.out = RecordingOutput()
         self.committed: dict[int, int] = {}  # the group's offsets
         self.stages: list[WindowerStage] = []
@@ -90,6 +91,8 @@ class WindowerRun:
 
     def start(self) -> None:
         self.stage = WindowerStage(self.config)
+        if self.clock is not None:  # processing time, for idle partitions
+            self.stage.clock = self.clock
         self.stages.append(self.stage)
         self.assign()
 
@@ -272,6 +275,54 @@ def test_windower_restart_table(tmp_path, case):
     # Once everything is read and committed, nothing before the end is left to re-read.
     run.step("commit")
     assert run.committed == {p: len(msgs) for p, msgs in enumerate(run.log)}
+
+
+def sent_so_far(run: WindowerRun) -> str:
+    """The windows topic as sent so far (windows may still be open): event names and
+    "w<window>:<count>" per completion record."""
+    items = []
+    for s in run.out.sent:
+        if s.topic == run.config.topics.windows:
+            name, record = codec().decode(s.value)
+            items.append(record["event"]["raw"] if name == "salka.WindowedEvent"
+                         else f"w{record['window']}:{record['count']}")
+    return " ".join(items)
+
+
+def test_windower_stops_waiting_for_a_partition_without_events_and_waits_again_once_it_has_some(
+        tmp_path, caplog):
+    # Partition 1 of the tokens topic gets nothing (no source writes to it) and nobody sends an
+    # end of input (a live bus): the watermark would stay at -inf and no window would ever close.
+    config = make_config(tmp_path, streaming={"idle_partition_seconds": 60.0, "end_of_input": False})
+    now = [0.0]
+    run = WindowerRun(config, tokens_log(config, [["a@1", "b@5", "c@12", "d@25", "e@31"],
+                                                  ["f@3", "g@27", "h@45"]]), clock=lambda: now[0])
+    run.step("0:2")
+    now[0] = 59.0
+    run.step("0:1")
+    assert sent_so_far(run) == "a b c"  # not idle yet: nothing closed
+    now[0] = 60.0
+    with caplog.at_level(logging.INFO, logger="pipeline.stages.windower"):
+        run.step("0:1")  # partition 1 silent for 60 s while partition 0 had events
+        assert sent_so_far(run) == "a b c d w0:2 w1:1"
+        assert "salka.tokens[1] has had no event for 60s" in caplog.text
+        now[0] = 61.0
+        run.step("1:2")  # it has events again: f's window closed meanwhile (late), g's is open
+        assert "salka.tokens[1] has events again" in caplog.text
+    run.step("0:*")  # e@31: the watermark waits for partition 1 again (at 27): window 2 stays open
+    assert sent_so_far(run) == "a b c d w0:2 w1:1 g e"
+    assert [r["event"]["raw"] for _, r in run.out.records(config.topics.late)] == ["f"]
+    run.step("1:*")  # h@45: the watermark is min(31, 45)
+    assert sent_so_far(run) == "a b c d w0:2 w1:1 g e h w2:2"
+
+
+def test_windower_waits_for_every_partition_when_idle_partition_seconds_is_zero(tmp_path):
+    config = make_config(tmp_path, streaming={"idle_partition_seconds": 0.0, "end_of_input": False})
+    now = [0.0]
+    run = WindowerRun(config, tokens_log(config, [["a@1", "b@15", "c@28"], []]), clock=lambda: now[0])
+    for now[0] in (0.0, 1e6, 2e6):
+        run.step("0:1")
+    assert sent_so_far(run) == "a b c"
 
 
 def test_windower_dead_letters_what_is_not_a_tokenized_event(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,13 @@ from helpers import delete_topics, read_records, stream_config, wait_for
 
 from pipeline.demo import ArchiveCounter, StageProcesses
 from pipeline.generate import GenerateSpec, write_log
+from pipeline.kafka import make_producer, produce
 from pipeline.learner import WindowLearner
 from pipeline.produce import produce_file
 from pipeline.replay import replay
 from pipeline.scorefile import read_scores
 from pipeline.stages.trainer import checkpoint_files, load_newest_checkpoint
+from pipeline.topicrecords import LINE_HEADER
 
 BAD_LINES = {
     "not,enough,columns": "expected 9 CSV columns, got 3",
@@ -49,8 +52,8 @@ def assert_same_scores(streamed: list[dict], replayed: list[dict]) -> None:
     a, b = losses_by_line(streamed), losses_by_line(replayed)
     assert len(streamed) == len(a), "an event appears twice in the archive"
     assert a.keys() == b.keys()
-    for line, (window, time, loss) in b.items():
-        assert a[line][:2] == (window, time), line
+    for line, (window, event_time, loss) in b.items():
+        assert a[line][:2] == (window, event_time), line
         if loss == "":
             assert a[line][2] == "", line
         else:
@@ -200,6 +203,40 @@ def test_late_event_goes_to_the_late_topic(kafka_bootstrap, tmp_path):
     assert set(empty) <= {-1, 1} and empty == sorted(empty)
     events = [r["event"]["line"] for n, r in windows if n == "salka.WindowedEvent"]
     assert sorted(events) == [1, 2, 3, 5]
+
+
+def test_windows_close_on_a_live_bus_where_one_partition_has_no_events(kafka_bootstrap, tmp_path):
+    # A live bus (no end of input) whose sources all write to raw partition 0: tokens
+    # partition 1 stays empty, and its -inf clock would keep every window open for good.
+    config, config_path = stream_config(
+        tmp_path, kafka_bootstrap,
+        {"topics": {"partitions": 2}, "window": {"size_seconds": 3600},
+         "streaming": {"end_of_input": False, "idle_partition_seconds": 2.0}})
+    row = "{},U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success"
+    stages = StageProcesses(config_path, tmp_path / "logs")
+    producer = make_producer(config)
+    try:
+        stages.start("tokenizer")
+        stages.start("windower")
+        for line, t in enumerate((10, 20, 3700, 7300, 7310, 7320), start=1):
+            produce(producer, config.topics.raw, row.format(t).encode(), partition=0,
+                    headers=[(LINE_HEADER, str(line).encode())], on_delivery=None)
+            producer.flush(10)
+            time.sleep(0.7)  # events for longer than idle_partition_seconds
+
+        def closed():
+            records = read_records(config, config.topics.windows)
+            done = [(r["window"], r["count"]) for n, r in records if n == "salka.WindowComplete"]
+            return done if (1, 1) in done else None
+
+        completions = wait_for(closed, 60, what="windows 0 and 1 closed")
+        assert not stages.dead(), stages.dead()
+    finally:
+        stages.stop()
+        delete_topics(config)
+    assert [c for c in completions if c[1]] == [(0, 2), (1, 1)]
+    text = (tmp_path / "logs" / "windower-0.log").read_text()
+    assert f"{config.topics.tokens}[1] has had no event for 2s" in text
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from helpers import LANL_LINE
 
 from pipeline.config import WindowConfig, config_from_dict
 from pipeline.parsing import MAX_EPOCH_SECONDS, Event, LineParser, Malformed
-from pipeline.windowing import Watermark, event_clock, event_order, window_end, window_of
+from pipeline.windowing import OUTAGE_GRACE, Watermark, event_clock, event_order, window_end, window_of
 
 INF = math.inf
 
@@ -302,3 +302,99 @@ def test_watermark_matches_a_model_over_random_observations():
             assert mark.value == min(newest) - lateness
             assert mark.value >= previous  # monotone while no partition ends
             previous = mark.value
+
+
+# ---------------------------------------------------------------------------- idle partitions
+
+
+def test_a_silent_partition_stops_holding_the_watermark_back_and_counts_again_when_heard():
+    mark = Watermark(3, lateness=5.0, idle_after=60.0, now=0.0)
+    for now, clock in [(10.0, 100.0), (50.0, 150.0)]:
+        mark.observe(0, clock)
+        mark.heard(0, now)
+        mark.observe(1, clock + 1)
+        mark.heard(1, now)
+    assert mark.find_idle(59.9) == [] and mark.value == -INF  # partition 2: no data, not yet idle
+    assert mark.find_idle(60.0) == [2]
+    assert mark.value == 145.0  # min(150, 151) - 5
+    assert mark.find_idle(70.0) == []  # said once
+    mark.observe(2, 120.0)  # its next event: it counts again, from its own clock
+    assert mark.heard(2, 80.0) is True
+    assert mark.value == 115.0
+    assert mark.heard(2, 81.0) is False
+
+
+def test_a_partition_is_not_idle_while_it_has_events_and_never_when_idle_after_is_zero():
+    busy = Watermark(2, idle_after=30.0, now=0.0)
+    never = Watermark(2, idle_after=0.0, now=0.0)
+    for now in range(0, 300, 10):
+        for mark in (busy, never):
+            mark.observe(0, float(now))
+            mark.heard(0, float(now))
+            mark.observe(1, float(now) + 0.5)
+            mark.heard(1, float(now))
+            assert mark.find_idle(float(now) + 5) == []
+    assert never.find_idle(10_000.0) == []
+    never.observe(0, 500.0)
+    never.heard(0, 10_000.0)
+    assert never.find_idle(20_000.0) == [] and never.value == 290.5
+
+
+def test_after_silence_everywhere_the_others_have_a_grace_before_they_are_idle():
+    # A broker away (or a quiet night) for longer than idle_after: the first partition heard
+    # afterwards must not make the others idle at once; their backlog may be on its way.
+    mark = Watermark(2, idle_after=60.0, now=0.0)
+    for p in (0, 1):
+        mark.observe(p, 10.0)
+        mark.heard(p, 1.0)
+    assert mark.find_idle(500.0) == []  # nobody was heard for 499 s: proves nothing
+    mark.observe(0, 900.0)
+    mark.heard(0, 500.0)
+    assert mark.find_idle(500.0) == [] and mark.find_idle(529.0) == [] and mark.value == 10.0
+    assert mark.find_idle(530.0) == [1]  # half of idle_after, even when partition 0 went quiet
+    assert mark.value == 900.0
+    long = Watermark(2, idle_after=3600.0, now=0.0)
+    long.observe(0, 5.0)
+    long.heard(0, 7200.0)
+    assert long.find_idle(7200.0 + OUTAGE_GRACE - 0.1) == []
+    assert long.find_idle(7200.0 + OUTAGE_GRACE) == [1]  # at most OUTAGE_GRACE
+
+
+def test_an_ended_partition_is_never_idle_and_an_idle_one_can_end():
+    mark = Watermark(3, idle_after=10.0, now=0.0)
+    mark.end_of_input(0)
+    mark.heard(0, 1.0)
+    mark.observe(1, 50.0)
+    mark.heard(1, 8.0)
+    assert mark.find_idle(12.0) == [2]  # partition 0 ended (not idle), partition 2 silent
+    assert mark.value == 50.0
+    mark.end_of_input(2)
+    assert mark.heard(2, 16.0) is True
+    assert mark.value == 50.0
+
+
+def test_idle_partitions_match_a_model_over_random_events():
+    rng = random.Random(7)
+    for partitions in [2, 3, 5]:
+        idle_after = rng.choice([5.0, 20.0])
+        mark = Watermark(partitions, idle_after=idle_after, now=0.0)
+        newest, heard, last_any, idle = [-INF] * partitions, [0.0] * partitions, 0.0, set()
+        now = 0.0
+        for _ in range(600):
+            now += rng.expovariate(0.5)
+            if rng.random() < 0.7:
+                p = rng.choice(range(partitions - 1) if rng.random() < 0.9 else range(partitions))
+                clock = rng.uniform(0, 1000)
+                mark.observe(p, clock)
+                newest[p] = max(newest[p], clock)
+                if now - last_any >= idle_after:
+                    heard = [max(h, now - idle_after / 2) for h in heard]
+                heard[p], last_any = now, now
+                assert mark.heard(p, now) is (p in idle)
+                idle.discard(p)
+            found = [] if now - last_any >= idle_after else \
+                [p for p in range(partitions) if p not in idle and now - heard[p] >= idle_after]
+            assert mark.find_idle(now) == found
+            idle.update(found)
+            live = [c for p, c in enumerate(newest) if p not in idle]
+            assert mark.value == min(live or newest)

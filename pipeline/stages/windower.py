@@ -2,7 +2,8 @@
 with its window, and a completion record per window once it closes.
 
 A window closes when the watermark (minimum over the tokens partitions of the newest event time
-seen there, minus the allowed lateness) passes its end. An event whose window has closed goes to
+seen there, minus the allowed lateness; a partition idle for streaming.idle_partition_seconds does
+not count until its next event) passes its end. An event whose window has closed goes to
 the late topic with how late it was. Exactly one windower runs (the watermark is global).
 
 Nothing is held per event: an on-time event is forwarded at once (to the windows partition of its
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 from confluent_kafka import Message, TopicPartition
@@ -50,6 +52,7 @@ class WindowerStage(BaseStage):
         self.timed = bool(config.input.time_field)
         self.model_fields = LineParser(config.input).model_fields
         self.state_path = Path(config.streaming.state_dir) / "windower.json"
+        self.clock = time.monotonic  # processing time, for idle partitions
         self.watermark: Watermark | None = None
         self.windows_partitions: int | None = None
         self.next_offsets: dict[int, int] = {}
@@ -115,7 +118,8 @@ class WindowerStage(BaseStage):
         if self.watermark is None:
             count = partition_count(consumer, self.config.topics.tokens)
             self.watermark = Watermark(count, self.config.window.allowed_lateness_seconds
-                                       if self.timed else 0.0)
+                                       if self.timed else 0.0,
+                                       self.config.streaming.idle_partition_seconds, self.clock())
             self.windows_partitions = partition_count(consumer, self.config.topics.windows)
         for tp in partitions:
             if tp.partition in self.resume:  # the state file, not the group, says where to read
@@ -137,6 +141,7 @@ class WindowerStage(BaseStage):
         self.next_offsets[partition] = offset + 1
         if header(msg, CONTROL_HEADER) == END_OF_INPUT:
             self.watermark.end_of_input(partition)
+            self._heard(partition)
             return
         decoded = decode_or_dead_letter(self, msg, out, ("salka.TokenizedEvent",))
         if decoded is None:
@@ -144,6 +149,7 @@ class WindowerStage(BaseStage):
         record = decoded[1]
         event = record_to_event(record, self.model_fields)
         self.watermark.observe(partition, event_clock(event))
+        self._heard(partition)
         window = window_of(event, self.config.window)
         end = window_end(window, self.config.window, self.timed)
         raw = event.source[:2]
@@ -162,6 +168,11 @@ class WindowerStage(BaseStage):
                  partition=partition % (self.windows_partitions or 1))
         self.open[window] = self.open.get(window, 0) + 1
 
+    def _heard(self, partition: int) -> None:
+        if self.watermark.heard(partition, self.clock()):
+            log.info("%s[%d] has events again: the watermark waits for it again",
+                     self.config.topics.tokens, partition)
+
     def _late(self, out: Output, record: dict, window: int, end: float) -> None:
         mark = max(self.closed_through, self.watermark.value)
         if not math.isfinite(mark):  # end of input: measure from the last window closed
@@ -174,6 +185,12 @@ class WindowerStage(BaseStage):
     def tick(self, out: Output) -> bool:
         if self.watermark is None:
             return False
+        for partition in self.watermark.find_idle(self.clock()):
+            log.warning("%s[%d] has had no event for %.0fs while other partitions had some: the "
+                        "watermark no longer waits for it (streaming.idle_partition_seconds), so "
+                        "windows close on the others; its events in a closed window go to the late "
+                        "topic", self.config.topics.tokens, partition,
+                        self.config.streaming.idle_partition_seconds)
         mark = self.watermark.value
         ready = sorted(w for w in self.open if window_end(w, self.config.window, self.timed) <= mark)
         for window in ready:
