@@ -294,7 +294,14 @@ class DeliveryTracker:
 
     def _fail(self, msg, why: str) -> None:
         self.failures.append(f"{msg.topic()} [{msg.partition()}]: {why}")
-        log.error("delivery failed to %s [%s]: %s", msg.topic(), msg.partition(), why)
+        # One cause (a purged queue, a fenced producer) fails every queued record: say a few.
+        if len(self.failures) <= LOGGED_FAILURES:
+            log.error("delivery failed to %s [%s]: %s%s", msg.topic(), msg.partition(), why,
+                      "; further failures are counted, not logged"
+                      if len(self.failures) == LOGGED_FAILURES else "")
+
+
+LOGGED_FAILURES = 5  # delivery failures a tracker logs one by one
 
 
 def delivery_tracker(config: Config, **explicit: Any) -> DeliveryTracker:

@@ -12,7 +12,6 @@ import gc
 import logging
 import signal
 import time
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -24,6 +23,7 @@ from pipeline.config import Config
 from pipeline.kafka import DeliveryTracker, delivery_tracker, make_consumer, make_producer, produce
 from pipeline.serde import DecodeError, codec
 from pipeline.topicrecords import LINE_HEADER, dead_letter, line_number
+from pipeline.transactional import FENCED, TransactionalId
 
 if TYPE_CHECKING:
     from pipeline.metrics import StageMetrics
@@ -144,6 +144,8 @@ class StageRunner:
         self.transactional = config.streaming.delivery == "exactly_once"
         self.processed = 0
         self.transactions = 0
+        self.transactional_id: TransactionalId | None = None  # pipeline/transactional.py
+        self.fenced = False
         self._warned: dict[str, float] = {}
         self._open()
 
@@ -151,10 +153,9 @@ class StageRunner:
         self.stage = self.make_stage()
         extra = {"client.id": f"salka-{self.stage.name}"}
         if self.transactional:
-            # Unique per process: with KIP-447 fencing is by consumer group generation, so the
-            # id need not survive restarts.
-            extra["transactional.id"] = (f"{self.config.streaming.group_prefix}.{self.stage.name}."
-                                         f"{uuid.uuid4().hex[:12]}")
+            if self.transactional_id is None:  # kept across restarts in this process
+                self.transactional_id = TransactionalId(self.config, self.stage.name)
+            extra["transactional.id"] = self.transactional_id.value
         self.producer = make_producer(self.config, **extra)
         self.tracker = delivery_tracker(self.config, **extra)
         self.out = Output(self.producer, self.tracker, poison.message_limit(self.config))
@@ -169,15 +170,40 @@ class StageRunner:
                      extra["transactional.id"])
         self._last_commit = time.monotonic()
 
+    def _stop_if_fenced(self, exc: Exception) -> None:
+        """Fenced: another process took this one's transactional.id. Stop, not start over. The
+        client raises that once, from whichever call meets it first, and then only "fatal
+        error" (or, from flush(), a SystemError); a transactional call says which again."""
+        if not self.transactional:
+            return
+        error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+        if not (isinstance(error, KafkaError) and error.code() in FENCED):
+            if isinstance(error, KafkaError) and not (error.fatal() or error.code() == KafkaError._FATAL):
+                return
+            try:
+                self.producer.abort_transaction(1)
+                return
+            except KafkaException as probe:
+                error = probe.args[0] if probe.args else None
+            if not (isinstance(error, KafkaError) and error.code() in FENCED):
+                return
+        self.fenced = True  # leave the group at once, committing nothing on the way out
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError, SystemError):
+            pass
+        raise self.transactional_id.fenced(self.stage.name) from None
+
     def _discard(self) -> None:
         """Drop clients and in-memory state without committing anything. Exactly-once: abort
-        the open transaction first. The next clients take a new transactional.id, which fences
-        nothing, and an open transaction holds back every read_committed consumer of its
-        partitions (the last stable offset) until the broker times it out."""
+        the open transaction first, so that read_committed consumers of its partitions go on at
+        once (the next clients' init_transactions, with the same transactional.id, would abort
+        it too, but only once the broker answers again)."""
         if self.transactional:
             try:  # purges what is still queued, as purge() below does
                 self.producer.abort_transaction(ABORT_SECONDS)
             except KafkaException as exc:  # e.g. broker away, or a fatal producer error
+                self._stop_if_fenced(exc)
                 log.warning("%s: could not abort the open transaction (%s); the broker ends it "
                             "after transaction.timeout.ms", self.stage.name, exc.args[0].str())
         try:
@@ -264,6 +290,8 @@ class StageRunner:
 
     def _on_revoke(self, consumer, partitions) -> None:
         log.info("%s revoked %s", self.stage.name, [f"{p.topic}[{p.partition}]" for p in partitions])
+        if self.fenced:
+            return
         try:
             self.commit()
         except KafkaException as exc:  # losing the group: redelivery covers it
@@ -296,7 +324,11 @@ class StageRunner:
             except BrokerLost:
                 self._discard()  # commit nothing: the user must reset (the message says how)
                 raise
+            except SystemError as exc:  # confluent-kafka's flush() of a producer in a fatal state
+                self._stop_if_fenced(exc)
+                raise
             except KafkaException as exc:
+                self._stop_if_fenced(exc)
                 # A fatal producer error (e.g. an idempotent producer's sequence refused by a
                 # restarted broker): say "lost data" when that is the cause.
                 if exc.args and isinstance(exc.args[0], KafkaError) and exc.args[0].fatal():

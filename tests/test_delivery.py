@@ -58,9 +58,8 @@ def test_exactly_once_tokenizer_commits_offsets_inside_its_transactions(kafka_bo
 
 
 def test_a_failed_exactly_once_stage_aborts_its_open_transaction(kafka_bootstrap, tmp_path):
-    """A stage that starts over after a delivery failure takes a new transactional.id, which
-    fences nothing: the transaction it leaves open must be aborted, or every read_committed
-    consumer of its partitions stops at it until the broker times it out."""
+    """A stage that starts over after a delivery failure aborts the transaction it leaves open
+    at once: left open, every read_committed consumer of its partitions stops at it."""
     from pipeline.runner import StageRunner
     from pipeline.stages.windower import WindowerStage
     from pipeline.topicrecords import dead_letter
@@ -85,3 +84,73 @@ def test_a_failed_exactly_once_stage_aborts_its_open_transaction(kafka_bootstrap
     # Both, as the embedded broker shows aborted records (KAFKA-NOTES.md); on a Kafka cluster,
     # only the committed one. Left open, the transaction would hide both.
     assert "committed after the failure" in reasons
+
+
+def test_a_stage_restarted_after_a_crash_ends_the_transaction_its_dead_process_left_open(
+        kafka_bootstrap, tmp_path):
+    """A killed process aborts nothing. The next one takes the same transactional.id and its
+    init_transactions aborts what the dead one left open; with an id of its own, every
+    read_committed consumer would wait at that transaction (on Kafka for transaction.timeout.ms,
+    on the embedded broker for good)."""
+    from pipeline.runner import StageRunner
+    from pipeline.stages.windower import WindowerStage
+    from pipeline.topicrecords import dead_letter
+
+    config, _ = stream_config(tmp_path, kafka_bootstrap, {"streaming": {"delivery": "exactly_once"}})
+    topic = config.topics.dead_letters
+
+    def letter(reason: str) -> dict:
+        return dead_letter("test", "raw", 0, 0, reason, b"payload")
+
+    crashed = StageRunner(config, lambda: WindowerStage(config))
+    crashed.out.send_dead_letter(topic, letter("left open by a process that died"))
+    crashed.producer.flush(30)  # on the broker, inside the open transaction; then nothing more
+    restarted = StageRunner(config, lambda: WindowerStage(config))
+    try:
+        assert restarted.transactional_id.value == crashed.transactional_id.value
+        restarted.out.send_dead_letter(topic, letter("committed after the restart"))
+        restarted.commit()
+        reasons = [record["reason"] for _, record in read_records(config, topic, expected=2, timeout=20)]
+    finally:
+        restarted._discard()
+        crashed.producer.purge()
+    assert "committed after the restart" in reasons
+
+
+@pytest.mark.slow
+def test_a_second_windower_fences_the_first_which_stops_with_one_line(kafka_bootstrap, tmp_path):
+    """Exactly-once: a stage that runs once per pipeline takes one transactional.id, so a second
+    one started by mistake fences the first. The fenced one must stop and say why, not start
+    over (which would fence the other, and so on), and never print a traceback."""
+    config, config_path = stream_config(
+        tmp_path, kafka_bootstrap,
+        {"topics": {"partitions": 2}, "streaming": {"delivery": "exactly_once"}})
+    log = tmp_path / "log.csv"
+    log.write_text("\n".join(f"{t},U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success"
+                             for t in range(0, 3000, 10)) + "\n")
+    logs = tmp_path / "logs"
+    stages = StageProcesses(config_path, logs)
+    try:
+        stages.start("windower", 0)
+        wait_for(lambda: "windower assigned ['" in _text(logs / "windower-0.log"), 60,
+                 what="the first windower assigned")
+        stages.start("windower", 1)  # takes the same transactional.id: the first is fenced
+        wait_for(lambda: "exactly-once delivery" in _text(logs / "windower-1.log"), 60,
+                 what="the second windower's transactions")
+        stages.start("tokenizer")
+        produce_file(config, log)
+        wait_for(lambda: stages.dead(), 90, what="the fenced windower stopped")
+    finally:
+        stages.stop()
+        delete_topics(config)
+    first = _text(logs / "windower-0.log")
+    assert [name for name, p in stages.processes if p.returncode not in (0, None)] == ["windower-0"]
+    assert "Traceback" not in first
+    [line] = [x for x in first.splitlines() if x.startswith("Error:")]
+    assert f"another process took over transactional.id {config.streaming.group_prefix}.windower" in line
+    assert "a second windower runs against this pipeline" in line
+    assert "restarting from the last commit" not in first
+
+
+def _text(path) -> str:
+    return path.read_text() if path.exists() else ""
