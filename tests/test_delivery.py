@@ -57,32 +57,45 @@ def test_exactly_once_tokenizer_commits_offsets_inside_its_transactions(kafka_bo
     assert re.search(r"stopped cleanly after \d+ records in [1-9]\d* transactions", log_text)
 
 
+def windower_with_an_open_transaction(config, reason: str):
+    """An exactly-once windower's runner with a dead letter stored on the broker inside its open
+    transaction."""
+    from pipeline.runner import StageRunner
+    from pipeline.stages.windower import WindowerStage
+
+    runner = StageRunner(config, lambda: WindowerStage(config))
+    runner.out.send_dead_letter(config.topics.dead_letters, letter(reason))
+    runner.producer.flush(30)
+    return runner
+
+
+def letter(reason: str) -> dict:
+    from pipeline.topicrecords import dead_letter
+
+    return dead_letter("test", "raw", 0, 0, reason, b"payload")
+
+
+def committed_after(config, before, reason: str) -> list[str]:
+    """Another windower commits a dead letter; the reasons a read_committed reader gets then."""
+    after = windower_with_an_open_transaction(config, reason)
+    try:
+        assert after.transactional_id.value == before.transactional_id.value
+        after.commit()
+        return [record["reason"] for _, record in read_records(config, config.topics.dead_letters,
+                                                               expected=2, timeout=20)]
+    finally:
+        after._discard()
+
+
 def test_a_failed_exactly_once_stage_aborts_its_open_transaction(kafka_bootstrap, tmp_path):
     """A stage that starts over after a delivery failure aborts the transaction it leaves open
     at once: left open, every read_committed consumer of its partitions stops at it."""
-    from pipeline.runner import StageRunner
-    from pipeline.stages.windower import WindowerStage
-    from pipeline.topicrecords import dead_letter
-
     config, _ = stream_config(tmp_path, kafka_bootstrap, {"streaming": {"delivery": "exactly_once"}})
-    topic = config.topics.dead_letters
-
-    def letter(reason: str) -> dict:
-        return dead_letter("test", "raw", 0, 0, reason, b"payload")
-
-    failed = StageRunner(config, lambda: WindowerStage(config))
-    failed.out.send_dead_letter(topic, letter("left in the failed stage's transaction"))
-    failed.producer.flush(30)  # stored on the broker, inside the open transaction
+    failed = windower_with_an_open_transaction(config, "left in the failed stage's transaction")
     failed._discard()  # what run() does on DeliveryFailed before it starts over
-    after = StageRunner(config, lambda: WindowerStage(config))
-    try:
-        after.out.send_dead_letter(topic, letter("committed after the failure"))
-        after.commit()
-        reasons = [record["reason"] for _, record in read_records(config, topic, expected=2, timeout=20)]
-    finally:
-        after._discard()
     # Both, as the embedded broker shows aborted records (KAFKA-NOTES.md); on a Kafka cluster,
     # only the committed one. Left open, the transaction would hide both.
+    reasons = committed_after(config, failed, "committed after the failure")
     assert "committed after the failure" in reasons
 
 
@@ -92,29 +105,13 @@ def test_a_stage_restarted_after_a_crash_ends_the_transaction_its_dead_process_l
     init_transactions aborts what the dead one left open; with an id of its own, every
     read_committed consumer would wait at that transaction (on Kafka for transaction.timeout.ms,
     on the embedded broker for good)."""
-    from pipeline.runner import StageRunner
-    from pipeline.stages.windower import WindowerStage
-    from pipeline.topicrecords import dead_letter
-
     config, _ = stream_config(tmp_path, kafka_bootstrap, {"streaming": {"delivery": "exactly_once"}})
-    topic = config.topics.dead_letters
-
-    def letter(reason: str) -> dict:
-        return dead_letter("test", "raw", 0, 0, reason, b"payload")
-
-    crashed = StageRunner(config, lambda: WindowerStage(config))
-    crashed.out.send_dead_letter(topic, letter("left open by a process that died"))
-    crashed.producer.flush(30)  # on the broker, inside the open transaction; then nothing more
-    restarted = StageRunner(config, lambda: WindowerStage(config))
-    try:
-        assert restarted.transactional_id.value == crashed.transactional_id.value
-        restarted.out.send_dead_letter(topic, letter("committed after the restart"))
-        restarted.commit()
-        reasons = [record["reason"] for _, record in read_records(config, topic, expected=2, timeout=20)]
+    crashed = windower_with_an_open_transaction(config, "left open by a process that died")
+    try:  # then nothing more from it: no abort, no commit
+        reasons = committed_after(config, crashed, "committed after the restart")
+        assert "committed after the restart" in reasons
     finally:
-        restarted._discard()
         crashed.producer.purge()
-    assert "committed after the restart" in reasons
 
 
 @pytest.mark.slow
