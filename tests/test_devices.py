@@ -89,10 +89,11 @@ def test_replay_with_cuda_and_no_gpu_fails_in_one_line_before_writing(tiny_log, 
 
 @pytest.mark.slow
 @needs_no_gpu
-def test_trainer_stage_with_cuda_and_no_gpu_fails_at_start_up():
+@pytest.mark.parametrize("stage", ["trainer", "scorer"])
+def test_model_stage_with_cuda_and_no_gpu_fails_at_start_up(stage):
     """Before the runner: no broker is contacted (none listens on port 9), it fails at once."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", "trainer", "--set", "training.device=cuda",
+        [sys.executable, "-m", "pipeline", "run", stage, "--set", "training.device=cuda",
          "--set", "kafka.bootstrap\\.servers=127.0.0.1:9"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, env=_env_without_omp(OMP_NUM_THREADS="1"))
     assert proc.returncode == 2, proc.stderr
@@ -320,6 +321,28 @@ def test_replay_applies_training_threads(tiny_log, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", code, "-q", "replay", "--input", str(tiny_log), "--output",
          str(tmp_path / "s.csv.gz"), *TINY, "--set", "training.threads=3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=_env_without_omp())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "threads 3 3"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["trainer", "scorer"])
+def test_model_stages_apply_training_threads_before_they_run(stage):
+    """`pipeline run trainer|scorer` sizes torch's pools at start-up: the runner (replaced here
+    by a probe, so that no broker is needed) finds them set."""
+    code = ("import sys, torch, pipeline.runner\n"
+            "class Probe:\n"
+            "    def __init__(self, *args, **kwargs): pass\n"
+            "    def run(self):\n"
+            "        print('threads', torch.get_num_threads(), torch.get_num_interop_threads())\n"
+            "        return 0\n"
+            "pipeline.runner.StageRunner = Probe\n"
+            "from pipeline.cli import cli\n"
+            "cli.main(sys.argv[1:], standalone_mode=False)\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "-q", "run", stage, "--metrics-port", "0",
+         "--set", "training.threads=3"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env=_env_without_omp())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "threads 3 3"

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, read_records, stream_config, wait_for
 
-from pipeline.demo import StageProcesses
+from pipeline.demo import ArchiveCounter, StageProcesses
 from pipeline.generate import GenerateSpec, write_log
+from pipeline.stages.alerter import state_path as alerter_state
 
 KAFKA_ONLY_STAGES = ("tokenizer", "windower", "archiver", "alerter")
 
@@ -93,11 +94,17 @@ def test_running_stages_and_commands_never_import_torch(kafka_bootstrap, tmp_pat
     assert_torch_free("create-topics", command("create-topics"), "pipeline.kafka")
     stages = StageProcesses(config_path, tmp_path / "logs")
     try:
-        for stage in KAFKA_ONLY_STAGES:
+        # The trainer and scorer (which load torch in processes of their own) make the scores
+        # that the archiver and the alerter handle: their per-record code runs too.
+        for stage in (*KAFKA_ONLY_STAGES, "trainer", "scorer"):
             stages.start(stage)
         assert_torch_free("produce", command("produce", "--input", str(log)), "pipeline.produce")
-        # The tokenizer and windower have handled events once windows come out.
+        # The tokenizer and windower have handled events once windows come out; the archiver
+        # once a window file is written, the alerter once its state is saved (per window judged).
         read_records(config, config.topics.windows, expected=1, timeout=90)
+        wait_for(lambda: ArchiveCounter(Path(config.streaming.archive_dir)).count()[0] > 0
+                 and alerter_state(config).exists() or stages.dead(), 180,
+                 what="scores archived and judged")
         assert not stages.dead(), stages.dead()
         assert_torch_free("status", command("status"), "pipeline.status")
         assert_torch_free("audit", command("audit"), "pipeline.audit")

@@ -137,6 +137,37 @@ def test_explanations_give_each_tokens_loss(small_log, tmp_path, tokenizer):
             assert "".join(tokens[:-1]) == ",".join(fields)
 
 
+def test_a_window_is_read_chunk_by_chunk_while_it_is_trained(monkeypatch):
+    """What the trainer holds of a window is bounded by the chunk: when chunk k is trained, the
+    pass that reads the window back has handed out no more than k + 1 chunks (not the window)."""
+    import pipeline.learner as learner_module
+    from pipeline.config import config_from_dict
+    from pipeline.parsing import LineParser
+
+    config = config_from_dict({}, ["training.max_chunk_events=40", "model.rnn.hidden_size=16"])
+    parser = LineParser(config.input)
+    events = [parser.parse(f"{i},U{i % 7}@DOM1,U1@DOM1,C{i % 5},C2,Kerberos,Network,LogOn,Success", i + 1)
+              for i in range(200)]
+    handed_out = []  # per read() pass: events yielded so far
+
+    def read():
+        handed_out.append(0)
+        for event in events:
+            handed_out[-1] += 1
+            yield event
+
+    read_when_trained = []
+    real = learner_module.train_sequences
+
+    def spy(model, optimizer, seqs, **kwargs):
+        read_when_trained.append(handed_out[-1])
+        return real(model, optimizer, seqs, **kwargs)
+
+    monkeypatch.setattr(learner_module, "train_sequences", spy)
+    learner_module.WindowLearner(config).train_ordered(0, read, len(events))
+    assert read_when_trained == [40, 80, 120, 160, 200]
+
+
 def test_large_windows_are_trained_in_bounded_chunks(monkeypatch):
     """With training.max_chunk_events, no single training call sees more events than the cap."""
     import pipeline.learner as learner_module
