@@ -133,23 +133,36 @@ def describe_topics(admin, names: list[str], timeout: float = PROBE_TIMEOUT) -> 
 
 def topic_problems(expected: dict[str, int], seen: dict[str, TopicState | None],
                    known_ids: dict[str, str]) -> list[str]:
-    """What says the broker lost data: a known topic gone or with another id, or a partition
-    count other than the configured one (a topic auto-created by the broker)."""
+    """What says the broker lost data: a known topic gone or with another id."""
     problems = []
-    for name, partitions in expected.items():
+    for name in expected:
         state = seen.get(name)
         if state is None:
             if name in known_ids:
                 problems.append(f"topic {name} no longer exists")
-            continue
-        if name in known_ids and state.topic_id and state.topic_id != known_ids[name]:
+        elif name in known_ids and state.topic_id and state.topic_id != known_ids[name]:
             problems.append(f"topic {name} was deleted and created again (id {known_ids[name]}, "
                             f"now {state.topic_id})")
-        elif state.partitions != partitions:
-            problems.append(f"topic {name} has {state.partitions} partitions where the config says "
-                            f"{partitions} (auto-created by the broker? run `pipeline create-topics` "
-                            f"before the stages, or fix topics.partitions)")
     return problems
+
+
+def partition_mismatches(expected: dict[str, int], seen: dict[str, TopicState | None]) -> list[str]:
+    """Topics whose partition count is not the configured one: a config that does not match
+    the topics (or topics the broker auto-created before `pipeline create-topics` ran)."""
+    return [f"topic {name} has {state.partitions} partitions where the config says {partitions}"
+            for name, partitions in expected.items()
+            if (state := seen.get(name)) is not None and state.partitions != partitions]
+
+
+class TopicsMismatch(click.ClickException):
+    """The config's topics.partitions is not what the broker's topics have: nothing is lost."""
+
+    def __init__(self, stage: str, problems: list[str]):
+        more = f"; and {len(problems) - 2} more" if len(problems) > 2 else ""
+        super().__init__(
+            f"{stage}: {'; '.join(problems[:2])}{more} (topics.partitions): set topics.partitions "
+            f"to the topics' count, or, if the broker created them on first use (before `pipeline "
+            f"create-topics` ran), delete them and run `pipeline create-topics`")
 
 
 def positions_past_end(positions: list[tuple[str, int, int, int]]) -> list[str]:
@@ -173,16 +186,13 @@ class TopicGuard:
             except (OSError, ValueError, AttributeError):
                 log.warning("ignoring unreadable %s", id_file)
 
-    def check(self, seen: dict[str, TopicState | None]) -> list[str]:
-        problems = topic_problems(self.expected, seen, self.known)
-        if problems:
-            return problems
+    def remember(self, seen: dict[str, TopicState | None]) -> None:
+        """The ids of topics found whole, for the next look (and the next process)."""
         new = {name: s.topic_id for name, s in seen.items() if s is not None and s.topic_id
                and self.known.get(name) != s.topic_id}
         if new:
             self.known.update(new)
             self._save()
-        return []
 
     def missing(self, seen: dict[str, TopicState | None]) -> list[str]:
         return [name for name in self.expected if seen.get(name) is None]
@@ -240,10 +250,15 @@ class BrokerWatch:
         self._next = time.monotonic() + self.every
         self._up()
         missing = self.guard.missing(seen)
-        problems = self.guard.check(seen) + positions_past_end(self.positions())
+        problems = topic_problems(self.guard.expected, seen, self.guard.known)
+        problems += positions_past_end(self.positions())
         if problems:
             more = f"; and {len(problems) - 2} more" if len(problems) > 2 else ""
             raise BrokerLost(self.bootstrap, "; ".join(problems[:2]) + more)
+        mismatched = partition_mismatches(self.guard.expected, seen)
+        if mismatched:  # before the ids are remembered: these topics may well be deleted
+            raise TopicsMismatch(self.name, mismatched)
+        self.guard.remember(seen)
         if missing:
             if not self._said_missing:
                 log.warning("%s: topics %s do not exist yet: run `pipeline create-topics`; "

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from helpers import stream_config, wait_for
 
 from pipeline.broker import EmbeddedBroker, free_port
-from pipeline.brokerwatch import TopicState, positions_past_end, topic_problems
+from pipeline.brokerwatch import TopicState, partition_mismatches, positions_past_end, topic_problems
 from pipeline.config import config_from_dict, config_to_dict
 from pipeline.generate import GenerateSpec, write_log
 from pipeline.kafka import create_topics
@@ -40,7 +40,7 @@ LOST = "lost data"
     ({"raw": None}, {}, []),  # not created yet: the stage waits for create-topics
     ({"raw": None}, {"raw": "A"}, ["topic raw no longer exists"]),
     ({"raw": TopicState("B", 3)}, {"raw": "A"}, ["topic raw was deleted and created again"]),
-    ({"raw": TopicState("A", 4)}, {}, ["topic raw has 4 partitions where the config says 3"]),
+    ({"raw": TopicState("A", 4)}, {}, []),  # another partition count: not a loss (below)
     ({"raw": TopicState(None, 3)}, {"raw": "A"}, []),  # a broker without topic ids
 ], ids=["same", "new", "absent", "gone", "recreated", "auto-created", "no-ids"])
 def test_topic_problems(seen, known, expected):
@@ -48,6 +48,12 @@ def test_topic_problems(seen, known, expected):
     assert len(problems) == len(expected)
     for problem, start in zip(problems, expected):
         assert problem.startswith(start), problem
+
+
+def test_partition_mismatches_name_each_topic_whose_count_is_not_the_configs():
+    seen = {"raw": TopicState("A", 4), "tokens": TopicState("B", 3), "windows": None}
+    assert partition_mismatches({"raw": 3, "tokens": 3, "windows": 3}, seen) == [
+        "topic raw has 4 partitions where the config says 3"]
 
 
 def test_positions_past_end():
@@ -105,7 +111,12 @@ def test_stage_refuses_topics_with_other_partition_counts(tmp_path, kafka_bootst
         stop(stage)
     text = out.read_text()
     assert code == 1, text
-    assert f"topic {config.topics.raw} has 2 partitions where the config says 3" in text
+    [line] = [x for x in text.splitlines() if x.startswith("Error:")]
+    assert f"topic {config.topics.raw} has 2 partitions where the config says 3" in line
+    # A config that does not match the topics: nothing is lost, and nothing should be deleted
+    # but, at most, the topics the broker made on its own.
+    assert "set topics.partitions to the topics' count" in line and LOST not in line
+    assert "delete streaming.state_dir" not in line
     assert "Traceback" not in text
 
 
