@@ -235,7 +235,9 @@ class StageRunner:
         if self.out.resend_refused():  # dead letters the broker refused as too large, now cut
             return self.flush()
         if self.tracker.failures:  # permanent errors only (message.timeout.ms is infinite)
-            raise DeliveryFailed(f"output delivery failed: {self.tracker.failures[0]}")
+            failures = self.tracker.failures
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise DeliveryFailed(f"output delivery failed: {failures[0]}{more}")
 
     def commit(self) -> None:
         """Flush outputs, refuse to commit past anything undelivered, then commit."""

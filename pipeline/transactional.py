@@ -10,16 +10,17 @@ dead one should it come back.
   ``<group_prefix>.<stage>``, on whichever host it runs. A second one started by mistake fences
   the first, which stops with a line that says why.
 - A stage that runs as replicas (tokenizer, scorer) takes ``<group_prefix>.<stage>.<host>.<slot>``:
-  the lowest slot no live process on this host holds, found through a lock file per slot under
-  ``<state_dir>/locks``. The kernel frees a dead process's lock, so its restart takes its slot
-  back. Replicas on other hosts differ by host name.
+  the lowest slot no live process holds, found through a lock file per stage, host and slot
+  under ``<state_dir>/locks``. The kernel frees a dead process's lock, so its restart takes its
+  slot back. Replicas on other hosts (or containers) differ by host name; a container created
+  anew (a new host name) starts a new id.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
-import os
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -51,30 +52,31 @@ class TransactionalId:
         if stage not in REPLICATED:
             self.value = prefix
             return
-        host = socket.gethostname() or "host"
-        slot = self._take_slot(Path(config.streaming.state_dir) / "locks", stage)
+        host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+        slot = self._take_slot(Path(config.streaming.state_dir) / "locks", f"{stage}.{host}")
         if slot is None:  # no lock possible here: an id of its own, which fences nothing
             self.value = f"{prefix}.{host}.{uuid.uuid4().hex[:12]}"
         else:
             self.value = f"{prefix}.{host}.{slot}"
 
-    def _take_slot(self, folder: Path, stage: str) -> int | None:
+    def _take_slot(self, folder: Path, name: str) -> int | None:
+        """The lowest slot of ``name`` (stage and host: containers that share a state volume
+        each count their own, so a restarted one takes its slot back) no live process holds."""
         try:
             folder.mkdir(parents=True, exist_ok=True)
             for slot in range(MAX_SLOTS):
-                handle = open(folder / f"{stage}.{slot}.lock", "ab")  # noqa: SIM115 (held for life)
+                handle = open(folder / f"{name}.{slot}.lock", "ab")  # noqa: SIM115 (held for life)
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:  # a live process on this host holds it
+                except BlockingIOError:  # a live process holds it
                     handle.close()
                     continue
                 self._lock = handle
-                os.set_inheritable(handle.fileno(), False)
                 return slot
         except OSError as exc:
             log.warning("%s: no slot lock under %s (%s): this process's transactional.id is its own, "
                         "so a transaction it leaves open when killed holds back readers until the "
-                        "broker ends it (transaction.timeout.ms)", stage, folder, exc.strerror or exc)
+                        "broker ends it (transaction.timeout.ms)", name, folder, exc.strerror or exc)
         return None
 
     def fenced(self, stage: str) -> StageFenced:

@@ -78,9 +78,10 @@ class Watermark:
     partition no source writes to, or a source that died. Without this one empty partition of a
     live bus would keep every window open for good. Its next event makes it count again (that
     event is late if its window closed meanwhile). Silence everywhere (a quiet bus, a broker
-    away) proves nothing about one partition: when events come again, the others have
-    ``grace`` seconds (half of ``idle_after``, at most OUTAGE_GRACE) to show theirs, the backlog
-    another broker may still be sending.
+    away) proves nothing about one partition: it counts for at most ``grace`` seconds (half of
+    ``idle_after``, at most OUTAGE_GRACE), and when events come again after one, every other
+    partition has ``grace`` seconds to show its own, the backlog another broker may still be
+    sending.
     """
 
     def __init__(self, partitions: int, lateness: float = 0.0, idle_after: float = 0.0,
@@ -88,7 +89,11 @@ class Watermark:
         self.newest = {p: -math.inf for p in range(partitions)}
         self.lateness = lateness
         self.idle_after = idle_after
-        self.heard_at = {p: now for p in range(partitions)}  # processing time of its last event
+        self.grace = min(idle_after / 2, OUTAGE_GRACE)
+        # Per partition: the processing time from which it is idle, if nothing comes before.
+        # Deadlines, not times of last events: the comparison at the grace's end is then between
+        # two equal sums, never a difference that rounding puts a hair short.
+        self.idle_from = {p: now + idle_after for p in range(partitions)}
         self.last_heard = now
         self.idle: set[int] = set()
 
@@ -104,11 +109,11 @@ class Watermark:
     def heard(self, partition: int, now: float) -> bool:
         """An event (or end of input) came from ``partition`` at processing time ``now``.
         True when that partition was idle until now."""
-        if self.idle_after and now - self.last_heard >= self.idle_after:  # silence everywhere
-            grace = min(self.idle_after / 2, OUTAGE_GRACE)
-            for p, at in self.heard_at.items():
-                self.heard_at[p] = max(at, now - self.idle_after + grace)
-        self.heard_at[partition] = self.last_heard = now
+        if self.idle_after and now - self.last_heard >= self.grace:  # after silence everywhere
+            for p, at in self.idle_from.items():
+                self.idle_from[p] = max(at, now + self.grace)
+        self.idle_from[partition] = now + self.idle_after
+        self.last_heard = now
         if partition in self.idle:
             self.idle.discard(partition)
             return True
@@ -116,11 +121,11 @@ class Watermark:
 
     def find_idle(self, now: float) -> list[int]:
         """Partitions idle from ``now`` on (each said once, until it has events again)."""
-        if not self.idle_after or now - self.last_heard >= self.idle_after:
+        if not self.idle_after:
             return []
-        found = [p for p, at in sorted(self.heard_at.items())
-                 if p not in self.idle and self.newest.get(p) != math.inf
-                 and now - at >= self.idle_after]
+        judged = min(now, self.last_heard + self.grace)  # silence everywhere counts this much
+        found = [p for p, at in sorted(self.idle_from.items())
+                 if p not in self.idle and self.newest.get(p) != math.inf and judged >= at]
         self.idle.update(found)
         return found
 

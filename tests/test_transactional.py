@@ -66,3 +66,19 @@ def test_no_lock_possible_gives_an_id_of_its_own_and_says_so(tmp_path, caplog):
     ids = {TransactionalId(config, "scorer").value for _ in range(2)}
     assert len(ids) == 2 and all(i.startswith(f"grp.scorer.{socket.gethostname()}.") for i in ids)
     assert "no slot lock under" in caplog.text and "transaction.timeout.ms" in caplog.text
+
+
+def test_containers_sharing_a_state_volume_each_keep_their_slot_across_a_restart(tmp_path, monkeypatch):
+    # Two scorer containers (host names c1, c2) mount one state volume. Restarted together in
+    # the other order, each must take its own id back: slots are counted per host.
+    config = make_config(tmp_path)
+    first = {}
+    for host in ("c1", "c2"):
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        first[host] = TransactionalId(config, "scorer")
+    assert {h: i.value for h, i in first.items()} == {"c1": "grp.scorer.c1.0", "c2": "grp.scorer.c2.0"}
+    for held in first.values():
+        held.release()  # both containers die
+    for host in ("c2", "c1"):
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        assert TransactionalId(config, "scorer").value == first[host].value

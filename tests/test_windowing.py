@@ -309,7 +309,7 @@ def test_watermark_matches_a_model_over_random_observations():
 
 def test_a_silent_partition_stops_holding_the_watermark_back_and_counts_again_when_heard():
     mark = Watermark(3, lateness=5.0, idle_after=60.0, now=0.0)
-    for now, clock in [(10.0, 100.0), (50.0, 150.0)]:
+    for now, clock in [(10.0, 100.0), (30.0, 120.0), (50.0, 150.0)]:
         mark.observe(0, clock)
         mark.heard(0, now)
         mark.observe(1, clock + 1)
@@ -353,6 +353,38 @@ def test_after_silence_everywhere_the_others_have_a_grace_before_they_are_idle()
     assert mark.find_idle(500.0) == [] and mark.find_idle(529.0) == [] and mark.value == 10.0
     assert mark.find_idle(530.0) == [1]  # half of idle_after, even when partition 0 went quiet
     assert mark.value == 900.0
+
+
+def test_a_broker_away_makes_no_partition_idle_while_it_is_away():
+    # Ticked every second through an outage of 400 s: partition 1, last heard 5 s before
+    # partition 0, must not be idle when partition 0's backlog comes back first.
+    mark = Watermark(2, idle_after=300.0, now=0.0)
+    for now in range(0, 100, 10):
+        for p in (0, 1):
+            mark.observe(p, float(now))
+            mark.heard(p, float(now) + 5 * (1 - p))
+    for now in range(100, 500):
+        assert mark.find_idle(float(now)) == []
+    mark.observe(0, 480.0)
+    mark.heard(0, 500.0)
+    assert mark.find_idle(500.0) == [] and mark.find_idle(500.0 + OUTAGE_GRACE - 1) == []
+    assert mark.value == 90.0  # waits for partition 1's backlog
+    mark.observe(1, 470.0)
+    mark.heard(1, 500.5)
+    assert mark.value == 470.0
+
+
+def test_a_shorter_silence_everywhere_also_gives_the_others_their_grace():
+    mark = Watermark(2, idle_after=300.0, now=0.0)
+    mark.observe(1, 1.0)
+    mark.heard(1, 0.0)  # partition 1: a sparse source
+    for now in range(0, 250, 10):
+        mark.observe(0, float(now))
+        mark.heard(0, float(now))
+    mark.observe(0, 500.0)
+    mark.heard(0, 450.0)  # after 210 s of silence everywhere (shorter than idle_after)
+    assert mark.find_idle(450.0) == [] and mark.find_idle(479.0) == []
+    assert mark.find_idle(480.0) == [1]
     long = Watermark(2, idle_after=3600.0, now=0.0)
     long.observe(0, 5.0)
     long.heard(0, 7200.0)
@@ -365,8 +397,9 @@ def test_an_ended_partition_is_never_idle_and_an_idle_one_can_end():
     mark.end_of_input(0)
     mark.heard(0, 1.0)
     mark.observe(1, 50.0)
-    mark.heard(1, 8.0)
-    assert mark.find_idle(12.0) == [2]  # partition 0 ended (not idle), partition 2 silent
+    mark.heard(1, 5.0)
+    # partition 0 ended (not idle), partition 2 silent
+    assert mark.find_idle(9.9) == [] and mark.find_idle(10.0) == [2]
     assert mark.value == 50.0
     mark.end_of_input(2)
     assert mark.heard(2, 16.0) is True
@@ -379,6 +412,7 @@ def test_idle_partitions_match_a_model_over_random_events():
         idle_after = rng.choice([5.0, 20.0])
         mark = Watermark(partitions, idle_after=idle_after, now=0.0)
         newest, heard, last_any, idle = [-INF] * partitions, [0.0] * partitions, 0.0, set()
+        grace = idle_after / 2
         now = 0.0
         for _ in range(600):
             now += rng.expovariate(0.5)
@@ -387,13 +421,14 @@ def test_idle_partitions_match_a_model_over_random_events():
                 clock = rng.uniform(0, 1000)
                 mark.observe(p, clock)
                 newest[p] = max(newest[p], clock)
-                if now - last_any >= idle_after:
-                    heard = [max(h, now - idle_after / 2) for h in heard]
+                if now - last_any >= grace:  # after silence everywhere: a grace for all
+                    heard = [max(h, now + grace - idle_after) for h in heard]
                 heard[p], last_any = now, now
                 assert mark.heard(p, now) is (p in idle)
                 idle.discard(p)
-            found = [] if now - last_any >= idle_after else \
-                [p for p in range(partitions) if p not in idle and now - heard[p] >= idle_after]
+            judged = min(now, last_any + grace)
+            found = [p for p in range(partitions)
+                     if p not in idle and judged - heard[p] >= idle_after - 1e-9]  # rounding
             assert mark.find_idle(now) == found
             idle.update(found)
             live = [c for p, c in enumerate(newest) if p not in idle]
