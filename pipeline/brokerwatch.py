@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import click
 from confluent_kafka import KafkaError, KafkaException, TopicCollection
 
 from pipeline.atomic import write_bytes_atomic  # the one atomic writer (fsync, rename, fsync dir)
+from pipeline.safetext import printable
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,48 @@ class BrokerLost(click.ClickException):
 
 
 def unreachable_message(bootstrap: str) -> str:
+    """Why no broker answered, in one line: the last connection failure librdkafka logged when
+    it was a TLS or SASL one (a wrong password is not a broker that is down)."""
+    reason = CONNECTION_FAILURES.recent()
+    if reason and SECURITY_FAILURE.search(reason):
+        hint = ("check kafka.sasl.mechanism, kafka.sasl.username and kafka.sasl.password, and "
+                "kafka.security.protocol" if "SASL" in reason or "uthenticat" in reason else
+                "check kafka.security.protocol (SSL or SASL_SSL for a TLS listener, PLAINTEXT or "
+                "SASL_PLAINTEXT otherwise) and kafka.ssl.ca.location")
+        return f"cannot connect to the Kafka broker at {bootstrap}: {printable(reason)}; {hint}"
     return (f"cannot reach the Kafka broker at {bootstrap}: is it running? set "
             f"KAFKA_BOOTSTRAP_SERVERS or kafka.bootstrap.servers")
+
+
+SECURITY_FAILURE = re.compile(r"SASL|SSL|TLS|[Aa]uthenticat|certificate|security\.protocol|handshake")
+
+
+class ConnectionFailures(logging.Filter):
+    """Keeps the last connection failure librdkafka logged (FAIL lines: the reason behind a
+    "transport failure"), for unreachable_message; lets every line through."""
+
+    RECENT_SECONDS = 60.0
+    BROKER_PREFIX = re.compile(r"^\[thrd:[^\]]*\]: (\S+: )?")
+    STATE_SUFFIX = re.compile(r" \(after \d+ms in state \w+\)$")
+
+    def __init__(self):
+        super().__init__()
+        self.last: tuple[float, str] | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        facility, text = librdkafka_line(record)
+        if facility == "FAIL":
+            reason = self.STATE_SUFFIX.sub("", self.BROKER_PREFIX.sub("", text))
+            self.last = (time.monotonic(), reason)
+        return True
+
+    def recent(self) -> str | None:
+        if self.last is None or time.monotonic() - self.last[0] > self.RECENT_SECONDS:
+            return None
+        return self.last[1]
+
+
+CONNECTION_FAILURES = ConnectionFailures()  # on the librdkafka logger (pipeline/kafka.py)
 
 
 def is_unreachable(exc: KafkaException) -> bool:
@@ -103,6 +145,7 @@ def require_broker(admin, bootstrap: str, timeout: float = REACH_TIMEOUT):
         return admin.list_topics(timeout=timeout)
     except KafkaException as exc:
         if is_unreachable(exc):
+            admin.poll(0)  # serves the client's queued log lines: the reason, for the message
             raise BrokerUnreachable(bootstrap) from None
         raise
 
@@ -278,6 +321,7 @@ class BrokerWatch:
         if self._down_since is None:
             self._down_since = started
         if not self.announced and time.monotonic() - self._down_since >= self.grace:
+            self.admin.poll(0)  # its queued log lines: the reason, for the message
             log.error("%s: %s; retrying quietly", self.name, unreachable_message(self.bootstrap))
             self.announced = True
 

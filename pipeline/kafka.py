@@ -13,13 +13,14 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from pipeline.brokerwatch import RepeatFilter, librdkafka_line, require_broker
+from pipeline.brokerwatch import CONNECTION_FAILURES, RepeatFilter, librdkafka_line, require_broker
 from pipeline.config import Config, ConfigError
 from pipeline.logs import redact
 
 log = logging.getLogger(__name__)
 # librdkafka repeats a connection error on every reconnect (~20 lines/s while a broker is down).
 LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+LIBRDKAFKA_LOG.addFilter(CONNECTION_FAILURES)  # first: it sees the repeats the next one drops
 LIBRDKAFKA_LOG.addFilter(RepeatFilter())
 
 

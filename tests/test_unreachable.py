@@ -114,6 +114,44 @@ def test_repeat_filter_lets_one_connection_error_through_per_broker_and_period()
     assert len(seen) == 5  # after the period, said again
 
 
+def test_a_tls_or_sasl_failure_is_named_in_the_unreachable_line(monkeypatch):
+    from pipeline import brokerwatch
+
+    failures = brokerwatch.ConnectionFailures()
+    monkeypatch.setattr(brokerwatch, "CONNECTION_FAILURES", failures)
+    record = logging.LogRecord("librdkafka", logging.ERROR, "", 0, "%s [%s] %s", (
+        "FAIL", "rdkafka#producer-1", "[thrd:sasl_ssl://kafka:9093/1]: sasl_ssl://kafka:9093/1: SASL "
+        "authentication error: Authentication failed: Invalid username or password (after 5ms in "
+        "state AUTH_REQ)"), None)
+    assert failures.filter(record) is True  # recorded, never dropped
+    line = brokerwatch.unreachable_message("kafka:9093")
+    assert line == ("cannot connect to the Kafka broker at kafka:9093: SASL authentication error: "
+                    "Authentication failed: Invalid username or password; check kafka.sasl.mechanism, "
+                    "kafka.sasl.username and kafka.sasl.password, and kafka.security.protocol")
+    refused = logging.LogRecord("librdkafka", logging.ERROR, "", 0, "%s [%s] %s", (
+        "FAIL", "rdkafka#producer-1", "[thrd:kafka:9093/1]: kafka:9093/1: Connect to ipv4#10.0.0.1:9093 "
+        "failed: Connection refused (after 0ms in state CONNECT)"), None)
+    failures.filter(refused)  # a broker that is down: the usual line
+    assert brokerwatch.unreachable_message("kafka:9093").endswith("is it running? set "
+                                                                 "KAFKA_BOOTSTRAP_SERVERS or kafka.bootstrap.servers")
+
+
+@pytest.mark.skipif(bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS")),
+                    reason="what a cluster answers a SASL client on a plaintext listener varies; "
+                           "the embedded broker refuses the handshake")
+def test_a_command_with_sasl_settings_the_broker_refuses_says_why(tmp_path):
+    with EmbeddedBroker() as broker:
+        done, seconds = pipeline_command(
+            "status", "--set", f"kafka.bootstrap.servers={broker.bootstrap}",
+            "--set", "kafka.security.protocol=SASL_PLAINTEXT", "--set", "kafka.sasl.mechanism=PLAIN",
+            "--set", "kafka.sasl.username=operator", "--set", "kafka.sasl.password=not-the-password")
+    assert done.returncode == 1
+    [line] = [x for x in done.stderr.splitlines() if x.startswith("Error:")]
+    assert line.startswith(f"Error: cannot connect to the Kafka broker at {broker.bootstrap}: SASL")
+    assert "check kafka.sasl.mechanism, kafka.sasl.username and kafka.sasl.password" in line
+    assert "not-the-password" not in done.stderr + done.stdout and "Traceback" not in done.stderr
+
+
 @pytest.mark.slow
 def test_stage_says_so_once_keeps_running_and_says_when_the_broker_is_back(tmp_path):
     port, config = closed_port_config(tmp_path)
