@@ -132,8 +132,8 @@ def test_a_tls_or_sasl_failure_is_named_in_the_unreachable_line(monkeypatch):
         "FAIL", "rdkafka#producer-1", "[thrd:kafka:9093/1]: kafka:9093/1: Connect to ipv4#10.0.0.1:9093 "
         "failed: Connection refused (after 0ms in state CONNECT)"), None)
     failures.filter(refused)  # a broker that is down: the usual line
-    assert brokerwatch.unreachable_message("kafka:9093").endswith("is it running? set "
-                                                                 "KAFKA_BOOTSTRAP_SERVERS or kafka.bootstrap.servers")
+    usual = "is it running? set KAFKA_BOOTSTRAP_SERVERS or kafka.bootstrap.servers"
+    assert brokerwatch.unreachable_message("kafka:9093").endswith(usual)
 
 
 @pytest.mark.skipif(bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS")),
