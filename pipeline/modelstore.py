@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def write_file(location: str, name: str, data: bytes) -> str:
     """Store ``data`` as ``name`` under ``location``; returns its URL (a path for a directory).
     A directory gets an atomic write; an object store writes whole objects anyway."""
     if not is_url(location):
-        path = Path(location.removeprefix("file://")) / name
+        # Absolute: a scorer started in another directory reads the same file.
+        path = Path(location.removeprefix("file://")).absolute() / name
         write_bytes_atomic(path, data)
         return str(path)
     import fsspec
@@ -80,6 +82,23 @@ def write_file(location: str, name: str, data: bytes) -> str:
     except (ImportError, ValueError) as exc:  # e.g. s3:// without s3fs installed
         raise ConfigError(f"streaming.model_store: cannot write {url}: {exc}") from exc
     return url
+
+
+def check_writable(location: str) -> None:
+    """Start-up of the trainer: a directory store that cannot be made or written is a config
+    problem now, not when the first window closes (a day later, by default)."""
+    if is_url(location):
+        return
+    path = Path(location.removeprefix("file://"))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"streaming.model_store: cannot write models to {path} "
+                          f"({exc.strerror or exc}): set it to a directory the trainer can write, "
+                          f"which the scorers can read") from None
 
 
 def read_file(url: str) -> bytes:

@@ -326,6 +326,25 @@ def test_replay_applies_training_threads(tiny_log, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "threads 3 3"
 
 
+def test_a_trainer_whose_model_store_cannot_be_written_stops_at_start_up(tmp_path):
+    """Not when its first window closes (a day later, by default): before the broker is asked
+    (none listens on port 9)."""
+    not_a_directory = tmp_path / "auth.csv"
+    not_a_directory.write_text("a file\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "trainer", "--metrics-port", "0",
+         "--set", f"streaming.model_store={not_a_directory}/models",
+         "--set", f"streaming.state_dir={tmp_path / 'state'}",
+         "--set", "kafka.bootstrap.servers=127.0.0.1:9"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=_env_without_omp(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2, proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("Error:")]
+    assert line == (f"Error: streaming.model_store: cannot write models to {not_a_directory}/models "
+                    f"(Not a directory): set it to a directory the trainer can write, which the "
+                    f"scorers can read")
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["trainer", "scorer"])
 def test_model_stages_apply_training_threads_before_they_run(stage):

@@ -121,6 +121,23 @@ def test_an_object_store_url_works_like_a_directory(trained):
     assert load(url_config, record).score(1, events[:5])[0].loss == learner.score(1, events[:5])[0].loss
 
 
+def test_a_relative_model_store_is_announced_as_a_path_any_directory_reads(trained, tmp_path,
+                                                                           monkeypatch):
+    # The default store is <state_dir>/models, and state_dir defaults to a relative path: a
+    # scorer started in another directory than the trainer must still find the file.
+    config, learner, events = trained
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "scorer").mkdir()
+    relative = dataclasses.replace(config, streaming=dataclasses.replace(
+        config.streaming, state_dir="salka-state", model_store=""))
+    monkeypatch.chdir(tmp_path / "trainer")
+    record = publish(relative, learner, serves_through=1)
+    assert Path(record["url"]).is_absolute()
+    assert Path(record["url"]).parent == tmp_path / "trainer" / "salka-state" / "models"
+    monkeypatch.chdir(tmp_path / "scorer")
+    assert load(relative, record).score(1, events[:5])[0].loss == learner.score(1, events[:5])[0].loss
+
+
 @pytest.mark.parametrize("damage, message", [
     ("flip", "does not match its announced SHA-256"),
     ("missing", "cannot be read"),
