@@ -18,7 +18,7 @@ outcomes count by distinct identity, as in the raw-topic audit.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +41,7 @@ class SourceAudit:
     duplicated: list[int] = field(default_factory=list)
     unexpected: list[int] = field(default_factory=list)
     not_published: list[int] = field(default_factory=list)  # missing and not on the raw topic
+    pending: list[int] = field(default_factory=list)  # no outcome yet: in a window still open
 
     @property
     def ok(self) -> bool:
@@ -59,6 +60,8 @@ class SourceAudit:
                 out.append(f"  {name} lines ({why}): {len(numbers)}: {shown}{more}")
         if self.not_published:
             out.append(f"  of the missing, not on the raw topic at all: {len(self.not_published)}")
+        if self.pending:
+            out.append(f"  pending lines (in windows still open, not missing): {len(self.pending)}")
         out.append("input audit: OK, every line accounted for exactly once" if self.ok
                    else "input audit: FAILED")
         return "\n".join(out)
@@ -68,7 +71,7 @@ class SourceAudit:
                 "header_rows": self.header_rows, "published": self.published,
                 "accounted": self.accounted, "missing": self.missing,
                 "duplicated": self.duplicated, "unexpected": self.unexpected,
-                "not_published": self.not_published}
+                "not_published": self.not_published, "pending": self.pending}
 
 
 def event_lines(config: Config, path: str | Path) -> tuple[set[int], int]:
@@ -94,10 +97,12 @@ def archive_lines(directory: Path, raw_topic: str) -> Iterable[tuple[Identity, i
 
 def reconcile(path: str | Path, expected: set[int], header_rows: int,
               raw: Iterable[tuple[Identity, int | None]],
-              outcomes: Iterable[tuple[Identity, int | None]]) -> SourceAudit:
+              outcomes: Iterable[tuple[Identity, int | None]],
+              pending: Collection[int] = ()) -> SourceAudit:
     """Pure: file line numbers vs (identity, line) of raw records and of outcomes (archive rows,
     raw-record dead letters, late events). A ``produce`` dead letter has no raw record: its
-    identity is (topic, -1, -1), so it is keyed by its line."""
+    identity is (topic, -1, -1), so it is keyed by its line. ``pending``: lines in windows still
+    open, which have no outcome yet without being missing."""
     copies: dict[int, set[Identity]] = defaultdict(set)
     for ident, line in raw:
         if line is not None:
@@ -109,7 +114,8 @@ def reconcile(path: str | Path, expected: set[int], header_rows: int,
     report = SourceAudit(str(path), lines=len(expected), header_rows=header_rows)
     report.published = sum(1 for n in expected if copies.get(n))
     report.accounted = sum(1 for n in expected if ends.get(n))
-    report.missing = sorted(n for n in expected if not ends.get(n))
+    report.missing = sorted(n for n in expected if not ends.get(n) and n not in pending)
+    report.pending = sorted(n for n in expected if not ends.get(n) and n in pending)
     report.not_published = [n for n in report.missing if not copies.get(n)]
     report.duplicated = sorted(n for n in expected if len(copies.get(n, ())) > 1 or len(ends.get(n, ())) > 1)
     report.unexpected = sorted((set(copies) | set(ends)) - expected)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import delete_topics, read_records, stream_config, wait_for
 
+from pipeline.audit import audit
 from pipeline.demo import ArchiveCounter, StageProcesses
 from pipeline.generate import GenerateSpec, write_log
 from pipeline.kafka import make_producer, produce
@@ -203,6 +204,34 @@ def test_late_event_goes_to_the_late_topic(kafka_bootstrap, tmp_path):
     assert set(empty) <= {-1, 1} and empty == sorted(empty)
     events = [r["event"]["line"] for n, r in windows if n == "salka.WindowedEvent"]
     assert sorted(events) == [1, 2, 3, 5]
+
+
+def test_audit_on_a_live_bus_counts_events_of_an_open_window_as_pending_not_lost(
+        kafka_bootstrap, tmp_path):
+    # No end of input: the newest window stays open. Its event is pending; those of the window
+    # that closed, with no archiver running here, are lost.
+    config, config_path = stream_config(
+        tmp_path, kafka_bootstrap,
+        {"topics": {"partitions": 1}, "window": {"size_seconds": 3600},
+         "streaming": {"end_of_input": False}})
+    log = tmp_path / "live.csv"
+    row = "{},U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success"
+    log.write_text("\n".join(row.format(t) for t in (10, 20, 3700)) + "\n")
+    stages = StageProcesses(config_path, tmp_path / "logs")
+    try:
+        stages.start("tokenizer")
+        stages.start("windower")
+        produce_file(config, log, end_marker=False)
+        read_records(config, config.topics.windows, expected=4)  # 3 events, window 0's completion
+    finally:
+        stages.stop()
+    report = audit(config, input_path=log)
+    delete_topics(config)
+    total = report.total
+    assert (total.raw, total.archived, total.pending, total.lost) == (3, 0, 1, 2)
+    assert report.pending_windows == {1} and not report.ok
+    assert report.source.pending == [3] and report.source.missing == [1, 2]
+    assert "pending: 1 events are in windows still open (1;" in report.format()
 
 
 def test_windows_close_on_a_live_bus_where_one_partition_has_no_events(kafka_bootstrap, tmp_path):
