@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -433,18 +434,55 @@ def decode_or_dead_letter(stage, msg: Message, out: Output,
         return None
 
 
+SHOWN_DEAD_LETTERS = 20  # as replay logs its first malformed lines
+
+
+class DeadLetterLog:
+    """Whether a dead letter is logged one by one: the first ``shown``, then one line a period
+    with how many more went. A source that sends nothing but bad records (another format, a
+    config that does not fit) would otherwise write a log line per record; the dead-letter
+    topic keeps every one."""
+
+    def __init__(self, shown: int = SHOWN_DEAD_LETTERS, every: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.shown, self.every, self.clock = shown, every, clock
+        self.logged = 0
+        self.unsaid = 0
+        self._said_at = -math.inf
+
+    def one_by_one(self, stage: str) -> bool:
+        if self.logged < self.shown:
+            self.logged += 1
+            return True
+        if self._said_at == -math.inf:
+            log.warning("%s: more than %d records dead-lettered: further ones are counted here once "
+                        "a minute (the dead-letter topic has every one)", stage, self.shown)
+            self._said_at = self.clock()
+        self.unsaid += 1
+        if self.clock() - self._said_at >= self.every:
+            log.warning("%s: %d more records dead-lettered since the last such line (%d in all)",
+                        stage, self.unsaid, self.logged + self.unsaid)
+            self._said_at, self.logged, self.unsaid = self.clock(), self.logged + self.unsaid, 0
+        return False
+
+
 def send_to_dead_letters(stage, msg: Message, out: Output, reason: str, line: int | None = None,
                          failure: Exception | None = None) -> None:
     """The one way an input record goes to the dead-letter topic: logged with its coordinates
-    (``failure``: an error with its traceback, not bad input), sent whole or cut to fit
-    (``Output.send_dead_letter``), counted in ``stage.counts``; the stage goes on."""
+    (``failure``: an error with its traceback, not bad input; the first few, then counted: see
+    DeadLetterLog), sent whole or cut to fit (``Output.send_dead_letter``), counted in
+    ``stage.counts``; the stage goes on."""
     reason = poison.truncate(reason)  # it may quote the record: logged once per record
     where = f"{stage.name}: {msg.topic()}[{msg.partition()}]@{msg.offset()}"
     fields = {**coordinates(msg), **({"line": line} if line else {})}
-    if failure is None:
-        log.warning("%s%s: %s", where, f" (line {line})" if line else "", reason, extra=fields)
-    else:
-        log.error("%s: %s", where, reason, exc_info=failure, extra=fields)
+    said = getattr(stage, "dead_letter_log", None)
+    if said is None:
+        said = stage.dead_letter_log = DeadLetterLog()
+    if said.one_by_one(stage.name):
+        if failure is None:
+            log.warning("%s%s: %s", where, f" (line {line})" if line else "", reason, extra=fields)
+        else:
+            log.error("%s: %s", where, reason, exc_info=failure, extra=fields)
     record = dead_letter(stage.name, msg.topic(), msg.partition(), msg.offset(), reason,
                          msg.value(), line or None)
     out.send_dead_letter(stage.config.topics.dead_letters, record, key=msg.key())

@@ -15,7 +15,7 @@ from stage_fakes import FakeMessage
 
 from pipeline.config import config_from_dict
 from pipeline.logs import JsonFormatter, TextFormatter
-from pipeline.runner import StageRunner
+from pipeline.runner import DeadLetterLog, StageRunner
 from pipeline.stages.tokenizer import TokenizerStage
 from pipeline.topicrecords import CONTROL_HEADER, END_OF_INPUT, LINE_HEADER
 
@@ -91,6 +91,26 @@ def test_an_event_over_half_the_message_limit_is_dead_lettered_by_the_tokenizer(
     assert re.match(r"tokenizer: raw\[0\]@1 \(line 2\): its event is 80\d{3} bytes", warning)
     assert "over 50000 (half of kafka message.max.bytes" in warning
     assert "shorten the line or raise message.max.bytes" in warning
+
+
+def test_a_source_of_nothing_but_bad_records_does_not_write_a_log_line_per_record(tokenizer, caplog):
+    """A source in another format (or a config that does not fit it): every record a dead
+    letter. The first 20 are logged one by one, then a line a minute says how many more went;
+    the dead-letter topic gets every one."""
+    runner = tokenizer()
+    now = [0.0]
+    runner.stage.dead_letter_log = DeadLetterLog(clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="pipeline.runner"):
+        for offset in range(500):
+            now[0] = offset * 0.2  # 5 a second: 100 s in all
+            runner._handle(FakeMessage("raw", 0, offset, b"not a LANL line",
+                                       headers=[(LINE_HEADER, str(offset + 1).encode())]))
+    assert sent(runner) == {"dead-letters": 500}
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.runner"]
+    assert sum("expected 9 CSV columns" in x for x in lines) == 20
+    assert "tokenizer: more than 20 records dead-lettered: further ones are counted" in lines[20]
+    # the 21st came at 4 s; a minute later, at the 321st:
+    assert lines[21:] == ["tokenizer: 301 more records dead-lettered since the last such line (321 in all)"]
 
 
 HOSTILE = "2024-01-01 00:00:00\x1b[2J\x1b]0;owned\x07\x1b[1;32mALL CLEAR\x1b[0m\nforged line"
