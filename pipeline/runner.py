@@ -129,6 +129,7 @@ class DeliveryFailed(RuntimeError):
 STOP_FLUSH_SECONDS = 30.0  # how long a stopping stage waits for an absent broker
 ACK_STALL_SECONDS = 60.0  # a reachable broker that acknowledges nothing this long: start over
 ABORT_SECONDS = 10.0  # how long a failed exactly-once stage waits to abort its transaction
+UNASSIGNED_SECONDS = 60.0  # a stage with no partition this long says so (once)
 
 
 class StageRunner:
@@ -288,6 +289,8 @@ class StageRunner:
 
     def _on_assign(self, consumer, partitions) -> None:
         log.info("%s assigned %s", self.stage.name, [f"{p.topic}[{p.partition}]" for p in partitions])
+        if partitions:
+            self._unassigned_since = None
         self.watch.check(force=True)  # a rebalance follows a broker restart: look before reading
         self.stage.on_assign(consumer, partitions)
 
@@ -348,6 +351,7 @@ class StageRunner:
         if self.stop.stopped:  # stopped before the broker answered: nothing read, nothing to commit
             self.consumer.close()
             return
+        self._unassigned_since: float | None = time.monotonic()
         self.consumer.subscribe(self.stage.topics(), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke)
         interval = self.config.streaming.commit_interval_seconds
@@ -365,6 +369,7 @@ class StageRunner:
                 self.processed += 1
             self.producer.poll(0)
             self.watch.check()  # every few seconds: reachable? topics and offsets intact?
+            self._say_if_unassigned()
             wants_commit = self.stage.tick(self.out)
             if wants_commit or time.monotonic() - self._last_commit >= interval:
                 self.commit()
@@ -375,6 +380,20 @@ class StageRunner:
         if self.metrics is not None:  # the final figures, for a scrape while stopping
             self.metrics.after_batch(self, [], time.perf_counter())
         self.consumer.close()
+
+    def _say_if_unassigned(self) -> None:
+        """Once, when the group has given this stage no partition for UNASSIGNED_SECONDS: a
+        replica beyond the partition count waits so (by design), but a stuck group does too."""
+        since = self._unassigned_since
+        if since is not None and time.monotonic() - since >= UNASSIGNED_SECONDS:
+            self._unassigned_since = None
+            log.warning("%s: no partition assigned after %.0fs in group %s: fine for a replica "
+                        "beyond topics.partitions (%d), which waits as a standby; otherwise "
+                        "another member holds them (a stage of the same name running elsewhere?) "
+                        "or the group is stuck (`pipeline status` shows its members)",
+                        self.stage.name, UNASSIGNED_SECONDS,
+                        f"{self.config.streaming.group_prefix}.{self.stage.name}",
+                        self.config.topics.partitions)
 
     def _handle(self, msg: Message) -> None:
         """A stage whose records are independent (``isolates_records``) dead-letters a record it

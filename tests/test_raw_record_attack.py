@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import sys
+import time
 
 import pytest
 from stage_fakes import FakeMessage
@@ -111,6 +112,20 @@ def test_a_source_of_nothing_but_bad_records_does_not_write_a_log_line_per_recor
     assert "tokenizer: more than 20 records dead-lettered: further ones are counted" in lines[20]
     # the 21st came at 4 s; a minute later, at the 321st:
     assert lines[21:] == ["tokenizer: 301 more records dead-lettered since the last such line (321 in all)"]
+
+
+def test_a_stage_the_group_gives_no_partition_says_so_once(tokenizer, caplog):
+    runner = tokenizer()
+    runner._unassigned_since = time.monotonic() - 59.0
+    with caplog.at_level(logging.WARNING, logger="pipeline.runner"):
+        runner._say_if_unassigned()
+        assert not caplog.records  # not yet
+        runner._unassigned_since -= 1.0
+        runner._say_if_unassigned()
+        runner._say_if_unassigned()
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("tokenizer: no partition assigned after 60s in group salka.tokenizer: "
+                           "fine for a replica beyond topics.partitions (3)")
 
 
 HOSTILE = "2024-01-01 00:00:00\x1b[2J\x1b]0;owned\x07\x1b[1;32mALL CLEAR\x1b[0m\nforged line"
