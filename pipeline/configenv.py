@@ -62,7 +62,22 @@ def env_settings(environ: Mapping[str, str]) -> list[EnvSetting]:
                                 environ[LEGACY_BOOTSTRAP]))
     for variable in sorted(v for v in environ if v.startswith(PREFIX)):
         found.append(EnvSetting(variable, key_path(variable), parse_value(environ[variable])))
+    for variable in sorted(environ):
+        # One underscore after SALKA and levels after it: a config key mistyped, not one of
+        # click's SALKA_<COMMAND>_<OPTION> (single underscores only). Silently ignored before.
+        if variable.upper().startswith("SALKA_") and not variable.startswith(PREFIX) and "__" in variable:
+            raise ConfigError(f"environment variable {variable}: config keys are "
+                              f"{PREFIX}SECTION__KEY (two underscores after SALKA), e.g. "
+                              f"{PREFIX}{variable.split('_', 1)[1].lstrip('_').upper()}")
     return found
+
+
+def variable_for(path: tuple[str, ...], environ: Mapping[str, str]) -> str | None:
+    """The environment variable that sets the config key ``path``, if one does."""
+    for setting in reversed(env_settings(environ)):
+        if setting.path == path:
+            return setting.variable
+    return None
 
 
 def apply_settings(data: dict, settings: list[EnvSetting]) -> dict:

@@ -5,6 +5,7 @@ set itself (group id, offset handling). Secrets are never logged."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Collection
@@ -145,7 +146,19 @@ def client(factory, settings: dict[str, Any]):
         if not isinstance(error, KafkaError) or error.code() != KafkaError._INVALID_ARG:
             raise
         raise ConfigError(f"kafka: {error.str()}: fix or remove it under kafka: (librdkafka's "
-                          "CONFIGURATION.md lists its settings and values)") from None
+                          f"CONFIGURATION.md lists its settings and values){_set_by(error.str())}") from None
+
+
+def _set_by(problem: str) -> str:
+    """Which environment variable set the key librdkafka names (in quotes), if one did."""
+    from pipeline.configenv import variable_for
+
+    named = re.search(r'"([^"]+)"', problem)
+    try:
+        variable = named and variable_for(("kafka", named.group(1)), os.environ)
+    except ConfigError:  # a malformed variable is said where the config is read
+        return ""
+    return f"; it comes from the environment variable {variable}" if variable else ""
 
 
 def make_consumer(config: Config, group: str, **explicit: Any) -> Consumer:

@@ -100,6 +100,11 @@ def test_kafka_bootstrap_servers_use_is_logged_at_info(config_file, caplog, monk
     ({"SALKA__KAFKA": "x"}, "environment variable SALKA__KAFKA: expected SALKA__KAFKA__<librdkafka key>"),
     ({"SALKA__MODEL__KIND__X": "1"},
      "environment variable SALKA__MODEL__KIND__X: model.kind is not a section"),
+    # one underscore after SALKA: read by nothing, silently, before
+    ({"SALKA_KAFKA__BOOTSTRAP_SERVERS": "kafka:9092"},
+     "environment variable SALKA_KAFKA__BOOTSTRAP_SERVERS: config keys are SALKA__SECTION__KEY "
+     "(two underscores after SALKA), e.g. SALKA__KAFKA__BOOTSTRAP_SERVERS"),
+    ({"SALKA_TRAINING__EPOCHS": "2"}, "e.g. SALKA__TRAINING__EPOCHS"),
 ])
 def test_environment_errors_name_the_key_and_the_variable(config_file, environ, message):
     with pytest.raises(ConfigError) as info:
@@ -152,3 +157,21 @@ def test_cli_environment_error_is_one_line_exit_2(config_file):
     lines = result.output.strip().splitlines()
     assert lines == ['Error: training.epochs: expected a positive integer, got "many" '
                      "(set by the environment variable SALKA__TRAINING__EPOCHS)"]
+
+
+def test_click_option_variables_are_not_config_keys(config_file):
+    # SALKA_<COMMAND>_<OPTION> (click's auto_envvar_prefix) has single underscores only
+    config = load_config(config_file, environ={"SALKA_RUN_METRICS_PORT": "9100"})
+    assert config.model.kind == load_config(config_file, environ={}).model.kind
+
+
+def test_a_librdkafka_key_librdkafka_refuses_names_the_variable_that_set_it(monkeypatch):
+    from pipeline.config import config_from_dict
+    from pipeline.kafka import make_admin
+
+    monkeypatch.setenv("SALKA__KAFKA__BOOTSTRAP_SERVER", "kafka:9092")
+    config = config_from_dict({"kafka": {"bootstrap.server": "kafka:9092"}})  # as the env sets it
+    with pytest.raises(ConfigError) as info:
+        make_admin(config)
+    assert str(info.value).startswith('kafka: No such configuration property: "bootstrap.server"')
+    assert str(info.value).endswith("; it comes from the environment variable SALKA__KAFKA__BOOTSTRAP_SERVER")
