@@ -87,13 +87,27 @@ class ConnectionFailures(logging.Filter):
     def __init__(self):
         super().__init__()
         self.last: tuple[float, str] | None = None
+        self.quiet = False  # while drain() serves a client's queue: record, print nothing
 
     def filter(self, record: logging.LogRecord) -> bool:
         facility, text = librdkafka_line(record)
         if facility == "FAIL":
             reason = self.STATE_SUFFIX.sub("", self.BROKER_PREFIX.sub("", text))
             self.last = (time.monotonic(), reason)
-        return True
+        return not self.quiet
+
+    def drain(self, client) -> None:
+        """Serve ``client``'s queued log lines to learn the reason, without printing them: the
+        one line that follows says it."""
+        self.quiet = True
+        try:
+            client.poll(0)
+        finally:
+            self.quiet = False
+
+    def clear(self) -> None:
+        """A broker answered: an older failure explains nothing to come."""
+        self.last = None
 
     def recent(self) -> str | None:
         if self.last is None or time.monotonic() - self.last[0] > self.RECENT_SECONDS:
@@ -141,13 +155,15 @@ class RepeatFilter(logging.Filter):
 
 def require_broker(admin, bootstrap: str, timeout: float = REACH_TIMEOUT):
     """The cluster metadata, or ``BrokerUnreachable`` after ``timeout`` seconds."""
+    CONNECTION_FAILURES.clear()  # only this attempt's failures explain it
     try:
-        return admin.list_topics(timeout=timeout)
+        metadata = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
         if is_unreachable(exc):
-            admin.poll(0)  # serves the client's queued log lines: the reason, for the message
+            CONNECTION_FAILURES.drain(admin)  # the reason, for the message
             raise BrokerUnreachable(bootstrap) from None
         raise
+    return metadata
 
 
 @dataclass(frozen=True)
@@ -189,23 +205,34 @@ def topic_problems(expected: dict[str, int], seen: dict[str, TopicState | None],
     return problems
 
 
-def partition_mismatches(expected: dict[str, int], seen: dict[str, TopicState | None]) -> list[str]:
-    """Topics whose partition count is not the configured one: a config that does not match
-    the topics (or topics the broker auto-created before `pipeline create-topics` ran)."""
-    return [f"topic {name} has {state.partitions} partitions where the config says {partitions}"
-            for name, partitions in expected.items()
+def partition_mismatches(expected: dict[str, int],
+                         seen: dict[str, TopicState | None]) -> list[tuple[str, int, int]]:
+    """(topic, partitions it has, partitions the config gives it) where they differ: a config
+    that does not match the topics, or topics the broker auto-created before `pipeline
+    create-topics` ran."""
+    return [(name, state.partitions, partitions) for name, partitions in expected.items()
             if (state := seen.get(name)) is not None and state.partitions != partitions]
 
 
 class TopicsMismatch(click.ClickException):
-    """The config's topics.partitions is not what the broker's topics have: nothing is lost."""
+    """The topics' partition counts are not the config's: nothing is lost, the config or the
+    topics are wrong. ``configured``: topics.partitions (the other topics have one partition)."""
 
-    def __init__(self, stage: str, problems: list[str]):
-        more = f"; and {len(problems) - 2} more" if len(problems) > 2 else ""
-        super().__init__(
-            f"{stage}: {'; '.join(problems[:2])}{more} (topics.partitions): set topics.partitions "
-            f"to the topics' count, or, if the broker created them on first use (before `pipeline "
-            f"create-topics` ran), delete them and run `pipeline create-topics`")
+    exit_code = 2  # a config problem, as those found when the config is read
+
+    def __init__(self, stage: str, mismatches: list[tuple[str, int, int]], configured: int):
+        said = [f"topic {name} has {has} partitions where the config says {wants}"
+                for name, has, wants in mismatches]
+        more = f"; and {len(said) - 2} more" if len(said) > 2 else ""
+        counts = {has for _, has, _ in mismatches}
+        if all(wants == configured for _, _, wants in mismatches) and len(counts) == 1:
+            fix = (f"set topics.partitions to {counts.pop()}, or, if the broker created them on "
+                   f"first use (before `pipeline create-topics` ran), delete them and run "
+                   f"`pipeline create-topics`")
+        else:  # salka's one-partition topics, or several counts: only new topics fix it
+            fix = ("the broker created them on first use (before `pipeline create-topics` ran) or "
+                   "another config did: delete them and run `pipeline create-topics`")
+        super().__init__(f"{stage}: {'; '.join(said[:2])}{more}: {fix}")
 
 
 def positions_past_end(positions: list[tuple[str, int, int, int]]) -> list[str]:
@@ -254,8 +281,10 @@ class BrokerWatch:
 
     def __init__(self, name: str, admin, bootstrap: str, guard: TopicGuard,
                  positions: Callable[[], list[tuple[str, int, int, int]]] = list,
-                 every: float = CHECK_EVERY, grace: float = REACH_TIMEOUT - PROBE_TIMEOUT):
+                 every: float = CHECK_EVERY, grace: float = REACH_TIMEOUT - PROBE_TIMEOUT,
+                 configured_partitions: int = 1):
         self.name = name
+        self.configured_partitions = configured_partitions  # topics.partitions
         self.admin = admin
         self.bootstrap = bootstrap
         self.guard = guard
@@ -300,7 +329,7 @@ class BrokerWatch:
             raise BrokerLost(self.bootstrap, "; ".join(problems[:2]) + more)
         mismatched = partition_mismatches(self.guard.expected, seen)
         if mismatched:  # before the ids are remembered: these topics may well be deleted
-            raise TopicsMismatch(self.name, mismatched)
+            raise TopicsMismatch(self.name, mismatched, self.configured_partitions)
         self.guard.remember(seen)
         if missing:
             if not self._said_missing:
@@ -321,11 +350,12 @@ class BrokerWatch:
         if self._down_since is None:
             self._down_since = started
         if not self.announced and time.monotonic() - self._down_since >= self.grace:
-            self.admin.poll(0)  # its queued log lines: the reason, for the message
+            CONNECTION_FAILURES.drain(self.admin)  # the reason, for the message
             log.error("%s: %s; retrying quietly", self.name, unreachable_message(self.bootstrap))
             self.announced = True
 
     def _up(self) -> None:
+        CONNECTION_FAILURES.clear()
         if self.announced:
             log.warning("%s: the Kafka broker at %s is reachable again", self.name, self.bootstrap)
         self.reachable = True
@@ -357,4 +387,5 @@ def stage_watch(config, name: str, consumer) -> BrokerWatch:
 
     guard = TopicGuard(topic_plan(config), Path(config.streaming.state_dir) / f"{name}.topic-ids.json")
     return BrokerWatch(name, make_admin(config), bootstrap_servers(config), guard,
-                       positions=lambda: consumer_positions(consumer))
+                       positions=lambda: consumer_positions(consumer),
+                       configured_partitions=config.topics.partitions)

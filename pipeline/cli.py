@@ -349,6 +349,11 @@ def run_command(config: Config, stage: str, metrics_port: int | None) -> None:
     set_stage(stage)
     if stage in ("trainer", "scorer"):  # the stages that run models
         start_torch(config, "stage")
+    if stage == "trainer":  # now, not when its first window closes (a day later, by default)
+        from pipeline.config import model_store_location
+        from pipeline.modelstore import check_writable
+
+        check_writable(model_store_location(config.streaming))
     try:  # before the runner: a port taken fails at once, not after the broker answers
         metrics = start_metrics(config, stage, metrics_port)
     except MetricsPortError as exc:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import Config, ConfigError, config_from_dict, parse_override, parse_value
+from pipeline.safetext import printable
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,15 @@ def env_settings(environ: Mapping[str, str]) -> list[EnvSetting]:
     for variable in sorted(v for v in environ if v.startswith(PREFIX)):
         found.append(EnvSetting(variable, key_path(variable), parse_value(environ[variable])))
     for variable in sorted(environ):
-        # One underscore after SALKA and levels after it: a config key mistyped, not one of
-        # click's SALKA_<COMMAND>_<OPTION> (single underscores only). Silently ignored before.
-        if variable.upper().startswith("SALKA_") and not variable.startswith(PREFIX) and "__" in variable:
-            raise ConfigError(f"environment variable {variable}: config keys are "
-                              f"{PREFIX}SECTION__KEY (two underscores after SALKA), e.g. "
-                              f"{PREFIX}{variable.split('_', 1)[1].lstrip('_').upper()}")
+        # Levels after SALKA but not the prefix: a config key mistyped, not one of click's
+        # SALKA_<COMMAND>_<OPTION> (single underscores only). Silently ignored before.
+        upper = variable.upper()
+        if upper.startswith("SALKA_") and "__" in upper and not variable.startswith(PREFIX):
+            fixed = PREFIX + upper.split("_", 1)[1].lstrip("_")
+            why = ("names are read in capitals" if upper.startswith(PREFIX)
+                   else "two underscores after SALKA")
+            raise ConfigError(f"environment variable {printable(variable)}: config keys are "
+                              f"{PREFIX}SECTION__KEY ({why}), e.g. {printable(fixed)}")
     return found
 
 

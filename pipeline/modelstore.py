@@ -85,8 +85,8 @@ def write_file(location: str, name: str, data: bytes) -> str:
 
 
 def check_writable(location: str) -> None:
-    """Start-up of the trainer: a directory store that cannot be made or written is a config
-    problem now, not when the first window closes (a day later, by default)."""
+    """`pipeline run trainer`'s start-up: a directory store that cannot be made or written is a
+    config problem now, not when the first window closes (a day later, by default)."""
     if is_url(location):
         return
     path = Path(location.removeprefix("file://"))

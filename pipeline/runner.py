@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline import poison
-from pipeline.brokerwatch import UNREACHABLE_CODES, BrokerLost, stage_watch
+from pipeline.brokerwatch import UNREACHABLE_CODES, BrokerLost, TopicsMismatch, stage_watch
 from pipeline.config import Config
 from pipeline.kafka import DeliveryTracker, delivery_tracker, make_consumer, make_producer, produce
 from pipeline.serde import DecodeError, codec
@@ -327,8 +327,8 @@ class StageRunner:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 self._open()
-            except BrokerLost:
-                self._discard()  # commit nothing: the user must reset (the message says how)
+            except (BrokerLost, TopicsMismatch):
+                self._discard()  # commit nothing: the user must reset or fix (the message says how)
                 raise
             except SystemError as exc:  # confluent-kafka's flush() of a producer in a fatal state
                 self._stop_if_fenced(exc)
@@ -345,8 +345,8 @@ class StageRunner:
         return 0
 
     def _loop(self) -> None:
-        # Says once if the broker is unreachable; BrokerLost for wrong partition counts or
-        # topics recreated since this stage last ran.
+        # Says once if the broker is unreachable; TopicsMismatch for wrong partition counts,
+        # BrokerLost for topics recreated since this stage last ran.
         self.watch.wait_for_topics(lambda: self.stop.stopped)
         if self.stop.stopped:  # stopped before the broker answered: nothing read, nothing to commit
             self.consumer.close()
@@ -370,12 +370,16 @@ class StageRunner:
             self.producer.poll(0)
             self.watch.check()  # every few seconds: reachable? topics and offsets intact?
             self._say_if_unassigned()
+            for said in dead_letter_logs(self.stage):
+                said.tick(self.stage.name)
             wants_commit = self.stage.tick(self.out)
             if wants_commit or time.monotonic() - self._last_commit >= interval:
                 self.commit()
             if self.metrics is not None:
                 self.metrics.after_batch(self, msgs, started)
         self.stage.close(self.out)
+        for said in dead_letter_logs(self.stage):
+            said.tick(self.stage.name, final=True)
         self.commit()
         if self.metrics is not None:  # the final figures, for a scrape while stopping
             self.metrics.after_batch(self, [], time.perf_counter())
@@ -388,12 +392,11 @@ class StageRunner:
         if since is not None and time.monotonic() - since >= UNASSIGNED_SECONDS:
             self._unassigned_since = None
             log.warning("%s: no partition assigned after %.0fs in group %s: fine for a replica "
-                        "beyond topics.partitions (%d), which waits as a standby; otherwise "
+                        "beyond its topics' partition count, which waits as a standby; otherwise "
                         "another member holds them (a stage of the same name running elsewhere?) "
                         "or the group is stuck (`pipeline status` shows its members)",
                         self.stage.name, UNASSIGNED_SECONDS,
-                        f"{self.config.streaming.group_prefix}.{self.stage.name}",
-                        self.config.topics.partitions)
+                        f"{self.config.streaming.group_prefix}.{self.stage.name}")
 
     def _handle(self, msg: Message) -> None:
         """A stage whose records are independent (``isolates_records``) dead-letters a record it
@@ -457,32 +460,53 @@ SHOWN_DEAD_LETTERS = 20  # as replay logs its first malformed lines
 
 
 class DeadLetterLog:
-    """Whether a dead letter is logged one by one: the first ``shown``, then one line a period
-    with how many more went. A source that sends nothing but bad records (another format, a
-    config that does not fit) would otherwise write a log line per record; the dead-letter
-    topic keeps every one."""
+    """Whether a dead letter is logged one by one: the first ``shown`` of a burst, then one line
+    a period with how many more went (also when the burst is over: ``tick``). A source that
+    sends nothing but bad records (another format, a config that does not fit) would otherwise
+    write a log line per record; the dead-letter topic keeps every one. A period without any
+    starts a new burst, with its own ``shown``."""
 
-    def __init__(self, shown: int = SHOWN_DEAD_LETTERS, every: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic):
-        self.shown, self.every, self.clock = shown, every, clock
-        self.logged = 0
+    def __init__(self, what: str = "records dead-lettered", shown: int = SHOWN_DEAD_LETTERS,
+                 every: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.what, self.shown, self.every, self.clock = what, shown, every, clock
+        self.logged = 0  # one by one, in this burst
         self.unsaid = 0
-        self._said_at = -math.inf
+        self.total = 0
+        self._last = self._said_at = -math.inf
 
     def one_by_one(self, stage: str) -> bool:
+        now = self.clock()
+        if now - self._last >= self.every and not self.unsaid:  # quiet for a period: a new burst
+            self.logged, self._said_at = 0, -math.inf
+        self._last = now
+        self.total += 1
         if self.logged < self.shown:
             self.logged += 1
             return True
         if self._said_at == -math.inf:
-            log.warning("%s: more than %d records dead-lettered: further ones are counted here once "
-                        "a minute (the dead-letter topic has every one)", stage, self.shown)
-            self._said_at = self.clock()
+            log.warning("%s: more than %d %s: further ones are counted here once a minute (the "
+                        "dead-letter topic has every one)", stage, self.shown, self.what)
+            self._said_at = now
         self.unsaid += 1
-        if self.clock() - self._said_at >= self.every:
-            log.warning("%s: %d more records dead-lettered since the last such line (%d in all)",
-                        stage, self.unsaid, self.logged + self.unsaid)
-            self._said_at, self.logged, self.unsaid = self.clock(), self.logged + self.unsaid, 0
+        self.tick(stage)
         return False
+
+    def tick(self, stage: str, final: bool = False) -> None:
+        """Say how many went unsaid, once a period (``final``: now, as the stage stops)."""
+        if self.unsaid and (final or self.clock() - self._said_at >= self.every):
+            log.warning("%s: %d more %s since the last such line (%d in all)", stage, self.unsaid,
+                        self.what, self.total)
+            self._said_at, self.unsaid = self.clock(), 0
+
+
+def dead_letter_logs(stage) -> tuple[DeadLetterLog, DeadLetterLog]:
+    """A stage's two logs of dead letters: bad input, and records it failed on (an error with its
+    traceback, a bug maybe): twenty bad lines must not hide the first traceback."""
+    logs = getattr(stage, "dead_letter_logs", None)
+    if logs is None:
+        logs = stage.dead_letter_logs = (DeadLetterLog(),
+                                         DeadLetterLog("records the stage failed on (dead-lettered)"))
+    return logs
 
 
 def send_to_dead_letters(stage, msg: Message, out: Output, reason: str, line: int | None = None,
@@ -494,9 +518,7 @@ def send_to_dead_letters(stage, msg: Message, out: Output, reason: str, line: in
     reason = poison.truncate(reason)  # it may quote the record: logged once per record
     where = f"{stage.name}: {msg.topic()}[{msg.partition()}]@{msg.offset()}"
     fields = {**coordinates(msg), **({"line": line} if line else {})}
-    said = getattr(stage, "dead_letter_log", None)
-    if said is None:
-        said = stage.dead_letter_log = DeadLetterLog()
+    said = dead_letter_logs(stage)[failure is not None]
     if said.one_by_one(stage.name):
         if failure is None:
             log.warning("%s%s: %s", where, f" (line {line})" if line else "", reason, extra=fields)

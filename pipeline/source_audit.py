@@ -62,8 +62,13 @@ class SourceAudit:
             out.append(f"  of the missing, not on the raw topic at all: {len(self.not_published)}")
         if self.pending:
             out.append(f"  pending lines (in windows still open, not missing): {len(self.pending)}")
-        out.append("input audit: OK, every line accounted for exactly once" if self.ok
-                   else "input audit: FAILED")
+        if not self.ok:
+            out.append("input audit: FAILED")
+        elif self.pending:
+            out.append(f"input audit: OK so far: every line accounted for exactly once, but "
+                       f"{len(self.pending)} pending in open windows")
+        else:
+            out.append("input audit: OK, every line accounted for exactly once")
         return "\n".join(out)
 
     def as_dict(self) -> dict:

@@ -52,8 +52,18 @@ def test_topic_problems(seen, known, expected):
 
 def test_partition_mismatches_name_each_topic_whose_count_is_not_the_configs():
     seen = {"raw": TopicState("A", 4), "tokens": TopicState("B", 3), "windows": None}
-    assert partition_mismatches({"raw": 3, "tokens": 3, "windows": 3}, seen) == [
-        "topic raw has 4 partitions where the config says 3"]
+    assert partition_mismatches({"raw": 3, "tokens": 3, "windows": 3}, seen) == [("raw", 4, 3)]
+
+
+def test_a_mismatch_of_a_one_partition_topic_is_not_fixed_by_topics_partitions():
+    # The broker auto-created every topic with 6 partitions and topics.partitions is 6: the
+    # models topic should have one, and no topics.partitions fixes that.
+    from pipeline.brokerwatch import TopicsMismatch
+
+    line = TopicsMismatch("trainer", [("salka.models", 6, 1)], configured=6).format_message()
+    assert "set topics.partitions" not in line and "delete them and run `pipeline create-topics`" in line
+    line = TopicsMismatch("tokenizer", [("salka.raw", 2, 3), ("salka.tokens", 2, 3)], 3).format_message()
+    assert "set topics.partitions to 2, or" in line
 
 
 def test_positions_past_end():
@@ -110,12 +120,12 @@ def test_stage_refuses_topics_with_other_partition_counts(tmp_path, kafka_bootst
     finally:
         stop(stage)
     text = out.read_text()
-    assert code == 1, text
+    assert code == 2, text  # a config problem
     [line] = [x for x in text.splitlines() if x.startswith("Error:")]
     assert f"topic {config.topics.raw} has 2 partitions where the config says 3" in line
     # A config that does not match the topics: nothing is lost, and nothing should be deleted
     # but, at most, the topics the broker made on its own.
-    assert "set topics.partitions to the topics' count" in line and LOST not in line
+    assert "set topics.partitions to 2, or" in line and LOST not in line
     assert "delete streaming.state_dir" not in line
     assert "Traceback" not in text
 

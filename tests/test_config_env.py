@@ -105,6 +105,7 @@ def test_kafka_bootstrap_servers_use_is_logged_at_info(config_file, caplog, monk
      "environment variable SALKA_KAFKA__BOOTSTRAP_SERVERS: config keys are SALKA__SECTION__KEY "
      "(two underscores after SALKA), e.g. SALKA__KAFKA__BOOTSTRAP_SERVERS"),
     ({"SALKA_TRAINING__EPOCHS": "2"}, "e.g. SALKA__TRAINING__EPOCHS"),
+    ({"salka__training__epochs": "2"}, "(names are read in capitals), e.g. SALKA__TRAINING__EPOCHS"),
 ])
 def test_environment_errors_name_the_key_and_the_variable(config_file, environ, message):
     with pytest.raises(ConfigError) as info:

@@ -100,7 +100,7 @@ def test_a_source_of_nothing_but_bad_records_does_not_write_a_log_line_per_recor
     the dead-letter topic gets every one."""
     runner = tokenizer()
     now = [0.0]
-    runner.stage.dead_letter_log = DeadLetterLog(clock=lambda: now[0])
+    runner.stage.dead_letter_logs = (DeadLetterLog(clock=lambda: now[0]), DeadLetterLog())
     with caplog.at_level(logging.WARNING, logger="pipeline.runner"):
         for offset in range(500):
             now[0] = offset * 0.2  # 5 a second: 100 s in all
@@ -112,6 +112,32 @@ def test_a_source_of_nothing_but_bad_records_does_not_write_a_log_line_per_recor
     assert "tokenizer: more than 20 records dead-lettered: further ones are counted" in lines[20]
     # the 21st came at 4 s; a minute later, at the 321st:
     assert lines[21:] == ["tokenizer: 301 more records dead-lettered since the last such line (321 in all)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.runner"):
+        now[0] = 130.0  # the burst is over: its count is said once a period has passed
+        runner.stage.dead_letter_logs[0].tick("tokenizer")
+        runner.stage.dead_letter_logs[0].tick("tokenizer")
+        now[0] = 400.0  # a quiet period later, a new burst: its first ones are shown again
+        runner._handle(FakeMessage("raw", 0, 500, b"still not LANL", headers=[(LINE_HEADER, b"501")]))
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.runner"]
+    assert lines[0] == "tokenizer: 179 more records dead-lettered since the last such line (500 in all)"
+    assert len(lines) == 2 and "(line 501): expected 9 CSV columns" in lines[1]
+
+
+def test_twenty_bad_lines_do_not_hide_the_traceback_of_a_record_the_stage_fails_on(
+        tokenizer, caplog, monkeypatch):
+    runner = tokenizer()
+    for offset in range(25):
+        runner._handle(FakeMessage("raw", 0, offset, b"junk", headers=[(LINE_HEADER, b"1")]))
+
+    def fail(*args):
+        raise UnicodeError("a bug on odd input")
+
+    monkeypatch.setattr(runner.stage.parser, "parse_fields", fail)
+    with caplog.at_level(logging.WARNING, logger="pipeline.runner"):
+        runner._handle(FakeMessage("raw", 0, 25, GOOD, headers=[(LINE_HEADER, b"26")]))
+    [failed] = [r for r in caplog.records if r.exc_info]
+    assert "tokenizer failed on this record: UnicodeError: a bug on odd input" in failed.getMessage()
 
 
 def test_a_stage_the_group_gives_no_partition_says_so_once(tokenizer, caplog):
@@ -125,7 +151,7 @@ def test_a_stage_the_group_gives_no_partition_says_so_once(tokenizer, caplog):
         runner._say_if_unassigned()
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith("tokenizer: no partition assigned after 60s in group salka.tokenizer: "
-                           "fine for a replica beyond topics.partitions (3)")
+                           "fine for a replica beyond its topics' partition count")
 
 
 HOSTILE = "2024-01-01 00:00:00\x1b[2J\x1b]0;owned\x07\x1b[1;32mALL CLEAR\x1b[0m\nforged line"

@@ -231,7 +231,31 @@ def test_audit_on_a_live_bus_counts_events_of_an_open_window_as_pending_not_lost
     assert (total.raw, total.archived, total.pending, total.lost) == (3, 0, 1, 2)
     assert report.pending_windows == {1} and not report.ok
     assert report.source.pending == [3] and report.source.missing == [1, 2]
-    assert "pending: 1 events are in windows still open (1;" in report.format()
+    assert "pending: 1 event(s) in windows still open (1;" in report.format()
+
+
+def test_audit_after_an_end_of_input_everywhere_counts_nothing_as_pending(kafka_bootstrap, tmp_path):
+    # A batch run whose windower stopped before the end of input reached it: its window never
+    # closes, and nothing will archive its events. Pending would hide that: they are lost.
+    config, config_path = stream_config(
+        tmp_path, kafka_bootstrap, {"topics": {"partitions": 1}, "window": {"size_seconds": 3600}})
+    log, empty = tmp_path / "batch.csv", tmp_path / "empty.csv"
+    row = "{},U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success"
+    log.write_text("\n".join(row.format(t) for t in (10, 20)) + "\n")
+    empty.write_text("")
+    stages = StageProcesses(config_path, tmp_path / "logs")
+    try:
+        stages.start("tokenizer")
+        stages.start("windower")
+        produce_file(config, log, end_marker=False)
+        read_records(config, config.topics.windows, expected=2)
+    finally:
+        stages.stop()
+    produce_file(config, empty, end_marker=True)  # the end of input, with nobody to read it
+    report = audit(config, input_path=log)
+    delete_topics(config)
+    assert (report.total.pending, report.total.lost) == (0, 2) and not report.ok
+    assert report.source.missing == [1, 2] and report.format().endswith("audit: FAILED")
 
 
 def test_windows_close_on_a_live_bus_where_one_partition_has_no_events(kafka_bootstrap, tmp_path):

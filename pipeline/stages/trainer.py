@@ -26,10 +26,10 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from nn.training import CheckpointError
 from pipeline.atomic import quarantine
-from pipeline.config import Config, model_store_location
+from pipeline.config import Config
 from pipeline.learner import WindowLearner
 from pipeline.modelspec import fixed_encoder, make_masker
-from pipeline.modelstore import announcement, announcement_key, check_writable, config_fingerprint, publish
+from pipeline.modelstore import announcement, announcement_key, config_fingerprint, publish
 from pipeline.parsing import Event, LineParser
 from pipeline.progress import training_logger
 from pipeline.runner import Output
@@ -106,7 +106,6 @@ class TrainerStage(WindowStage):
 
     def __init__(self, config: Config):
         super().__init__(config, config.topics.windows, "events")
-        check_writable(model_store_location(config.streaming))
         self.model_fields = LineParser(config.input).model_fields
         self.masker = make_masker(config)  # the model text as the tokenizer stage / replay make it
         # The window is read back on the way to its model, while the scorers' backlog grows: the
