@@ -148,6 +148,7 @@ class StageRunner:
         self.transactions = 0
         self.transactional_id: TransactionalId | None = None  # pipeline/transactional.py
         self.fenced = False
+        self._in_rebalance = False  # in the consumer's assign / revoke callback
         self._warned: dict[str, float] = {}
         self._open()
 
@@ -190,10 +191,11 @@ class StageRunner:
             if not (isinstance(error, KafkaError) and error.code() in FENCED):
                 return
         self.fenced = True  # leave the group at once, committing nothing on the way out
-        try:
-            self.consumer.close()
-        except (KafkaException, RuntimeError, SystemError):
-            pass
+        if not self._in_rebalance:  # a consumer is not closed from its own callback
+            try:
+                self.consumer.close()
+            except (KafkaException, RuntimeError, SystemError):
+                pass
         raise self.transactional_id.fenced(self.stage.name) from None
 
     def _discard(self) -> None:
@@ -271,6 +273,7 @@ class StageRunner:
                     offsets, self.consumer.consumer_group_metadata(), 60)
             self.producer.commit_transaction(60)
         except KafkaException as exc:
+            self._stop_if_fenced(exc)  # an abort would wait its whole timeout, then fail
             log.error("%s: transaction failed (%s): aborting", self.stage.name, exc.args[0].str())
             if exc.args[0].txn_requires_abort():
                 self.producer.abort_transaction(60)
@@ -291,17 +294,24 @@ class StageRunner:
         log.info("%s assigned %s", self.stage.name, [f"{p.topic}[{p.partition}]" for p in partitions])
         if partitions:
             self._unassigned_since = None
-        self.watch.check(force=True)  # a rebalance follows a broker restart: look before reading
-        self.stage.on_assign(consumer, partitions)
+        self._in_rebalance = True
+        try:
+            self.watch.check(force=True)  # a rebalance follows a broker restart: look before reading
+            self.stage.on_assign(consumer, partitions)
+        finally:
+            self._in_rebalance = False
 
     def _on_revoke(self, consumer, partitions) -> None:
         log.info("%s revoked %s", self.stage.name, [f"{p.topic}[{p.partition}]" for p in partitions])
         if self.fenced:
             return
+        self._in_rebalance = True
         try:
             self.commit()
         except KafkaException as exc:  # losing the group: redelivery covers it
             log.warning("%s: commit on revoke failed: %s", self.stage.name, exc)
+        finally:
+            self._in_rebalance = False
         self.stage.on_revoke(partitions)
 
     def run(self) -> int:

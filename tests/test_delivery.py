@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 
 import pytest
@@ -112,6 +113,24 @@ def test_a_stage_restarted_after_a_crash_ends_the_transaction_its_dead_process_l
         assert "committed after the restart" in reasons
     finally:
         crashed.producer.purge()
+
+
+def test_a_fenced_stage_whose_offsets_commit_is_refused_stops_at_once(kafka_bootstrap, tmp_path):
+    """The fence can come from send_offsets_to_transaction as an abortable error: aborting then
+    waited its whole 60 s and failed with a traceback."""
+    from pipeline.transactional import StageFenced
+
+    config, _ = stream_config(tmp_path, kafka_bootstrap, {"streaming": {"delivery": "exactly_once"}})
+    fenced = windower_with_an_open_transaction(config, "sent before the fence")
+    newer = windower_with_an_open_transaction(config, "the newer process")  # same id: fences
+    fenced.stage.next_offsets[0] = 0  # input offsets to commit with the transaction
+    started = time.monotonic()
+    try:
+        with pytest.raises(StageFenced, match="another process took over transactional.id"):
+            fenced.commit()
+    finally:
+        newer._discard()
+    assert time.monotonic() - started < 20 and fenced.fenced
 
 
 @pytest.mark.slow
