@@ -21,7 +21,14 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from pipeline import poison
 from pipeline.brokerwatch import UNREACHABLE_CODES, BrokerLost, TopicsMismatch, stage_watch
 from pipeline.config import Config
-from pipeline.kafka import DeliveryTracker, delivery_tracker, make_consumer, make_producer, produce
+from pipeline.kafka import (
+    DeliveryTracker,
+    delivery_tracker,
+    make_consumer,
+    make_producer,
+    partition_count,
+    produce,
+)
 from pipeline.serde import DecodeError, codec
 from pipeline.topicrecords import LINE_HEADER, dead_letter, line_number
 from pipeline.transactional import FENCED, TransactionalId
@@ -149,6 +156,7 @@ class StageRunner:
         self.transactional_id: TransactionalId | None = None  # pipeline/transactional.py
         self.fenced = False
         self._in_rebalance = False  # in the consumer's assign / revoke callback
+        self._held = False  # partitions paused: given only some of those it must read
         self._warned: dict[str, float] = {}
         self._open()
 
@@ -197,6 +205,21 @@ class StageRunner:
             except (KafkaException, RuntimeError, SystemError):
                 pass
         raise self.transactional_id.fenced(self.stage.name) from None
+
+    def _learn_if_fenced(self, consumer, partitions: list[TopicPartition]) -> None:
+        """Exactly-once, given only some partitions: the other process of this stage took this
+        one's transactional.id if it started later. A transaction that reaches the coordinator
+        (the group's own offsets, committed again; 0 where none) tells the fenced one now, so
+        that it stops and the newer one goes on, instead of both waiting."""
+        offsets = [TopicPartition(tp.topic, tp.partition, max(tp.offset, 0))
+                   for tp in consumer.committed(partitions, timeout=10)]
+        try:
+            self.producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 30)
+            self.producer.commit_transaction(30)
+            self.producer.begin_transaction()
+        except KafkaException as exc:
+            self._stop_if_fenced(exc)
+            raise
 
     def _discard(self) -> None:
         """Drop clients and in-memory state without committing anything. Exactly-once: abort
@@ -298,8 +321,35 @@ class StageRunner:
         try:
             self.watch.check(force=True)  # a rebalance follows a broker restart: look before reading
             self.stage.on_assign(consumer, partitions)
+            self._hold_if_partial(consumer, partitions)
         finally:
             self._in_rebalance = False
+
+    def _hold_if_partial(self, consumer, partitions: list[TopicPartition]) -> None:
+        """A stage that must read every partition of its topics (``needs_every_partition``: the
+        windower's watermark, the trainer's windows) given only some: another one of it runs in
+        the group. It reads nothing until it is given them all (the other one stops)."""
+        if not getattr(self.stage, "needs_every_partition", False) or not partitions:
+            return
+        wanted = {(topic, p) for topic in self.stage.topics()
+                  for p in range(partition_count(consumer, topic))}
+        if {(tp.topic, tp.partition) for tp in partitions} >= wanted:
+            if self._held:  # a partition paused before stays paused when assigned again
+                consumer.assign(partitions)
+                consumer.resume(partitions)
+                self._held = False
+                log.info("%s: given every partition: reading", self.stage.name)
+            return
+        consumer.assign(partitions)
+        consumer.pause(partitions)
+        self._held = True
+        if self.transactional:
+            self._learn_if_fenced(consumer, partitions)
+        log.error("%s: the group gave this process %d of the %d partitions it must read: another %s "
+                  "runs in group %s, and only one may (each would see part of the stream, and they "
+                  "share state_dir). Reading nothing until this one has them all: stop the other",
+                  self.stage.name, len(partitions), len(wanted), self.stage.name,
+                  f"{self.config.streaming.group_prefix}.{self.stage.name}")
 
     def _on_revoke(self, consumer, partitions) -> None:
         log.info("%s revoked %s", self.stage.name, [f"{p.topic}[{p.partition}]" for p in partitions])

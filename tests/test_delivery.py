@@ -170,3 +170,41 @@ def test_a_second_windower_fences_the_first_which_stops_with_one_line(kafka_boot
 
 def _text(path) -> str:
     return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.slow
+def test_two_windowers_in_the_group_both_wait_until_one_stops(kafka_bootstrap, tmp_path):
+    """At-least-once: a second windower started by mistake split the tokens partitions with
+    the first; each saw part of the watermark, both wrote one state file, and no window closed.
+    Now a windower given only some partitions reads nothing and says why, until it has them all."""
+    config, config_path = stream_config(tmp_path, kafka_bootstrap, {"topics": {"partitions": 2}})
+    log = tmp_path / "log.csv"
+    log.write_text("\n".join(f"{t},U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success"
+                             for t in range(0, 3000, 10)) + "\n")
+    logs = tmp_path / "logs"
+    stages = StageProcesses(config_path, logs)
+    try:
+        stages.start("windower", 0)
+        wait_for(lambda: "windower assigned ['" in _text(logs / "windower-0.log"), 60,
+                 what="the first windower assigned")
+        stages.start("windower", 1)
+        waiting = "of the 2 partitions it must read: another windower runs in group"
+        wait_for(lambda: all(waiting in _text(logs / f"windower-{i}.log") for i in (0, 1)), 60,
+                 what="both windowers waiting")
+        stages.start("tokenizer")
+        produce_file(config, log)
+        read_records(config, config.topics.tokens, expected=302)  # 300 events, 2 end markers
+        time.sleep(2)
+        assert read_records(config, config.topics.windows, timeout=5) == []  # nobody read
+        second = [p for name, p in stages.processes if name == "windower-1"][0]
+        second.terminate()
+        second.wait(30)
+        completions = wait_for(lambda: [r for n, r in read_records(config, config.topics.windows)
+                                        if n == "salka.WindowComplete" and r["count"]] or None,
+                               90, what="the remaining windower closing the window")
+        assert not [d for d in stages.dead() if not d.startswith("windower-1")]
+    finally:
+        stages.stop()
+        delete_topics(config)
+    assert [(c["window"], c["count"]) for c in completions] == [(0, 300)]
+    assert "Traceback" not in _text(logs / "windower-0.log") + _text(logs / "windower-1.log")

@@ -13,6 +13,9 @@ from pipeline.runner import Output
 
 class BaseStage:
     name: str = "stage"
+    # True: the stage must read every partition of its topics, so one process runs it; a second
+    # one in the group makes both wait (runner.StageRunner._hold_if_partial).
+    needs_every_partition: bool = False
 
     def __init__(self, config: Config):
         self.config = config

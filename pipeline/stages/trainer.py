@@ -101,6 +101,7 @@ def read_once(read: Callable[[], Iterator[Event]], limit: int) -> Callable[[], I
 
 class TrainerStage(WindowStage):
     name = "trainer"
+    needs_every_partition = True  # one process: a second one waits (runner)
     record_schema = "salka.WindowedEvent"
     resumes_from_state = True  # the checkpoint holds the positions its model stopped reading at
 

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 class WindowerStage(BaseStage):
     name = "windower"
+    needs_every_partition = True  # one process: a second one waits (runner)
 
     def __init__(self, config: Config):
         super().__init__(config)
