@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from confluent_kafka import TopicPartition
@@ -133,6 +134,21 @@ def test_a_fenced_stage_whose_offsets_commit_is_refused_stops_at_once(kafka_boot
     assert time.monotonic() - started < 20 and fenced.fenced
 
 
+def two_windowers(config_path, tmp_path) -> tuple[StageProcesses, Path, Path]:
+    """A windower, then a second one started by mistake once the first has its partitions; the
+    processes, their log folder and a log of 300 events to produce."""
+    log = tmp_path / "log.csv"
+    log.write_text("\n".join(f"{t},U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success"
+                             for t in range(0, 3000, 10)) + "\n")
+    logs = tmp_path / "logs"
+    stages = StageProcesses(config_path, logs)
+    stages.start("windower", 0)
+    wait_for(lambda: "windower assigned ['" in _text(logs / "windower-0.log"), 60,
+             what="the first windower assigned")
+    stages.start("windower", 1)
+    return stages, logs, log
+
+
 @pytest.mark.slow
 def test_a_second_windower_fences_the_first_which_stops_with_one_line(kafka_bootstrap, tmp_path):
     """Exactly-once: a stage that runs once per pipeline takes one transactional.id, so a second
@@ -141,16 +157,8 @@ def test_a_second_windower_fences_the_first_which_stops_with_one_line(kafka_boot
     config, config_path = stream_config(
         tmp_path, kafka_bootstrap,
         {"topics": {"partitions": 2}, "streaming": {"delivery": "exactly_once"}})
-    log = tmp_path / "log.csv"
-    log.write_text("\n".join(f"{t},U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success"
-                             for t in range(0, 3000, 10)) + "\n")
-    logs = tmp_path / "logs"
-    stages = StageProcesses(config_path, logs)
+    stages, logs, log = two_windowers(config_path, tmp_path)  # the same transactional.id
     try:
-        stages.start("windower", 0)
-        wait_for(lambda: "windower assigned ['" in _text(logs / "windower-0.log"), 60,
-                 what="the first windower assigned")
-        stages.start("windower", 1)  # takes the same transactional.id: the first is fenced
         wait_for(lambda: "exactly-once delivery" in _text(logs / "windower-1.log"), 60,
                  what="the second windower's transactions")
         stages.start("tokenizer")
@@ -178,16 +186,8 @@ def test_two_windowers_in_the_group_both_wait_until_one_stops(kafka_bootstrap, t
     the first; each saw part of the watermark, both wrote one state file, and no window closed.
     Now a windower given only some partitions reads nothing and says why, until it has them all."""
     config, config_path = stream_config(tmp_path, kafka_bootstrap, {"topics": {"partitions": 2}})
-    log = tmp_path / "log.csv"
-    log.write_text("\n".join(f"{t},U1@DOM1,U1@DOM1,C1,C2,Kerberos,Network,LogOn,Success"
-                             for t in range(0, 3000, 10)) + "\n")
-    logs = tmp_path / "logs"
-    stages = StageProcesses(config_path, logs)
+    stages, logs, log = two_windowers(config_path, tmp_path)
     try:
-        stages.start("windower", 0)
-        wait_for(lambda: "windower assigned ['" in _text(logs / "windower-0.log"), 60,
-                 what="the first windower assigned")
-        stages.start("windower", 1)
         waiting = "of the 2 partitions it must read: another windower runs in group"
         wait_for(lambda: all(waiting in _text(logs / f"windower-{i}.log") for i in (0, 1)), 60,
                  what="both windowers waiting")
