@@ -345,11 +345,12 @@ class StageRunner:
         self._held = True
         if self.transactional:
             self._learn_if_fenced(consumer, partitions)
-        log.error("%s: the group gave this process %d of the %d partitions it must read: another %s "
-                  "runs in group %s, and only one may (each would see part of the stream, and they "
-                  "share state_dir). Reading nothing until this one has them all: stop the other",
-                  self.stage.name, len(partitions), len(wanted), self.stage.name,
-                  f"{self.config.streaming.group_prefix}.{self.stage.name}")
+        log.error("%s: the group gave this process %d of the %d partitions it must read: another "
+                  "member of group %s holds the rest: a second %s (only one may run: each would see "
+                  "part of the stream, and they share state_dir), or one just stopped that the group "
+                  "drops within session.timeout.ms. Reading nothing until this one has them all",
+                  self.stage.name, len(partitions), len(wanted),
+                  f"{self.config.streaming.group_prefix}.{self.stage.name}", self.stage.name)
 
     def _on_revoke(self, consumer, partitions) -> None:
         log.info("%s revoked %s", self.stage.name, [f"{p.topic}[{p.partition}]" for p in partitions])

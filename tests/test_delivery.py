@@ -188,7 +188,7 @@ def test_two_windowers_in_the_group_both_wait_until_one_stops(kafka_bootstrap, t
     config, config_path = stream_config(tmp_path, kafka_bootstrap, {"topics": {"partitions": 2}})
     stages, logs, log = two_windowers(config_path, tmp_path)
     try:
-        waiting = "of the 2 partitions it must read: another windower runs in group"
+        waiting = "of the 2 partitions it must read: another member of group"
         wait_for(lambda: all(waiting in _text(logs / f"windower-{i}.log") for i in (0, 1)), 60,
                  what="both windowers waiting")
         stages.start("tokenizer")
