@@ -271,11 +271,15 @@ def test_windows_close_on_a_live_bus_where_one_partition_has_no_events(kafka_boo
     try:
         stages.start("tokenizer")
         stages.start("windower")
+        # Events for longer than idle_partition_seconds once both read: silence everywhere
+        # counts only for its grace, so a burst at start-up and then nothing leaves it waiting.
+        wait_for(lambda: all("assigned ['" in _log(tmp_path / "logs" / f"{s}-0.log")
+                             for s in ("tokenizer", "windower")), 60, what="both stages assigned")
         for line, t in enumerate((10, 20, 3700, 7300, 7310, 7320), start=1):
             produce(producer, config.topics.raw, row.format(t).encode(), partition=0,
                     headers=[(LINE_HEADER, str(line).encode())], on_delivery=None)
             producer.flush(10)
-            time.sleep(0.7)  # events for longer than idle_partition_seconds
+            time.sleep(0.7)
 
         def closed():
             records = read_records(config, config.topics.windows)
@@ -345,3 +349,7 @@ def test_trainer_restart_resumes_from_its_checkpoint(kafka_bootstrap, tmp_path, 
     replay_out = tmp_path / "replay.csv.gz"
     replay(log, replay_out, config, progress=False)
     assert_same_scores(read_scores(archive), read_scores(replay_out))
+
+
+def _log(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
