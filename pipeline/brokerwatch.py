@@ -214,25 +214,31 @@ def partition_mismatches(expected: dict[str, int],
             if (state := seen.get(name)) is not None and state.partitions != partitions]
 
 
+def mismatch_problem(mismatches: list[tuple[str, int, int]], configured: int) -> str:
+    """``partition_mismatches`` in one line, with the fix: ``configured`` is topics.partitions
+    (salka's other topics have one partition, which no setting changes)."""
+    said = [f"topic {name} has {has} partitions where the config says {wants}"
+            f"{' (topics.partitions)' if wants == configured else ''}" for name, has, wants in mismatches]
+    more = f"; and {len(said) - 2} more" if len(said) > 2 else ""
+    counts = {has for _, has, _ in mismatches}
+    if all(wants == configured for _, _, wants in mismatches) and len(counts) == 1:
+        fix = (f"set topics.partitions to {counts.pop()}, or, if the broker created them on "
+               f"first use (before `pipeline create-topics` ran), delete them and run "
+               f"`pipeline create-topics`")
+    else:  # salka's one-partition topics, or several counts: only new topics fix it
+        fix = ("the broker created them on first use (before `pipeline create-topics` ran) or "
+               "another config did: delete them and run `pipeline create-topics`")
+    return f"{'; '.join(said[:2])}{more}: {fix}"
+
+
 class TopicsMismatch(click.ClickException):
     """The topics' partition counts are not the config's: nothing is lost, the config or the
-    topics are wrong. ``configured``: topics.partitions (the other topics have one partition)."""
+    topics are wrong."""
 
     exit_code = 2  # a config problem, as those found when the config is read
 
     def __init__(self, stage: str, mismatches: list[tuple[str, int, int]], configured: int):
-        said = [f"topic {name} has {has} partitions where the config says {wants}"
-                for name, has, wants in mismatches]
-        more = f"; and {len(said) - 2} more" if len(said) > 2 else ""
-        counts = {has for _, has, _ in mismatches}
-        if all(wants == configured for _, _, wants in mismatches) and len(counts) == 1:
-            fix = (f"set topics.partitions to {counts.pop()}, or, if the broker created them on "
-                   f"first use (before `pipeline create-topics` ran), delete them and run "
-                   f"`pipeline create-topics`")
-        else:  # salka's one-partition topics, or several counts: only new topics fix it
-            fix = ("the broker created them on first use (before `pipeline create-topics` ran) or "
-                   "another config did: delete them and run `pipeline create-topics`")
-        super().__init__(f"{stage}: {'; '.join(said[:2])}{more}: {fix}")
+        super().__init__(f"{stage}: {mismatch_problem(mismatches, configured)}")
 
 
 def positions_past_end(positions: list[tuple[str, int, int, int]]) -> list[str]:

@@ -14,7 +14,15 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from pipeline.brokerwatch import CONNECTION_FAILURES, RepeatFilter, librdkafka_line, require_broker
+from pipeline.brokerwatch import (
+    CONNECTION_FAILURES,
+    RepeatFilter,
+    TopicState,
+    librdkafka_line,
+    mismatch_problem,
+    partition_mismatches,
+    require_broker,
+)
 from pipeline.config import Config, ConfigError
 from pipeline.logs import redact
 
@@ -220,13 +228,12 @@ def create_topics(config: Config, timeout: float = 30.0, only: Collection[str] |
     metadata = require_broker(admin, bootstrap_servers(config)).topics
     existing = set(metadata)
     plan = {name: parts for name, parts in topic_plan(config).items() if only is None or name in only}
-    for name, parts in plan.items():
-        # No partitions yet: being created (by a create-topics beside this one), not wrong.
-        if name in existing and metadata[name].partitions and len(metadata[name].partitions) != parts:
-            raise TopicMismatch(
-                f"topic {name} has {len(metadata[name].partitions)} partitions where the config says "
-                f"{parts} (topics.partitions): made by another config, or by the broker on first use; "
-                f"delete the topic (and what it holds) or set topics.partitions to match")
+    # No partitions yet: being created (by a create-topics beside this one), not wrong.
+    seen = {name: TopicState(None, len(found.partitions)) for name, found in metadata.items()
+            if found.partitions}
+    mismatched = partition_mismatches(plan, seen)  # as the stages check them
+    if mismatched:
+        raise TopicMismatch(mismatch_problem(mismatched, config.topics.partitions))
     # Only the newest announcement per model matters; a broker that ignores the setting (the
     # embedded one) keeps them all, which scorers read the same way. Session scores are keyed
     # "<window>/<session>" and a window re-trained after a restart sends the same values again:

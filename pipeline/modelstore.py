@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from pipeline.atomic import write_bytes_atomic
 from pipeline.config import Config, ConfigError, compared_sections, config_to_dict, model_store_location
 from pipeline.context import EntityHistory
 from pipeline.learner import WindowLearner
+from pipeline.outpaths import check_file_writable
 
 log = logging.getLogger(__name__)
 MODEL_FORMAT = "salka-model-v1"
@@ -91,10 +91,7 @@ def check_writable(location: str) -> None:
         return
     path = Path(location.removeprefix("file://"))
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-check-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        check_file_writable(path / "model.pt")  # as the command's own outputs are checked
     except OSError as exc:
         raise ConfigError(f"streaming.model_store: cannot write models to {path} "
                           f"({exc.strerror or exc}): set it to a directory the trainer can write, "

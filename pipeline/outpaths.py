@@ -41,7 +41,7 @@ def check_outputs(inputs: Mapping[str, PathArg | list[Path]], outputs: Mapping[s
             raise click.UsageError(f"{option} {path} is the same file as {others[0]}: writing it "
                                    f"would replace that file; name another file for {option}")
         taken.update(dict.fromkeys(keys, option))
-        _check_writable(Path(path))
+        check_file_writable(Path(path))
 
 
 def _identities(path: PathArg) -> list[tuple | str]:
@@ -56,7 +56,10 @@ def _identities(path: PathArg) -> list[tuple | str]:
     return keys
 
 
-def _check_writable(path: Path) -> None:
+def check_file_writable(path: Path) -> None:
+    """An OSError naming the path when ``path`` cannot be written as a file (its missing
+    directories created by the writer): a directory, under a file, or where the nearest existing
+    directory is not writable."""
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory; name a file", str(path))
     ancestor = path.absolute().parent

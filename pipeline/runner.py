@@ -204,7 +204,7 @@ class StageRunner:
                 self.consumer.close()
             except (KafkaException, RuntimeError, SystemError):
                 pass
-        raise self.transactional_id.fenced(self.stage.name) from None
+        raise self.transactional_id.fenced() from None
 
     def _learn_if_fenced(self, consumer, partitions: list[TopicPartition]) -> None:
         """Exactly-once, given only some partitions: the other process of this stage took this

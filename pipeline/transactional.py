@@ -48,7 +48,8 @@ class TransactionalId:
 
     def __init__(self, config: Config, stage: str):
         self._lock: IO[bytes] | None = None
-        prefix = f"{config.streaming.group_prefix}.{stage}"
+        self.stage, self.group_prefix = stage, config.streaming.group_prefix
+        prefix = f"{self.group_prefix}.{stage}"
         if stage not in REPLICATED:
             self.value = prefix
             return
@@ -79,13 +80,14 @@ class TransactionalId:
                         "broker ends it (transaction.timeout.ms)", name, folder, exc.strerror or exc)
         return None
 
-    def fenced(self, stage: str) -> StageFenced:
+    def fenced(self) -> StageFenced:
+        stage = self.stage
         if stage in REPLICATED:
             why = (f"another host with the host name {socket.gethostname()!r} runs a {stage} of this "
                    f"pipeline with the same state_dir slot; give each host its own name")
         else:
             why = (f"a second {stage} runs against this pipeline (streaming.group_prefix "
-                   f"{self.value.rsplit('.', 1)[0]!r}); only one may run: stop the other")
+                   f"{self.group_prefix!r}); only one may run: stop the other")
         return StageFenced(f"{stage}: another process took over transactional.id {self.value} "
                            f"(exactly-once delivery): {why}. This one stops without committing; "
                            f"what it had not committed is redone by the one that runs")
