@@ -110,6 +110,11 @@ def read_records(config: Config, topic: str, expected: int | None = None,
     return records
 
 
+def log_text(path: Path) -> str:
+    """A stage's log so far ("" before the process has written one)."""
+    return path.read_text() if path.exists() else ""
+
+
 def wait_for(predicate, timeout: float = 120.0, interval: float = 0.3, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import TopicPartition
-from helpers import delete_topics, read_records, stream_config, wait_for
+from helpers import delete_topics, log_text, read_records, stream_config, wait_for
 
 from pipeline.demo import StageProcesses
 from pipeline.kafka import make_consumer
@@ -45,7 +45,7 @@ def test_exactly_once_tokenizer_commits_offsets_inside_its_transactions(kafka_bo
                  >= report.records + 2, 60, what="the tokenizer's offsets committed")
     finally:
         stages.stop()
-    log_text = (tmp_path / "logs" / "tokenizer-0.log").read_text()
+    tokenizer_log = (tmp_path / "logs" / "tokenizer-0.log").read_text()
     # read before the topics go: deleting a topic drops its committed offsets too
     committed = sum(committed_offsets(config, "tokenizer", config.topics.raw, 2))
     delete_topics(config)
@@ -54,9 +54,9 @@ def test_exactly_once_tokenizer_commits_offsets_inside_its_transactions(kafka_bo
     # every raw record (and the two end-of-input markers) consumed and committed, through
     # send_offsets_to_transaction: the group's committed offsets are the partitions' ends
     assert committed == report.records + 2
-    assert "transaction failed" not in log_text
-    assert "exactly-once delivery, transactional.id" in log_text
-    assert re.search(r"stopped cleanly after \d+ records in [1-9]\d* transactions", log_text)
+    assert "transaction failed" not in tokenizer_log
+    assert "exactly-once delivery, transactional.id" in tokenizer_log
+    assert re.search(r"stopped cleanly after \d+ records in [1-9]\d* transactions", tokenizer_log)
 
 
 def windower_with_an_open_transaction(config, reason: str):
@@ -143,7 +143,7 @@ def two_windowers(config_path, tmp_path) -> tuple[StageProcesses, Path, Path]:
     logs = tmp_path / "logs"
     stages = StageProcesses(config_path, logs)
     stages.start("windower", 0)
-    wait_for(lambda: "windower assigned ['" in _text(logs / "windower-0.log"), 60,
+    wait_for(lambda: "windower assigned ['" in log_text(logs / "windower-0.log"), 60,
              what="the first windower assigned")
     stages.start("windower", 1)
     return stages, logs, log
@@ -159,7 +159,7 @@ def test_a_second_windower_fences_the_first_which_stops_with_one_line(kafka_boot
         {"topics": {"partitions": 2}, "streaming": {"delivery": "exactly_once"}})
     stages, logs, log = two_windowers(config_path, tmp_path)  # the same transactional.id
     try:
-        wait_for(lambda: "exactly-once delivery" in _text(logs / "windower-1.log"), 60,
+        wait_for(lambda: "exactly-once delivery" in log_text(logs / "windower-1.log"), 60,
                  what="the second windower's transactions")
         stages.start("tokenizer")
         produce_file(config, log)
@@ -167,17 +167,13 @@ def test_a_second_windower_fences_the_first_which_stops_with_one_line(kafka_boot
     finally:
         stages.stop()
         delete_topics(config)
-    first = _text(logs / "windower-0.log")
+    first = log_text(logs / "windower-0.log")
     assert [name for name, p in stages.processes if p.returncode not in (0, None)] == ["windower-0"]
     assert "Traceback" not in first
     [line] = [x for x in first.splitlines() if x.startswith("Error:")]
     assert f"another process took over transactional.id {config.streaming.group_prefix}.windower" in line
     assert "a second windower runs against this pipeline" in line
     assert "restarting from the last commit" not in first
-
-
-def _text(path) -> str:
-    return path.read_text() if path.exists() else ""
 
 
 @pytest.mark.slow
@@ -189,7 +185,7 @@ def test_two_windowers_in_the_group_both_wait_until_one_stops(kafka_bootstrap, t
     stages, logs, log = two_windowers(config_path, tmp_path)
     try:
         waiting = "of the 2 partitions it must read: another member of group"
-        wait_for(lambda: all(waiting in _text(logs / f"windower-{i}.log") for i in (0, 1)), 60,
+        wait_for(lambda: all(waiting in log_text(logs / f"windower-{i}.log") for i in (0, 1)), 60,
                  what="both windowers waiting")
         stages.start("tokenizer")
         produce_file(config, log)
@@ -207,4 +203,4 @@ def test_two_windowers_in_the_group_both_wait_until_one_stops(kafka_bootstrap, t
         stages.stop()
         delete_topics(config)
     assert [(c["window"], c["count"]) for c in completions] == [(0, 300)]
-    assert "Traceback" not in _text(logs / "windower-0.log") + _text(logs / "windower-1.log")
+    assert "Traceback" not in log_text(logs / "windower-0.log") + log_text(logs / "windower-1.log")

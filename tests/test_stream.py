@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import delete_topics, read_records, stream_config, wait_for
+from helpers import delete_topics, log_text, read_records, stream_config, wait_for
 
 from pipeline.audit import audit
 from pipeline.demo import ArchiveCounter, StageProcesses
@@ -33,8 +33,7 @@ BAD_LINES = {
 def tokenizers_assigned(log_dir: Path, count: int) -> bool:
     """Every tokenizer process holds at least one raw partition."""
     for i in range(count):
-        path = log_dir / f"tokenizer-{i}.log"
-        text = path.read_text() if path.exists() else ""
+        text = log_text(log_dir / f"tokenizer-{i}.log")
         assigned = re.findall(r"tokenizer assigned \[(.*)\]", text)
         if not assigned or not assigned[-1].strip():
             return False
@@ -273,7 +272,7 @@ def test_windows_close_on_a_live_bus_where_one_partition_has_no_events(kafka_boo
         stages.start("windower")
         # Events for longer than idle_partition_seconds once both read: silence everywhere
         # counts only for its grace, so a burst at start-up and then nothing leaves it waiting.
-        wait_for(lambda: all("assigned ['" in _log(tmp_path / "logs" / f"{s}-0.log")
+        wait_for(lambda: all("assigned ['" in log_text(tmp_path / "logs" / f"{s}-0.log")
                              for s in ("tokenizer", "windower")), 60, what="both stages assigned")
         for line, t in enumerate((10, 20, 3700, 7300, 7310, 7320), start=1):
             produce(producer, config.topics.raw, row.format(t).encode(), partition=0,
@@ -349,7 +348,3 @@ def test_trainer_restart_resumes_from_its_checkpoint(kafka_bootstrap, tmp_path, 
     replay_out = tmp_path / "replay.csv.gz"
     replay(log, replay_out, config, progress=False)
     assert_same_scores(read_scores(archive), read_scores(replay_out))
-
-
-def _log(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
